@@ -1,0 +1,1 @@
+"""hatchvm: self-hosted microVMs behind one REST API."""

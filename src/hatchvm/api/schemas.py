@@ -1,0 +1,76 @@
+"""Input models (strict: wrong types are refused, not coerced) and output rendering."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hatchvm.db.models import VM, Image
+from hatchvm.ids import DEFAULT_IMAGE_ID
+
+_BOOT_ARG = re.compile(r"^[\x21-\x7e]+$")
+
+
+class StrictInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class VMCreate(StrictInput):
+    image_id: str = Field(default=DEFAULT_IMAGE_ID, min_length=1, max_length=64)
+    vcpu_count: int | None = Field(default=None, ge=1, le=32)
+    mem_mib: int | None = Field(default=None, ge=128, le=65536)
+    enable_network: bool = True
+    user_data: str | None = Field(default=None, max_length=65536)
+    boot_args: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("boot_args")
+    @classmethod
+    def _boot_args(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        words = value.split()
+        for word in words:
+            if not _BOOT_ARG.match(word):
+                raise ValueError("must be printable ASCII kernel parameters")
+            if word.startswith("hatch."):
+                raise ValueError(f"{word.split('=')[0]} is set by hatchd and cannot be given")
+        return " ".join(words) or None
+
+
+def rfc3339(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def render_vm(vm: VM) -> dict[str, Any]:
+    return {
+        "id": vm.id,
+        "image_id": vm.image_id,
+        "state": vm.state,
+        "vcpu_count": vm.vcpu_count,
+        "mem_mib": vm.mem_mib,
+        "guest_ip": vm.guest_ip,
+        "guest_mac": vm.guest_mac,
+        "ssh_port": vm.ssh_port,
+        "enable_network": vm.enable_network,
+        "boot_args": vm.boot_args,
+        "state_reason": vm.state_reason,
+        "created_at": rfc3339(vm.created_at),
+        "updated_at": rfc3339(vm.updated_at),
+    }
+
+
+def render_image(image: Image) -> dict[str, Any]:
+    return {
+        "id": image.id,
+        "kernel_path": image.kernel_path,
+        "vmlinux_path": image.vmlinux_path,
+        "initrd_path": image.initrd_path,
+        "rootfs_path": image.rootfs_path,
+        "boot_args": image.boot_args,
+        "created_at": rfc3339(image.created_at),
+    }

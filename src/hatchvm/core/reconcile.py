@@ -1,0 +1,58 @@
+"""Start-up reconciliation: make the database agree with what is really running.
+
+VMM processes outlive the daemon. A VM whose process is still alive is reattached and stays
+running; one whose process is gone becomes stopped (or error, if it never got a disk), with
+the reason kept in state_reason and logged.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from hatchvm.core.states import State
+from hatchvm.core.vms import DISK_NAME, VMService
+from hatchvm.db import repo
+
+log = structlog.get_logger("hatchvm.core")
+
+_LIVE_STATES = {State.RUNNING, State.STARTING, State.STOPPING}
+
+
+async def reconcile(service: VMService) -> None:
+    async with service.sessions() as session:
+        vms = await repo.list_vms(session)
+    keep_taps: set[str] = set()
+    for vm in vms:
+        if vm.state not in _LIVE_STATES:
+            continue
+        vm_dir = service.vm_dir(vm.id)
+        pid = await service.vmm.alive(vm.id, vm_dir)
+        if pid is not None:
+            if vm.tap_name:
+                keep_taps.add(vm.tap_name)
+                if service.net is not None:
+                    await service.net.add_tap(vm.tap_name)  # idempotent; QEMU holds it open
+            if vm.state != State.RUNNING:
+                await service.update(vm.id, state=State.RUNNING)
+            log.info("vm reattached", vm_id=vm.id, pid=pid)
+            continue
+        if not (vm_dir / DISK_NAME).exists():
+            reason = f"creation was interrupted while {vm.state}; the VM has no disk"
+            await service.teardown(vm)
+            await service.update(
+                vm.id,
+                state=State.ERROR,
+                state_reason=reason,
+                guest_ip=None,
+                guest_mac=None,
+                tap_name=None,
+                ssh_port=None,
+            )
+        else:
+            reason = f"vmm process gone at daemon start-up (was {vm.state})"
+            await service.update(vm.id, state=State.STOPPED, state_reason=reason)
+        log.warning("vm not running", vm_id=vm.id, reason=reason)
+    if service.net is not None:
+        stale = await service.net.prune_taps(keep_taps)
+        if stale:
+            log.info("removed stale taps", taps=stale)

@@ -1,0 +1,52 @@
+"""The one transition table: which operation is allowed in which lifecycle state."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from hatchvm.errors import Conflict
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    SNAPSHOTTING = "snapshotting"
+    SNAPSHOTTED = "snapshotted"
+    RESTORING = "restoring"
+    ERROR = "error"
+
+
+class Op(StrEnum):
+    START = "start"
+    STOP = "stop"
+    DELETE = "delete"
+    SNAPSHOT = "snapshot"
+    RESTORE = "restore"
+
+
+# Operations run under the VM's lock, so transitional states (starting, stopping, ...) are only
+# seen here after a daemon crash; reconciliation resolves them before the API opens.
+ALLOWED: dict[Op, frozenset[State]] = {
+    Op.START: frozenset({State.STOPPED}),
+    Op.STOP: frozenset({State.RUNNING}),
+    Op.DELETE: frozenset(State),
+    Op.SNAPSHOT: frozenset({State.RUNNING}),
+    Op.RESTORE: frozenset({State.SNAPSHOTTED}),
+}
+
+# The state to name in the 409 message ("vm is stopped, must be running").
+_EXPECTED: dict[Op, str] = {
+    Op.START: "stopped",
+    Op.STOP: "running",
+    Op.DELETE: "any state",
+    Op.SNAPSHOT: "running",
+    Op.RESTORE: "snapshotted",
+}
+
+
+def guard(op: Op, state: str) -> None:
+    """Raise Conflict unless op is allowed in state."""
+    if State(state) not in ALLOWED[op]:
+        raise Conflict(f"vm is {state}, must be {_EXPECTED[op]}")

@@ -1,0 +1,282 @@
+"""The VM lifecycle. Only this module changes a VM's state; every change holds the VM's lock.
+
+Each operation persists its intent first (a transitional state, the allocations), then acts,
+then records the outcome, so a daemon killed half-way leaves a row that reconciliation
+(core/reconcile.py) can resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from hatchvm.config import Settings
+from hatchvm.core.locks import KeyedLocks
+from hatchvm.core.network import HostNetwork
+from hatchvm.core.states import Op, State, guard
+from hatchvm.db import repo
+from hatchvm.db.models import VM, Image, utcnow
+from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
+from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
+from hatchvm.images.disk import create_vm_disk
+from hatchvm.net import alloc
+from hatchvm.vmm.base import VMM, BootSpec
+
+log = structlog.get_logger("hatchvm.core")
+
+DISK_NAME = "disk.ext4"
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """What a user asks for; validated by the API layer."""
+
+    image_id: str
+    vcpu_count: int
+    mem_mib: int
+    enable_network: bool
+    user_data: str | None
+    boot_args: str | None
+
+
+class VMService:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[Any],
+        vmm: VMM,
+        network: HostNetwork | None,
+    ) -> None:
+        self._s = settings
+        self.sessions = sessions
+        self.vmm = vmm
+        self.net = network
+        self.locks = KeyedLocks()
+        self._user_locks = KeyedLocks()
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def get(self, user_id: str, vm_id: str) -> VM:
+        async with self.sessions() as session:
+            vm = await repo.get_vm(session, vm_id)
+        if vm is None or vm.user_id != user_id:
+            raise NotFound(f"vm {vm_id} not found")
+        return vm
+
+    async def list(self, user_id: str) -> list[VM]:
+        async with self.sessions() as session:
+            return await repo.list_vms(session, user_id)
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self._s.vms_dir / vm_id
+
+    # ---- create ------------------------------------------------------------------------
+
+    async def create(self, user_id: str, cfg: VMConfig) -> VM:
+        image = await self._image(cfg.image_id)
+        if cfg.enable_network and self.net is None:
+            raise BackendUnavailable("networking is not available on this host")
+        async with self._user_locks.hold(user_id):
+            vm = await self._insert(user_id, cfg)
+        log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
+        async with self.locks.hold(vm.id):
+            try:
+                await asyncio.to_thread(self._prepare_dir, vm)
+                await self._boot(vm, image)
+            except Exception as exc:
+                reason = _reason(exc)
+                log.error("vm create failed", vm_id=vm.id, reason=reason)
+                await self.teardown(vm)
+                await self.update(
+                    vm.id,
+                    state=State.ERROR,
+                    state_reason=reason,
+                    guest_ip=None,
+                    guest_mac=None,
+                    tap_name=None,
+                    ssh_port=None,
+                )
+                raise InternalError(f"creating {vm.id} failed: {reason}") from exc
+            return await self.update(vm.id, state=State.RUNNING, state_reason=None)
+
+    async def _image(self, image_id: str) -> Image:
+        async with self.sessions() as session:
+            image = await repo.get_image(session, image_id)
+        if image is None:
+            if image_id == DEFAULT_IMAGE_ID:
+                raise BackendUnavailable(
+                    "image img_default is not built yet (run: hatchvm image build)"
+                )
+            raise BadRequest(f"image_id: image {image_id} not found")
+        return image
+
+    async def _insert(self, user_id: str, cfg: VMConfig) -> VM:
+        """Check the quota and persist the row with its allocations (retrying on a race)."""
+        limit = self._s.max_vms_per_user
+        for _attempt in range(5):
+            async with self.sessions() as session, session.begin():
+                count = await repo.count_vms(session, user_id)
+                if count >= limit:
+                    raise QuotaExceeded(f"vm limit reached ({count}/{limit})")
+                vm = VM(
+                    id=new_id("vm"),
+                    user_id=user_id,
+                    image_id=cfg.image_id,
+                    state=State.STARTING,
+                    vcpu_count=cfg.vcpu_count,
+                    mem_mib=cfg.mem_mib,
+                    enable_network=cfg.enable_network,
+                    user_data=cfg.user_data,
+                    boot_args=cfg.boot_args,
+                )
+                if cfg.enable_network:
+                    await self._allocate(session, vm)
+                session.add(vm)
+                try:
+                    await session.flush()
+                except IntegrityError:
+                    # Another daemon or request took the same address first: pick again.
+                    await session.rollback()
+                    continue
+            return vm
+        raise InternalError("could not allocate network addresses, try again")
+
+    async def _allocate(self, session: Any, vm: VM) -> None:
+        ips, macs, ports = await repo.used_allocations(session)
+        ip = alloc.first_free_ip(self._s.bridge_cidr, ips)
+        port = alloc.first_free_port(self._s.ssh_port_min, self._s.ssh_port_max, ports)
+        if ip is None:
+            raise QuotaExceeded(f"no free guest address left in {self._s.bridge_cidr}")
+        if port is None:
+            raise QuotaExceeded("no free SSH port left")
+        mac = alloc.random_mac()
+        while mac in macs:
+            mac = alloc.random_mac()
+        vm.guest_ip, vm.guest_mac, vm.ssh_port = ip, mac, port
+        vm.tap_name = alloc.tap_name(self._s.tap_prefix, vm.id)
+
+    def _prepare_dir(self, vm: VM) -> None:
+        vm_dir = self.vm_dir(vm.id)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        create_vm_disk(
+            vm_dir / DISK_NAME, self._s.vm_disk_mib, vm.id.replace("_", "-"), vm.user_data
+        )
+
+    # ---- boot / start ------------------------------------------------------------------
+
+    def _cmdline(self, vm: VM, image: Image) -> str:
+        parts = [image.boot_args, f"hatch.hostname={vm.id.replace('_', '-')}"]
+        if vm.guest_ip and self.net is not None:
+            parts += [
+                f"hatch.ip={vm.guest_ip}/{self.net.prefixlen}",
+                f"hatch.gw={self.net.gateway}",
+                f"hatch.dns={self._s.guest_dns}",
+            ]
+        if vm.boot_args:
+            parts.append(vm.boot_args)
+        return " ".join(p for p in parts if p)
+
+    async def _boot(self, vm: VM, image: Image) -> None:
+        if vm.tap_name and self.net is not None:
+            await self.net.add_tap(vm.tap_name)
+        spec = BootSpec(
+            vm_id=vm.id,
+            vm_dir=self.vm_dir(vm.id),
+            kernel=Path(image.kernel_path),
+            initrd=Path(image.initrd_path) if image.initrd_path else None,
+            rootfs=Path(image.rootfs_path),
+            disk=self.vm_dir(vm.id) / DISK_NAME,
+            vcpu_count=vm.vcpu_count,
+            mem_mib=vm.mem_mib,
+            cmdline=self._cmdline(vm, image),
+            tap_name=vm.tap_name,
+            guest_mac=vm.guest_mac,
+        )
+        pid = await self.vmm.boot(spec)
+        log.info("vm booted", vm_id=vm.id, pid=pid)
+
+    async def start(self, user_id: str, vm_id: str) -> VM:
+        await self.get(user_id, vm_id)
+        async with self.locks.hold(vm_id):
+            vm = await self.get(user_id, vm_id)
+            guard(Op.START, vm.state)
+            if not (self.vm_dir(vm_id) / DISK_NAME).exists():
+                await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
+                raise InternalError(f"cannot start {vm_id}: its disk is missing")
+            image = await self._image(vm.image_id)
+            await self.update(vm_id, state=State.STARTING, state_reason=None)
+            try:
+                await self._boot(vm, image)
+            except Exception as exc:
+                reason = _reason(exc)
+                log.error("vm start failed", vm_id=vm_id, reason=reason)
+                await self._stop_process(vm)
+                await self.update(vm_id, state=State.STOPPED, state_reason=reason)
+                raise InternalError(f"starting {vm_id} failed: {reason}") from exc
+            return await self.update(vm_id, state=State.RUNNING, touch=True)
+
+    # ---- stop / delete -----------------------------------------------------------------
+
+    async def stop(self, user_id: str, vm_id: str) -> VM:
+        await self.get(user_id, vm_id)
+        async with self.locks.hold(vm_id):
+            vm = await self.get(user_id, vm_id)
+            guard(Op.STOP, vm.state)
+            await self.update(vm_id, state=State.STOPPING)
+            try:
+                await self.vmm.stop(vm_id, self.vm_dir(vm_id), self._s.stop_timeout)
+            except Exception as exc:
+                # The process may still be alive: make sure, then record what happened.
+                log.error("vm stop failed, killing", vm_id=vm_id, reason=_reason(exc))
+                await self.vmm.kill(vm_id, self.vm_dir(vm_id))
+            if vm.tap_name and self.net is not None:
+                await self.net.remove_tap(vm.tap_name)
+            log.info("vm stopped", vm_id=vm_id)
+            return await self.update(vm_id, state=State.STOPPED, state_reason=None, touch=True)
+
+    async def delete(self, user_id: str, vm_id: str) -> None:
+        await self.get(user_id, vm_id)
+        async with self.locks.hold(vm_id):
+            vm = await self.get(user_id, vm_id)
+            guard(Op.DELETE, vm.state)
+            await self.teardown(vm)
+            async with self.sessions() as session, session.begin():
+                row = await repo.get_vm(session, vm_id)
+                if row is not None:
+                    await session.delete(row)
+            log.info("vm deleted", vm_id=vm_id)
+
+    async def _stop_process(self, vm: VM) -> None:
+        await self.vmm.kill(vm.id, self.vm_dir(vm.id))
+        if vm.tap_name and self.net is not None:
+            await self.net.remove_tap(vm.tap_name)
+
+    async def teardown(self, vm: VM) -> None:
+        """Idempotent: no process, no TAP, no files. Safe to re-run after a crash."""
+        await self._stop_process(vm)
+        await asyncio.to_thread(shutil.rmtree, self.vm_dir(vm.id), True)
+
+    # ---- persistence -------------------------------------------------------------------
+
+    async def update(self, vm_id: str, *, touch: bool = False, **fields: Any) -> VM:
+        async with self.sessions() as session, session.begin():
+            vm = await repo.get_vm(session, vm_id)
+            if vm is None:
+                raise NotFound(f"vm {vm_id} not found")
+            for name, value in fields.items():
+                setattr(vm, name, value.value if isinstance(value, State) else value)
+            vm.updated_at = utcnow()
+            if touch:
+                vm.last_activity_at = vm.updated_at
+        return vm
+
+
+def _reason(exc: BaseException) -> str:
+    return str(getattr(exc, "message", None) or exc) or type(exc).__name__

@@ -1,0 +1,92 @@
+"""hatchd, the composition root: builds every part explicitly and runs them in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import structlog
+import uvicorn
+
+from hatchvm.api.app import create_app
+from hatchvm.api.deps import Services
+from hatchvm.auth.local import LocalKeyVerifier
+from hatchvm.config import ConfigError, Settings, load_settings
+from hatchvm.core.network import HostNetwork
+from hatchvm.core.reconcile import reconcile
+from hatchvm.core.vms import VMService
+from hatchvm.db.engine import make_engine, make_sessionmaker
+from hatchvm.db.migrate import upgrade
+from hatchvm.images.registry import register_default
+from hatchvm.logging import configure_logging
+from hatchvm.net.errors import NetworkError
+from hatchvm.vmm.accel import detect_accel
+from hatchvm.vmm.base import VMMError
+from hatchvm.vmm.qemu import QemuVMM
+
+log = structlog.get_logger("hatchvm.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def _build_vmm(settings: Settings, accel: str) -> QemuVMM:
+    if settings.vmm == "firecracker":
+        raise StartupError("HATCH_VMM=firecracker: the Firecracker driver is not available yet")
+    return QemuVMM(settings.qemu_bin, accel)
+
+
+async def serve(settings: Settings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.vms_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.sqlalchemy_url)
+    await upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    await register_default(settings, sessions)
+
+    accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
+    vmm = _build_vmm(settings, accel)
+    network: HostNetwork | None = None
+    if os.geteuid() == 0:
+        network = HostNetwork(settings)
+        await network.setup()
+    else:
+        log.warning("not running as root: VMs can only be created with enable_network=false")
+    vms = VMService(settings, sessions, vmm, network)
+    await reconcile(vms)
+
+    app = create_app(Services(settings, sessions, LocalKeyVerifier(sessions), vms))
+    host, port = settings.http_host_port
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+    )
+    log.info(
+        "hatchd listening", addr=f"{host}:{port}", accel=accel, data_dir=str(settings.data_dir)
+    )
+    try:
+        await server.serve()
+    finally:
+        await engine.dispose()
+    # VMs keep running: the next hatchd reattaches them.
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"hatchd: invalid configuration: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except (StartupError, NetworkError, VMMError) as exc:
+        print(f"hatchd: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

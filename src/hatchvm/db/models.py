@@ -1,0 +1,80 @@
+"""Database tables. Allocations (IP, MAC, TAP, SSH port) are unique columns on the VM row,
+so the database itself refuses to hand one to two VMs, across restarts too."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC and always hands back aware datetimes (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kernel_path: Mapped[str] = mapped_column(Text)
+    vmlinux_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    initrd_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rootfs_path: Mapped[str] = mapped_column(Text)
+    boot_args: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class VM(Base):
+    __tablename__ = "vms"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    vcpu_count: Mapped[int] = mapped_column(Integer)
+    mem_mib: Mapped[int] = mapped_column(Integer)
+    enable_network: Mapped[bool] = mapped_column(Boolean)
+    user_data: Mapped[str | None] = mapped_column(Text, nullable=True)
+    boot_args: Mapped[str | None] = mapped_column(Text, nullable=True)
+    guest_ip: Mapped[str | None] = mapped_column(String(45), unique=True, nullable=True)
+    guest_mac: Mapped[str | None] = mapped_column(String(17), unique=True, nullable=True)
+    tap_name: Mapped[str | None] = mapped_column(String(15), unique=True, nullable=True)
+    ssh_port: Mapped[int | None] = mapped_column(Integer, unique=True, nullable=True)
+    # Why the VM last failed or was stopped behind the user's back; shown in the API.
+    state_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,50 @@
+"""Small queries shared by core, auth and admin. Each takes a session; callers own transactions."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hatchvm.db.models import VM, ApiKey, Image
+
+
+async def get_vm(session: AsyncSession, vm_id: str) -> VM | None:
+    return await session.get(VM, vm_id)
+
+
+async def list_vms(session: AsyncSession, user_id: str | None = None) -> list[VM]:
+    query = select(VM).order_by(VM.created_at.desc(), VM.id.desc())
+    if user_id is not None:
+        query = query.where(VM.user_id == user_id)
+    return list((await session.scalars(query)).all())
+
+
+async def count_vms(session: AsyncSession, user_id: str) -> int:
+    return int(await session.scalar(select(func.count()).where(VM.user_id == user_id)) or 0)
+
+
+async def used_allocations(session: AsyncSession) -> tuple[set[str], set[str], set[int]]:
+    """IPs, MACs and SSH ports held by any VM."""
+    rows = (await session.execute(select(VM.guest_ip, VM.guest_mac, VM.ssh_port))).all()
+    ips = {r.guest_ip for r in rows if r.guest_ip}
+    macs = {r.guest_mac for r in rows if r.guest_mac}
+    ports = {r.ssh_port for r in rows if r.ssh_port is not None}
+    return ips, macs, ports
+
+
+async def get_image(session: AsyncSession, image_id: str) -> Image | None:
+    return await session.get(Image, image_id)
+
+
+async def list_images(session: AsyncSession) -> list[Image]:
+    query = select(Image).order_by(Image.created_at.desc(), Image.id)
+    return list((await session.scalars(query)).all())
+
+
+async def key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
+    return await session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+
+
+async def list_keys(session: AsyncSession) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id)
+    return list((await session.scalars(query)).all())

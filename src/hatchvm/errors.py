@@ -1,0 +1,37 @@
+"""One error tree: each class knows its HTTP status; the API renders {"error": message}."""
+
+
+class HatchError(Exception):
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(HatchError):
+    status = 400
+
+
+class Unauthorized(HatchError):
+    status = 401
+
+
+class QuotaExceeded(HatchError):
+    status = 403
+
+
+class NotFound(HatchError):
+    status = 404
+
+
+class Conflict(HatchError):
+    status = 409
+
+
+class InternalError(HatchError):
+    status = 500
+
+
+class BackendUnavailable(HatchError):
+    status = 503

@@ -1,0 +1,62 @@
+"""The VMM driver interface. Drivers keep their own pids and control sockets inside vm_dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+class VMMError(Exception):
+    """A VMM failed to do what it was asked; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything a driver needs to boot one VM."""
+
+    vm_id: str
+    vm_dir: Path  # per-VM directory: the driver's pid file, control socket, console.log
+    kernel: Path  # compressed bzImage for QEMU, ELF vmlinux for Firecracker
+    initrd: Path | None
+    rootfs: Path  # read-only base image, first virtio disk (/dev/vda)
+    disk: Path  # writable per-VM disk, second virtio disk (/dev/vdb)
+    vcpu_count: int
+    mem_mib: int
+    cmdline: str  # complete kernel command line
+    tap_name: str | None = None  # None: no NIC at all
+    guest_mac: str | None = None
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    name: str
+    accel: str  # "kvm", "tcg", ...
+    snapshots: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class VMM(Protocol):
+    """What `core` asks of a virtual machine monitor. All methods are idempotent where noted."""
+
+    async def capabilities(self) -> Capabilities: ...
+
+    async def boot(self, spec: BootSpec) -> int:
+        """Start the VM detached (it must outlive the daemon); return its pid once it runs."""
+        ...
+
+    async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
+        """The pid of this VM's VMM process if it is still running, else None."""
+        ...
+
+    async def stop(self, vm_id: str, vm_dir: Path, timeout: float) -> None:
+        """Graceful power-off, bounded by timeout, then kill. Idempotent."""
+        ...
+
+    async def kill(self, vm_id: str, vm_dir: Path) -> None:
+        """End the VMM process at once. Idempotent."""
+        ...
+
+    async def pause(self, vm_id: str, vm_dir: Path) -> None: ...
+
+    async def resume(self, vm_id: str, vm_dir: Path) -> None: ...

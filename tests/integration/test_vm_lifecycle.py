@@ -1,0 +1,185 @@
+"""The VM lifecycle end to end: real hatchd, real QEMU guests, inside the suite's namespace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from hatchvm.client import HatchAPIError
+from tests.support.wait import wait_for, wait_http
+
+pytestmark = pytest.mark.vm
+
+# Serves the guest's own files on port 8080; runs at every boot.
+WEB_SERVER = """#!/bin/sh
+mkdir -p /srv/www
+echo "hello from $(hostname)" > /srv/www/index.html
+busybox httpd -p 8080 -h /srv/www
+"""
+
+# Writes a random token once; the token must survive stop/start (it lives on the VM's disk).
+PERSISTENT_TOKEN = """#!/bin/sh
+mkdir -p /srv/www /root/state
+[ -f /root/state/token ] || cat /proc/sys/kernel/random/uuid > /root/state/token
+cp /root/state/token /srv/www/token
+cat /proc/sys/kernel/random/boot_id > /srv/www/boot_id
+busybox httpd -p 8080 -h /srv/www
+"""
+
+
+def qemu_pids(vm_id: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"hatch-{vm_id}"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+@pytest.fixture
+def hatch(daemon_factory):
+    d = daemon_factory()
+    d.start()
+    return d
+
+
+@pytest.fixture
+def api(hatch):
+    with hatch.client(hatch.create_key("alice")) as client:
+        yield client
+
+
+def test_create_serves_http_from_user_data(api, hatch) -> None:
+    vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+    assert vm["state"] == "running"
+    assert vm["id"].startswith("vm_") and vm["image_id"] == "img_default"
+    assert vm["guest_ip"].startswith(f"172.16.{hatch.n % 250}.")
+    assert vm["guest_mac"].startswith("02:") and 16000 <= vm["ssh_port"] <= 26000
+    body = wait_http(f"http://{vm['guest_ip']}:8080/")
+    assert body.strip() == f"hello from {vm['id'].replace('_', '-')}"
+    assert [v["id"] for v in api.list_vms()] == [vm["id"]]
+    assert api.get_vm(vm["id"])["state"] == "running"
+    console = hatch.data_dir / "vms" / vm["id"] / "console.log"
+    assert console.stat().st_size > 0
+
+
+def test_file_survives_stop_and_start(api, hatch) -> None:
+    vm = api.create_vm(user_data=PERSISTENT_TOKEN, mem_mib=256)
+    base = f"http://{vm['guest_ip']}:8080"
+    token = wait_http(base + "/token").strip()
+    boot1 = wait_http(base + "/boot_id").strip()
+    stopped = api.stop_vm(vm["id"])
+    assert stopped["state"] == "stopped"
+    assert qemu_pids(vm["id"]) == []
+    assert not link_exists(vm_tap(hatch, vm))
+    with pytest.raises(HatchAPIError) as err:
+        api.stop_vm(vm["id"])
+    assert err.value.status == 409 and err.value.message == "vm is stopped, must be running"
+    started = api.start_vm(vm["id"])
+    assert started["state"] == "running"
+    assert started["guest_ip"] == vm["guest_ip"] and started["guest_mac"] == vm["guest_mac"]
+    assert wait_http(base + "/boot_id").strip() != boot1  # really a new boot
+    assert wait_http(base + "/token").strip() == token
+
+
+def vm_tap(hatch, vm) -> str:
+    return hatch.tap_prefix + vm["id"].removeprefix("vm_")[: 15 - len(hatch.tap_prefix)]
+
+
+class _Hits(BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:
+        _Hits.hits.append(self.client_address[0])
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"host")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_vms_cannot_reach_each_other(api, hatch) -> None:
+    gateway = f"172.16.{hatch.n % 250}.1"
+    server = ThreadingHTTPServer((gateway, 0), _Hits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        a = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+        wait_http(f"http://{a['guest_ip']}:8080/")
+        port = server.server_address[1]
+        # B tries A (must fail) and the host gateway (must work), and publishes the outcome.
+        probe = f"""#!/bin/sh
+mkdir -p /srv/www
+busybox httpd -p 8080 -h /srv/www
+if busybox wget -q -T 3 -O /dev/null http://{a['guest_ip']}:8080/; then r=reached; else r=blocked; fi
+echo $r > /srv/www/peer
+if busybox wget -q -T 3 -O /dev/null http://{gateway}:{port}/; then g=reached; else g=blocked; fi
+echo $g > /srv/www/gateway
+"""
+        b = api.create_vm(user_data=probe, mem_mib=256)
+        assert b["guest_ip"] != a["guest_ip"] and b["guest_mac"] != a["guest_mac"]
+        assert b["ssh_port"] != a["ssh_port"]
+        gw_result = wait_http(f"http://{b['guest_ip']}:8080/gateway", timeout=120)
+        assert gw_result.strip() == "reached"
+        assert wait_http(f"http://{b['guest_ip']}:8080/peer").strip() == "blocked"
+        assert b["guest_ip"] in _Hits.hits
+    finally:
+        server.shutdown()
+
+
+def test_delete_leaves_nothing_behind(api, hatch) -> None:
+    vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+    wait_http(f"http://{vm['guest_ip']}:8080/")
+    tap = vm_tap(hatch, vm)
+    vm_dir = hatch.data_dir / "vms" / vm["id"]
+    assert qemu_pids(vm["id"]) and link_exists(tap) and vm_dir.exists()
+    assert api.delete_vm(vm["id"]) == {"status": "deleted"}
+    assert qemu_pids(vm["id"]) == []
+    assert not link_exists(tap)
+    assert not vm_dir.exists()
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert tap not in ruleset and vm["guest_ip"] not in ruleset
+    with pytest.raises(HatchAPIError) as err:
+        api.get_vm(vm["id"])
+    assert err.value.status == 404
+    # Its address is free again: the next VM gets it.
+    again = api.create_vm(enable_network=True, mem_mib=256)
+    assert again["guest_ip"] == vm["guest_ip"]
+
+
+def test_vm_without_network(api) -> None:
+    vm = api.create_vm(enable_network=False, mem_mib=256)
+    assert vm["state"] == "running" and vm["enable_network"] is False
+    assert vm["guest_ip"] is None and vm["guest_mac"] is None and vm["ssh_port"] is None
+    assert qemu_pids(vm["id"])
+    assert api.stop_vm(vm["id"])["state"] == "stopped"
+    assert api.start_vm(vm["id"])["state"] == "running"
+
+
+def test_daemon_killed_and_restarted_keeps_running_vms(hatch) -> None:
+    key = hatch.create_key("alice")
+    with hatch.client(key) as api:
+        keep = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+        lost = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+        wait_http(f"http://{keep['guest_ip']}:8080/")
+    hatch.kill()
+    for pid in qemu_pids(lost["id"]):  # this one dies while nobody watches
+        os.kill(pid, 9)
+    wait_for(lambda: not qemu_pids(lost["id"]), 10, "the killed QEMU to go")
+    assert qemu_pids(keep["id"])  # the daemon's death did not take the VM with it
+    hatch.start()
+    with hatch.client(key) as api:
+        assert api.get_vm(keep["id"])["state"] == "running"
+        assert wait_http(f"http://{keep['guest_ip']}:8080/").startswith("hello")
+        gone = api.get_vm(lost["id"])
+        assert gone["state"] == "stopped" and "gone" in gone["state_reason"]
+        assert api.start_vm(lost["id"])["state"] == "running"
+        assert wait_http(f"http://{lost['guest_ip']}:8080/").startswith("hello")
+        # The reattached VM is fully managed again: stop works through its QMP socket.
+        assert api.stop_vm(keep["id"])["state"] == "stopped"
+        assert qemu_pids(keep["id"]) == []

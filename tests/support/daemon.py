@@ -1,0 +1,143 @@
+"""A real hatchd process for tests: started with its own data dir, bridge and nft table."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hatchvm import admin
+from hatchvm.client import HatchClient
+from hatchvm.config import load_settings
+from tests.support.image import install_image
+
+_counter = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class HatchDaemon:
+    """One hatchd. Each instance gets a distinct bridge, subnet, TAP prefix and nft table,
+    so a leftover from one test cannot disturb the next."""
+
+    def __init__(self, with_image: bool = True, **env: str) -> None:
+        n = next(_counter)
+        self.n = n
+        # Short path: QMP sockets live under it and Unix socket paths are limited to 108 bytes.
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"hv{n}-", dir="/tmp"))
+        self.port = free_port()
+        self.bridge = f"hbt{n}"
+        self.tap_prefix = "t" + "abcdefghijklmnopqrstuvwxyz"[n % 26]
+        self.table = f"hatchtest{n}"
+        self.env = {
+            "HATCH_DATA_DIR": str(self.data_dir),
+            "HATCH_HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "HATCH_BRIDGE_NAME": self.bridge,
+            "HATCH_BRIDGE_CIDR": f"172.16.{n % 250}.1/24",
+            "HATCH_TAP_PREFIX": self.tap_prefix,
+            "HATCH_NFT_TABLE": self.table,
+            "HATCH_QEMU_ACCEL": "auto",
+            "HATCH_STOP_TIMEOUT": "30",
+            "HATCH_LOG_LEVEL": "debug",
+            **env,
+        }
+        if with_image:
+            install_image(self.data_dir)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "hatchd.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def settings(self) -> Any:
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return load_settings()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def create_key(self, user: str) -> str:
+        _info, key = asyncio.run(admin.create_key(self.settings(), user))
+        return key
+
+    def client(self, key: str) -> HatchClient:
+        return HatchClient(self.url, key, timeout=180)
+
+    def start(self, timeout: float = 60) -> None:
+        env = {**os.environ, **self.env}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hatchvm.daemon"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hatchd exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"hatchd did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies without any chance to clean up."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def cleanup(self) -> None:
+        """Stop the daemon and remove every VM process, link and table it may have left."""
+        self.stop()
+        subprocess.run(["pkill", "-9", "-f", f"hatch-vm_.*{self.data_dir}"], check=False)
+        for pidfile in self.data_dir.glob("vms/*/qemu.pid"):
+            try:
+                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        for line in links.splitlines():
+            name = line.split(":")[1].strip().split("@")[0]
+            if name == self.bridge or name.startswith(self.tap_prefix):
+                subprocess.run(["ip", "link", "del", name], check=False)
+        for family in ("inet", "ip", "bridge"):
+            subprocess.run(["nft", "delete", "table", family, self.table],
+                           check=False, capture_output=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
