@@ -54,8 +54,7 @@ def error_of(response: httpx.Response) -> str:
     ],
 )
 def test_bad_create_bodies_are_400_naming_the_field(hatch, key, body, field, fragment) -> None:
-    r = call(hatch, "POST", "/vms", key, content=body,
-             headers={"Content-Type": "application/json"})
+    r = call(hatch, "POST", "/vms", key, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     message = error_of(r)
     assert message.startswith(f"{field}: ") and fragment in message, message
@@ -140,8 +139,9 @@ def test_quota_isolation_and_conflicts(hatch, key) -> None:
         assert r.status_code == 404, (method, path, r.text)
     # Two stops at once on one VM: one wins, the other sees the new state.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        stops = list(pool.map(
-            lambda _: call(hatch, "POST", f"/vms/{vm['id']}/stop", key), range(2)))
+        stops = list(
+            pool.map(lambda _: call(hatch, "POST", f"/vms/{vm['id']}/stop", key), range(2))
+        )
     assert sorted(r.status_code for r in stops) == [200, 409]
     conflict = next(r for r in stops if r.status_code == 409)
     assert error_of(conflict) == "vm is stopped, must be running"

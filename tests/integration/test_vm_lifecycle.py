@@ -6,11 +6,12 @@ import os
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from hatchvm.client import HatchAPIError
+from hatchvm.net.alloc import tap_name
 from tests.support.wait import wait_for, wait_http
 
 pytestmark = pytest.mark.vm
@@ -38,7 +39,8 @@ def qemu_pids(vm_id: str) -> list[int]:
 
 
 def link_exists(name: str) -> bool:
-    return Path(f"/sys/class/net/{name}").exists()
+    # Not /sys/class/net: sysfs still shows the namespace it was mounted in, not ours.
+    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
 
 
 @pytest.fixture
@@ -73,6 +75,7 @@ def test_file_survives_stop_and_start(api, hatch) -> None:
     base = f"http://{vm['guest_ip']}:8080"
     token = wait_http(base + "/token").strip()
     boot1 = wait_http(base + "/boot_id").strip()
+    assert link_exists(vm_tap(hatch, vm))
     stopped = api.stop_vm(vm["id"])
     assert stopped["state"] == "stopped"
     assert qemu_pids(vm["id"]) == []
@@ -88,11 +91,11 @@ def test_file_survives_stop_and_start(api, hatch) -> None:
 
 
 def vm_tap(hatch, vm) -> str:
-    return hatch.tap_prefix + vm["id"].removeprefix("vm_")[: 15 - len(hatch.tap_prefix)]
+    return tap_name(hatch.tap_prefix, vm["id"])
 
 
 class _Hits(BaseHTTPRequestHandler):
-    hits: list[str] = []
+    hits: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         _Hits.hits.append(self.client_address[0])
@@ -113,12 +116,13 @@ def test_vms_cannot_reach_each_other(api, hatch) -> None:
         wait_http(f"http://{a['guest_ip']}:8080/")
         port = server.server_address[1]
         # B tries A (must fail) and the host gateway (must work), and publishes the outcome.
+        # (`timeout`, not wget's -T: Debian 12's static busybox wget crashes on -T.)
         probe = f"""#!/bin/sh
 mkdir -p /srv/www
 busybox httpd -p 8080 -h /srv/www
-if busybox wget -q -T 3 -O /dev/null http://{a['guest_ip']}:8080/; then r=reached; else r=blocked; fi
+if timeout 5 wget -q -O /dev/null http://{a["guest_ip"]}:8080/; then r=reached; else r=blocked; fi
 echo $r > /srv/www/peer
-if busybox wget -q -T 3 -O /dev/null http://{gateway}:{port}/; then g=reached; else g=blocked; fi
+if timeout 5 wget -q -O /dev/null http://{gateway}:{port}/; then g=reached; else g=blocked; fi
 echo $g > /srv/www/gateway
 """
         b = api.create_vm(user_data=probe, mem_mib=256)

@@ -23,6 +23,7 @@ from hatchvm.config import load_settings
 from tests.support.image import install_image
 
 _counter = itertools.count(1)
+LOG_DIR = Path(tempfile.gettempdir()) / "hatchvm-test-logs"
 
 
 def free_port() -> int:
@@ -53,7 +54,7 @@ class HatchDaemon:
             "HATCH_NFT_TABLE": self.table,
             "HATCH_QEMU_ACCEL": "auto",
             "HATCH_STOP_TIMEOUT": "30",
-            "HATCH_LOG_LEVEL": "debug",
+            "HATCH_LOG_LEVEL": "info",
             **env,
         }
         if with_image:
@@ -89,7 +90,10 @@ class HatchDaemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hatchvm.daemon"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -123,9 +127,20 @@ class HatchDaemon:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def keep_logs(self) -> None:
+        """Copy hatchd's log and the guests' consoles where a person can read them later."""
+        dest = LOG_DIR / f"d{self.n}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for log in [self.log_path, *self.data_dir.glob("vms/*/console.log")]:
+            if log.exists():
+                name = log.name if log == self.log_path else f"{log.parent.name}.console.log"
+                shutil.copy(log, dest / name)
+
     def cleanup(self) -> None:
         """Stop the daemon and remove every VM process, link and table it may have left."""
         self.stop()
+        self.keep_logs()
         subprocess.run(["pkill", "-9", "-f", f"hatch-vm_.*{self.data_dir}"], check=False)
         for pidfile in self.data_dir.glob("vms/*/qemu.pid"):
             try:
@@ -138,6 +153,7 @@ class HatchDaemon:
             if name == self.bridge or name.startswith(self.tap_prefix):
                 subprocess.run(["ip", "link", "del", name], check=False)
         for family in ("inet", "ip", "bridge"):
-            subprocess.run(["nft", "delete", "table", family, self.table],
-                           check=False, capture_output=True)
+            subprocess.run(
+                ["nft", "delete", "table", family, self.table], check=False, capture_output=True
+            )
         shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -19,9 +19,9 @@ def test_guard_matches_table(op: Op, state: State) -> None:
 
 
 def test_contract_examples() -> None:
-    with pytest.raises(Conflict, match="^vm is stopped, must be running$"):
+    with pytest.raises(Conflict, match=r"^vm is stopped, must be running$"):
         guard(Op.STOP, "stopped")
-    with pytest.raises(Conflict, match="^vm is running, must be stopped$"):
+    with pytest.raises(Conflict, match=r"^vm is running, must be stopped$"):
         guard(Op.START, "running")
-    with pytest.raises(Conflict, match="^vm is running, must be snapshotted$"):
+    with pytest.raises(Conflict, match=r"^vm is running, must be snapshotted$"):
         guard(Op.RESTORE, "running")

@@ -1,10 +1,10 @@
 """Request bodies: strict types, unknown fields, messages naming the field."""
 
 import pytest
+from pydantic import ValidationError
 
 from hatchvm.api.schemas import VMCreate
 from hatchvm.api.validation import describe_errors
-from pydantic import ValidationError
 
 
 def message_for(data: dict) -> str:

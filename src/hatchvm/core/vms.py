@@ -25,7 +25,7 @@ from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
 from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
-from hatchvm.images.disk import create_vm_disk
+from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.vmm.base import VMM, BootSpec
 
@@ -80,6 +80,7 @@ class VMService:
     # ---- create ------------------------------------------------------------------------
 
     async def create(self, user_id: str, cfg: VMConfig) -> VM:
+        parse_user_data(cfg.user_data)  # refuse bad user_data before anything is made
         image = await self._image(cfg.image_id)
         if cfg.enable_network and self.net is None:
             raise BackendUnavailable("networking is not available on this host")

@@ -1,0 +1,172 @@
+"""Python SDK for the hatchvm API (used by the CLI and the tests).
+
+with HatchClient("http://127.0.0.1:8080", "hatch_...") as api:
+    vm = api.create_vm(mem_mib=256, user_data="#!/bin/sh\\n...")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class HatchAPIError(Exception):
+    """The API answered with an error: .status and .message from {"error": ...}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} ({status})" if status else message)
+        self.status = status
+        self.message = message
+
+
+class HatchConnectionError(HatchAPIError):
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(0, f"cannot reach hatchd at {url}: {reason}")
+
+
+def _result(response: httpx.Response) -> Any:
+    """The JSON of a successful answer, or HatchAPIError with the server's message."""
+    if response.is_success:
+        return response.json()
+    try:
+        message = response.json().get("error") or response.text
+    except ValueError:
+        message = response.text.strip() or response.reason_phrase
+    raise HatchAPIError(response.status_code, str(message))
+
+
+def _fields(**values: Any) -> dict[str, Any]:
+    """Only the fields the caller gave, so the server's defaults apply to the rest."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    url = (base_url or os.environ.get("HATCH_API_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get("HATCH_API_KEY", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return url, headers
+
+
+class _Routes:
+    """Method, path and body of every call, shared by the sync and async clients."""
+
+    @staticmethod
+    def create_vm(**body: Any) -> tuple[str, str, Any]:
+        return "POST", "/vms", _fields(**body)
+
+    @staticmethod
+    def restore_vm(vm_id: str, snapshot_id: str | None) -> tuple[str, str, Any]:
+        return "POST", f"/vms/{vm_id}/restore", _fields(snapshot_id=snapshot_id)
+
+    @staticmethod
+    def create_route(
+        vm_id: str, target_port: int, subdomain: str | None, auto_wake: bool | None
+    ) -> tuple[str, str, Any]:
+        body = _fields(target_port=target_port, subdomain=subdomain, auto_wake=auto_wake)
+        return "POST", f"/vms/{vm_id}/routes", body
+
+
+class HatchClient:
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0
+    ) -> None:
+        self.base_url, headers = _settings(base_url, api_key)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> HatchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        """The raw response, without raising on error statuses."""
+        try:
+            return self._http.request(method, path, json=json)
+        except httpx.TransportError as exc:
+            raise HatchConnectionError(self.base_url, str(exc) or type(exc).__name__) from None
+
+    def _call(self, method: str, path: str, json: Any = None) -> Any:
+        return _result(self.request(method, path, json))
+
+    def health(self) -> Any:
+        return self._call("GET", "/healthz")
+
+    def create_vm(
+        self,
+        *,
+        image_id: str | None = None,
+        vcpu_count: int | None = None,
+        mem_mib: int | None = None,
+        enable_network: bool | None = None,
+        user_data: str | None = None,
+        boot_args: str | None = None,
+    ) -> Any:
+        return self._call(
+            *_Routes.create_vm(
+                image_id=image_id,
+                vcpu_count=vcpu_count,
+                mem_mib=mem_mib,
+                enable_network=enable_network,
+                user_data=user_data,
+                boot_args=boot_args,
+            )
+        )
+
+    def list_vms(self) -> Any:
+        return self._call("GET", "/vms")
+
+    def get_vm(self, vm_id: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}")
+
+    def stop_vm(self, vm_id: str) -> Any:
+        return self._call("POST", f"/vms/{vm_id}/stop")
+
+    def start_vm(self, vm_id: str) -> Any:
+        return self._call("POST", f"/vms/{vm_id}/start")
+
+    def delete_vm(self, vm_id: str) -> Any:
+        return self._call("DELETE", f"/vms/{vm_id}")
+
+    def snapshot_vm(self, vm_id: str) -> Any:
+        return self._call("POST", f"/vms/{vm_id}/snapshot")
+
+    def restore_vm(self, vm_id: str, snapshot_id: str | None = None) -> Any:
+        return self._call(*_Routes.restore_vm(vm_id, snapshot_id))
+
+    def list_snapshots(self, vm_id: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/snapshots")
+
+    def get_snapshot(self, snapshot_id: str) -> Any:
+        return self._call("GET", f"/snapshots/{snapshot_id}")
+
+    def delete_snapshot(self, snapshot_id: str) -> Any:
+        return self._call("DELETE", f"/snapshots/{snapshot_id}")
+
+    def create_route(
+        self,
+        vm_id: str,
+        target_port: int,
+        subdomain: str | None = None,
+        auto_wake: bool | None = None,
+    ) -> Any:
+        return self._call(*_Routes.create_route(vm_id, target_port, subdomain, auto_wake))
+
+    def list_routes(self, vm_id: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/routes")
+
+    def delete_route(self, route_id: str) -> Any:
+        return self._call("DELETE", f"/routes/{route_id}")
+
+    def list_images(self) -> Any:
+        return self._call("GET", "/images")
+
+    def get_image(self, image_id: str) -> Any:
+        return self._call("GET", f"/images/{image_id}")

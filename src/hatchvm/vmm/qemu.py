@@ -1,0 +1,205 @@
+"""The QEMU microvm driver. A VM's QEMU runs detached (-daemonize), so it outlives hatchd; its
+pid file, QMP socket, console and log live in the VM's directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from hatchvm.vmm.base import BootSpec, Capabilities, VMMError
+from hatchvm.vmm.clock import host_tsc_khz
+from hatchvm.vmm.qmp import qmp_execute
+
+log = structlog.get_logger("hatchvm.vmm")
+
+PID_FILE = "qemu.pid"
+QMP_SOCKET = "qmp.sock"
+CONSOLE_LOG = "console.log"
+QEMU_LOG = "qemu.log"
+BOOT_TIMEOUT = 30.0
+
+
+def _read_pid(vm_dir: Path) -> int | None:
+    try:
+        return int((vm_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_ours(pid: int, vm_id: str) -> bool:
+    """The pid is alive and is the QEMU of this VM (a recycled pid must not count)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and f"hatch-{vm_id}".encode() in b" ".join(cmdline)
+
+
+async def _wait_gone(pid: int, vm_id: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _is_ours(pid, vm_id):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+class QemuVMM:
+    def __init__(self, qemu_bin: str, accel: str) -> None:
+        self.qemu_bin = qemu_bin
+        self.accel = accel
+
+    async def capabilities(self) -> Capabilities:
+        return Capabilities(name="qemu", accel=self.accel, snapshots=False)
+
+    def build_command(self, spec: BootSpec) -> list[str]:
+        d = spec.vm_dir
+        cmd = [
+            self.qemu_bin,
+            "-name",
+            f"{spec.vm_id},process=hatch-{spec.vm_id}",
+            # ACPI on: the Debian kernel finds microvm's virtio-mmio devices through it, and
+            # system_powerdown reaches the guest as a power-button press. pit=on: without a
+            # PIT the kernel can hang calibrating its clocks under TCG.
+            "-M",
+            "microvm,acpi=on,rtc=on,pcie=off,isa-serial=on,pit=on",
+            "-accel",
+            self.accel,
+            "-cpu",
+            "host" if self.accel == "kvm" else "max",
+            "-smp",
+            str(spec.vcpu_count),
+            "-m",
+            f"{spec.mem_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(spec.kernel),
+        ]
+        if spec.initrd:
+            cmd += ["-initrd", str(spec.initrd)]
+        cmdline = spec.cmdline
+        tsc_khz = host_tsc_khz()
+        if self.accel == "tcg" and tsc_khz and "tsc_early_khz=" not in cmdline:
+            # Under emulation the guest cannot time its TSC against the PIT reliably (a busy
+            # host makes calibration fail and the boot hang): tell it the frequency instead.
+            cmdline += f" tsc_early_khz={tsc_khz}"
+        cmd += [
+            "-append",
+            cmdline,
+            "-drive",
+            f"id=base,file={spec.rootfs},format=raw,if=none,read-only=on",
+            "-device",
+            "virtio-blk-device,drive=base",
+            "-drive",
+            f"id=disk,file={spec.disk},format=raw,if=none,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=disk",
+        ]
+        if spec.tap_name:
+            cmd += [
+                "-netdev",
+                f"tap,id=net0,ifname={spec.tap_name},script=no,downscript=no",
+                "-device",
+                f"virtio-net-device,netdev=net0,mac={spec.guest_mac}",
+            ]
+        cmd += [
+            "-chardev",
+            f"file,id=con,path={d / CONSOLE_LOG}",
+            "-serial",
+            "chardev:con",
+            "-qmp",
+            f"unix:{d / QMP_SOCKET},server=on,wait=off",
+            "-pidfile",
+            str(d / PID_FILE),
+            "-daemonize",
+        ]
+        return cmd
+
+    async def boot(self, spec: BootSpec) -> int:
+        """-daemonize: QEMU forks, the child detaches (setsid, parent = init), and the parent
+        exits only once start-up succeeded, so its status is the boot's verdict and no
+        zombie is left for the daemon to reap."""
+        for name in (PID_FILE, QMP_SOCKET):
+            (spec.vm_dir / name).unlink(missing_ok=True)
+        log_path = spec.vm_dir / QEMU_LOG
+        with log_path.open("ab") as qlog:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.build_command(spec),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=qlog,
+                    stderr=qlog,
+                )
+            except OSError as exc:
+                raise VMMError(f"cannot run {self.qemu_bin}: {exc.strerror}") from None
+            try:
+                code = await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                code = -1
+        pid = _read_pid(spec.vm_dir)
+        if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
+            await self.kill(spec.vm_id, spec.vm_dir)
+            raise VMMError(f"qemu failed to start (exit {code}): {_tail(log_path)}")
+        status = await qmp_execute(spec.vm_dir / QMP_SOCKET, "query-status")
+        if status.get("status") != "running":
+            await self.kill(spec.vm_id, spec.vm_dir)
+            raise VMMError(f"qemu started but the VM is {status.get('status')}")
+        return pid
+
+    async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
+        pid = _read_pid(vm_dir)
+        return pid if pid is not None and _is_ours(pid, vm_id) else None
+
+    async def stop(self, vm_id: str, vm_dir: Path, timeout: float) -> None:
+        pid = await self.alive(vm_id, vm_dir)
+        if pid is None:
+            self._forget(vm_dir)
+            return
+        try:
+            await qmp_execute(vm_dir / QMP_SOCKET, "system_powerdown")
+        except VMMError as exc:
+            log.warning("acpi power-off not delivered, killing", vm_id=vm_id, error=str(exc))
+        if not await _wait_gone(pid, vm_id, timeout):
+            log.warning("guest ignored power-off, killing", vm_id=vm_id, timeout=timeout)
+        await self.kill(vm_id, vm_dir)
+
+    async def kill(self, vm_id: str, vm_dir: Path) -> None:
+        pid = await self.alive(vm_id, vm_dir)
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if not await _wait_gone(pid, vm_id, 10):
+                raise VMMError(f"qemu pid {pid} of {vm_id} survived SIGKILL")
+        self._forget(vm_dir)
+
+    def _forget(self, vm_dir: Path) -> None:
+        for name in (PID_FILE, QMP_SOCKET):
+            (vm_dir / name).unlink(missing_ok=True)
+
+    async def pause(self, vm_id: str, vm_dir: Path) -> None:
+        await qmp_execute(vm_dir / QMP_SOCKET, "stop")
+
+    async def resume(self, vm_id: str, vm_dir: Path) -> None:
+        await qmp_execute(vm_dir / QMP_SOCKET, "cont")
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return "(no qemu log)"
+    return " | ".join(text) or "(qemu printed nothing)"
