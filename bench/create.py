@@ -68,7 +68,9 @@ def raw_qemu_boot(vmm: QemuVMM, artifacts, work: Path, ip: str, tap: str) -> flo
         tap_name=tap,
         guest_mac="02:00:00:00:00:99",
     )
+    # The driver's command without -pidfile/-daemonize: this process owns QEMU here.
     cmd = vmm.build_command(spec)
+    cmd = cmd[: cmd.index("-pidfile")]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -26,6 +26,10 @@ class BootSpec:
     cmdline: str  # complete kernel command line
     tap_name: str | None = None  # None: no NIC at all
     guest_mac: str | None = None
+    # Guest RAM backed by this file (shared mapping): the file *is* the memory image, so a
+    # snapshot only has to save the device state.
+    mem_file: Path | None = None
+    incoming: bool = False  # wait for a device-state stream instead of booting the kernel
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,15 @@ class VMM(Protocol):
 
     async def kill(self, vm_id: str, vm_dir: Path) -> None:
         """End the VMM process at once. Idempotent."""
+        ...
+
+    async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+        """Pause the VM, write its device state to state_file and end the process. Its memory
+        is what the BootSpec's mem_file holds; its disks are consistent with it."""
+        ...
+
+    async def restore(self, spec: BootSpec, state_file: Path) -> int:
+        """Start the VM from spec.mem_file and state_file, resumed where it was; its pid."""
         ...
 
     async def pause(self, vm_id: str, vm_dir: Path) -> None: ...

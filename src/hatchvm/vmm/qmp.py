@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +27,50 @@ async def qmp_execute(
         raise VMMError(f"QMP {command} on {socket.parent.name} failed: {reason}") from None
     finally:
         await client.disconnect()
+
+
+@asynccontextmanager
+async def qmp_session(socket: Path, timeout: float = QMP_TIMEOUT) -> AsyncIterator[QMPSession]:
+    """One connection for a sequence of commands (a snapshot or restore conversation)."""
+    client = QMPClient(socket.parent.name)
+    try:
+        try:
+            await asyncio.wait_for(client.connect(str(socket)), timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise VMMError(f"QMP connect to {socket.parent.name} failed: {reason}") from None
+        yield QMPSession(client, socket.parent.name, timeout)
+    finally:
+        await client.disconnect()
+
+
+class QMPSession:
+    def __init__(self, client: QMPClient, name: str, timeout: float) -> None:
+        self._client = client
+        self._name = name
+        self._timeout = timeout
+
+    async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(command, args), self._timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise VMMError(f"QMP {command} on {self._name} failed: {reason}") from None
+
+    async def wait_migration(self, timeout: float) -> dict[str, Any]:
+        """Poll query-migrate until the migration ends; raise unless it completed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.002
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                detail = info.get("error-desc") or status
+                raise VMMError(f"migration on {self._name} {status}: {detail}")
+            if loop.time() > deadline:
+                raise VMMError(f"migration on {self._name} did not finish within {timeout:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
