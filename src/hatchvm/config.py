@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    snapshot_zstd_level: int = Field(default=3, ge=1, le=19)
 
     # Where downloaded .deb files are kept between image builds.
     cache_dir: Path = Path.home() / ".cache" / "hatchvm"
@@ -113,6 +114,10 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///"):
             return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
         return url
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_dir / "snapshots"
 
     @property
     def images_dir(self) -> Path:

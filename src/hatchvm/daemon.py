@@ -15,12 +15,17 @@ from hatchvm.auth.local import LocalKeyVerifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
+from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.db.migrate import upgrade
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
 from hatchvm.net.errors import NetworkError
+from hatchvm.snapshots.errors import ArtifactError
+from hatchvm.snapshots.local import LocalStore
+from hatchvm.snapshots.s3 import S3Store
+from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.vmm.accel import detect_accel
 from hatchvm.vmm.base import VMMError
 from hatchvm.vmm.qemu import QemuVMM
@@ -38,6 +43,25 @@ def _build_vmm(settings: Settings, accel: str) -> QemuVMM:
     return QemuVMM(settings.qemu_bin, accel)
 
 
+async def _build_store(settings: Settings) -> ArtifactStore:
+    """S3 when HATCH_S3_BUCKET is set (checked now, not at the first snapshot), else local."""
+    if not settings.s3_bucket:
+        settings.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        return LocalStore(settings.snapshots_dir)
+    store = S3Store(
+        settings.s3_bucket,
+        endpoint=settings.s3_endpoint,
+        region=settings.s3_region,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+    )
+    try:
+        await store.check()
+    except ArtifactError as exc:
+        raise StartupError(f"snapshot bucket unusable (HATCH_S3_*): {exc}") from None
+    return store
+
+
 async def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +69,7 @@ async def serve(settings: Settings) -> None:
     await upgrade(engine)
     sessions = make_sessionmaker(engine)
     await register_default(settings, sessions)
+    store = await _build_store(settings)
 
     accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
     vmm = _build_vmm(settings, accel)
@@ -55,9 +80,10 @@ async def serve(settings: Settings) -> None:
     else:
         log.warning("not running as root: VMs can only be created with enable_network=false")
     vms = VMService(settings, sessions, vmm, network)
-    await reconcile(vms)
+    snapshots = SnapshotService(settings, vms, store)
+    await reconcile(vms, snapshots)
 
-    app = create_app(Services(settings, sessions, LocalKeyVerifier(sessions), vms))
+    app = create_app(Services(settings, sessions, LocalKeyVerifier(sessions), vms, snapshots))
     host, port = settings.http_host_port
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")

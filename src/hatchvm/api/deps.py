@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.auth.base import Verifier, key_from_request
 from hatchvm.config import Settings
+from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
 
 
@@ -21,6 +22,7 @@ class Services:
     sessions: async_sessionmaker[Any]
     verifier: Verifier
     vms: VMService
+    snapshots: SnapshotService
 
 
 def services(request: Request) -> Services:

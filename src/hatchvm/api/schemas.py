@@ -8,8 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hatchvm.db.models import VM, Image
+from hatchvm.db.models import VM, Image, Snapshot
 from hatchvm.ids import DEFAULT_IMAGE_ID
+from hatchvm.snapshots.manifest import SnapshotManifest
 
 _BOOT_ARG = re.compile(r"^[\x21-\x7e]+$")
 
@@ -74,3 +75,25 @@ def render_image(image: Image) -> dict[str, Any]:
         "boot_args": image.boot_args,
         "created_at": rfc3339(image.created_at),
     }
+
+
+def render_snapshot(snap: Snapshot) -> dict[str, Any]:
+    manifest = SnapshotManifest.parse(snap.manifest)
+    return {
+        "id": snap.id,
+        "vm_id": snap.vm_id,
+        "size_bytes": snap.size_bytes,
+        "automatic": snap.automatic,
+        "storage": {"backend": snap.storage, "location": snap.location},
+        "artifacts": {
+            name: {"size_bytes": a.stored_size, "raw_bytes": a.raw_size, "sha256": a.sha256}
+            for name, a in manifest.artifacts.items()
+        },
+        "created_at": rfc3339(snap.created_at),
+    }
+
+
+class RestoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    snapshot_id: str | None = Field(default=None, min_length=1, max_length=64)

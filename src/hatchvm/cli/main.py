@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from hatchvm.cli import images, keys, vms
+from hatchvm.cli import images, keys, snapshots, vms
 from hatchvm.cli.context import Connection
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(vms.app, name="vm")
+app.add_typer(snapshots.app, name="snapshot")
 app.add_typer(images.app, name="image")
 app.add_typer(keys.app, name="keys")
 

@@ -11,9 +11,13 @@ import typer
 from hatchvm.cli.context import JsonOption, connection
 from hatchvm.cli.errors import reports_errors
 from hatchvm.cli.output import show
+from hatchvm.cli.snapshots import show_snapshot
 from hatchvm.errors import BadRequest
 
-app = typer.Typer(help="Create, inspect, stop, start and delete VMs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Create, inspect, stop, start, snapshot, restore and delete VMs.",
+    no_args_is_help=True,
+)
 
 VM_COLUMNS = [
     ("ID", "id"),
@@ -102,6 +106,29 @@ def start(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
     """Boot a stopped VM again."""
     with connection(ctx).client() as api:
         show(api.start_vm(vm_id), as_json)
+
+
+@app.command("snapshot")
+@reports_errors
+def snapshot(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
+    """Freeze a running VM into a new snapshot; it stops using CPU and memory."""
+    with connection(ctx).client() as api:
+        show_snapshot(api.snapshot_vm(vm_id), as_json)
+
+
+@app.command("restore")
+@reports_errors
+def restore(
+    ctx: typer.Context,
+    vm_id: VmId,
+    snapshot: Annotated[
+        str | None, typer.Option("--snapshot", help="Snapshot id (default: the latest).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Resume a snapshotted VM exactly where it was."""
+    with connection(ctx).client() as api:
+        show(api.restore_vm(vm_id, snapshot), as_json)
 
 
 @app.command("delete")

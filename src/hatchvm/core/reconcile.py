@@ -2,13 +2,15 @@
 
 VMM processes outlive the daemon. A VM whose process is still alive is reattached and stays
 running; one whose process is gone becomes stopped (or error, if it never got a disk), with
-the reason kept in state_reason and logged.
+the reason kept in state_reason and logged. VMs caught half-way through a snapshot or restore
+are settled by the snapshot service; a snapshotted VM never keeps a process.
 """
 
 from __future__ import annotations
 
 import structlog
 
+from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.states import State
 from hatchvm.core.vms import DISK_NAME, VMService
 from hatchvm.db import repo
@@ -18,14 +20,25 @@ log = structlog.get_logger("hatchvm.core")
 _LIVE_STATES = {State.RUNNING, State.STARTING, State.STOPPING}
 
 
-async def reconcile(service: VMService) -> None:
+async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
     async with service.sessions() as session:
         vms = await repo.list_vms(session)
     keep_taps: set[str] = set()
     for vm in vms:
+        vm_dir = service.vm_dir(vm.id)
+        if vm.state in (State.SNAPSHOTTING, State.RESTORING):
+            await snapshots.reconcile(vm)
+            settled = await service.get(vm.user_id, vm.id)
+            log.warning("interrupted snapshot or restore settled", vm_id=vm.id, state=settled.state)
+            if settled.state == State.RUNNING and vm.tap_name:
+                keep_taps.add(vm.tap_name)
+            continue
+        if vm.state == State.SNAPSHOTTED:
+            if await service.vmm.alive(vm.id, vm_dir) is not None:
+                await service.vmm.kill(vm.id, vm_dir)  # its state is saved; the process is stray
+            continue
         if vm.state not in _LIVE_STATES:
             continue
-        vm_dir = service.vm_dir(vm.id)
         pid = await service.vmm.alive(vm.id, vm_dir)
         if pid is not None:
             if vm.tap_name:

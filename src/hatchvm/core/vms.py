@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ from hatchvm.vmm.base import VMM, BootSpec
 log = structlog.get_logger("hatchvm.core")
 
 DISK_NAME = "disk.ext4"
+MEM_NAME = "mem"  # guest RAM, file-backed: it is the memory image of a snapshot
+RESUME_DIR = "resume"  # device state of the VM's latest snapshot, while its RAM is in MEM_NAME
+
+# Called with a VM about to be deleted (under its lock), e.g. to drop its snapshots.
+DeleteHook = Callable[[VM], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class VMService:
         self.net = network
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
+        self.delete_hooks: list[DeleteHook] = []
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -81,7 +88,7 @@ class VMService:
 
     async def create(self, user_id: str, cfg: VMConfig) -> VM:
         parse_user_data(cfg.user_data)  # refuse bad user_data before anything is made
-        image = await self._image(cfg.image_id)
+        image = await self.load_image(cfg.image_id)
         if cfg.enable_network and self.net is None:
             raise BackendUnavailable("networking is not available on this host")
         async with self._user_locks.hold(user_id):
@@ -92,7 +99,7 @@ class VMService:
                 await asyncio.to_thread(self._prepare_dir, vm)
                 await self._boot(vm, image)
             except Exception as exc:
-                reason = _reason(exc)
+                reason = reason_of(exc)
                 log.error("vm create failed", vm_id=vm.id, reason=reason)
                 await self.teardown(vm)
                 await self.update(
@@ -107,7 +114,7 @@ class VMService:
                 raise InternalError(f"creating {vm.id} failed: {reason}") from exc
             return await self.update(vm.id, state=State.RUNNING, state_reason=None)
 
-    async def _image(self, image_id: str) -> Image:
+    async def load_image(self, image_id: str) -> Image:
         async with self.sessions() as session:
             image = await repo.get_image(session, image_id)
         if image is None:
@@ -184,10 +191,8 @@ class VMService:
             parts.append(vm.boot_args)
         return " ".join(p for p in parts if p)
 
-    async def _boot(self, vm: VM, image: Image) -> None:
-        if vm.tap_name and self.net is not None:
-            await self.net.add_tap(vm.tap_name)
-        spec = BootSpec(
+    def boot_spec(self, vm: VM, image: Image) -> BootSpec:
+        return BootSpec(
             vm_id=vm.id,
             vm_dir=self.vm_dir(vm.id),
             kernel=Path(image.kernel_path),
@@ -199,9 +204,22 @@ class VMService:
             cmdline=self._cmdline(vm, image),
             tap_name=vm.tap_name,
             guest_mac=vm.guest_mac,
+            mem_file=self.vm_dir(vm.id) / MEM_NAME,
         )
-        pid = await self.vmm.boot(spec)
+
+    async def _boot(self, vm: VM, image: Image) -> None:
+        """Cold boot: fresh memory, so no earlier snapshot's RAM can be resumed from here."""
+        await asyncio.to_thread(self.drop_memory, vm.id)
+        if vm.tap_name and self.net is not None:
+            await self.net.add_tap(vm.tap_name)
+        pid = await self.vmm.boot(self.boot_spec(vm, image))
         log.info("vm booted", vm_id=vm.id, pid=pid)
+
+    def drop_memory(self, vm_id: str) -> None:
+        """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""
+        vm_dir = self.vm_dir(vm_id)
+        (vm_dir / MEM_NAME).unlink(missing_ok=True)
+        shutil.rmtree(vm_dir / RESUME_DIR, ignore_errors=True)
 
     async def start(self, user_id: str, vm_id: str) -> VM:
         await self.get(user_id, vm_id)
@@ -211,12 +229,12 @@ class VMService:
             if not (self.vm_dir(vm_id) / DISK_NAME).exists():
                 await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
                 raise InternalError(f"cannot start {vm_id}: its disk is missing")
-            image = await self._image(vm.image_id)
+            image = await self.load_image(vm.image_id)
             await self.update(vm_id, state=State.STARTING, state_reason=None)
             try:
                 await self._boot(vm, image)
             except Exception as exc:
-                reason = _reason(exc)
+                reason = reason_of(exc)
                 log.error("vm start failed", vm_id=vm_id, reason=reason)
                 await self._stop_process(vm)
                 await self.update(vm_id, state=State.STOPPED, state_reason=reason)
@@ -235,10 +253,11 @@ class VMService:
                 await self.vmm.stop(vm_id, self.vm_dir(vm_id), self._s.stop_timeout)
             except Exception as exc:
                 # The process may still be alive: make sure, then record what happened.
-                log.error("vm stop failed, killing", vm_id=vm_id, reason=_reason(exc))
+                log.error("vm stop failed, killing", vm_id=vm_id, reason=reason_of(exc))
                 await self.vmm.kill(vm_id, self.vm_dir(vm_id))
             if vm.tap_name and self.net is not None:
                 await self.net.remove_tap(vm.tap_name)
+            await asyncio.to_thread(self.drop_memory, vm_id)
             log.info("vm stopped", vm_id=vm_id)
             return await self.update(vm_id, state=State.STOPPED, state_reason=None, touch=True)
 
@@ -248,6 +267,8 @@ class VMService:
             vm = await self.get(user_id, vm_id)
             guard(Op.DELETE, vm.state)
             await self.teardown(vm)
+            for hook in self.delete_hooks:
+                await hook(vm)
             async with self.sessions() as session, session.begin():
                 row = await repo.get_vm(session, vm_id)
                 if row is not None:
@@ -279,5 +300,5 @@ class VMService:
         return vm
 
 
-def _reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     return str(getattr(exc, "message", None) or exc) or type(exc).__name__

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -78,3 +87,20 @@ class VM(Base):
     last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Snapshot(Base):
+    """A complete snapshot: the row is written only once every artifact is stored."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    storage: Mapped[str] = mapped_column(String(16))  # "local" or "s3"
+    location: Mapped[str] = mapped_column(Text)
+    manifest: Mapped[str] = mapped_column(Text)  # SnapshotManifest JSON
+    automatic: Mapped[bool] = mapped_column(Boolean, default=False)  # taken by the idle reaper
+    # Microseconds kept: snapshots are listed newest first and may come in quick succession.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))

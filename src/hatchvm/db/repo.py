@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hatchvm.db.models import VM, ApiKey, Image
+from hatchvm.db.models import VM, ApiKey, Image, Snapshot
 
 
 async def get_vm(session: AsyncSession, vm_id: str) -> VM | None:
@@ -48,3 +48,22 @@ async def key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
 async def list_keys(session: AsyncSession) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id)
     return list((await session.scalars(query)).all())
+
+
+async def list_snapshots(session: AsyncSession, vm_id: str) -> list[Snapshot]:
+    """Newest first."""
+    query = (
+        select(Snapshot)
+        .where(Snapshot.vm_id == vm_id)
+        .order_by(Snapshot.created_at.desc(), Snapshot.id.desc())
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def get_snapshot(session: AsyncSession, snapshot_id: str) -> Snapshot | None:
+    return await session.get(Snapshot, snapshot_id)
+
+
+async def count_snapshots(session: AsyncSession, vm_id: str) -> int:
+    query = select(func.count()).where(Snapshot.vm_id == vm_id)
+    return int(await session.scalar(query) or 0)

@@ -1,0 +1,247 @@
+"""Benchmark: snapshot and restore of a 512 MiB VM whose guest has touched about half its memory.
+
+Measured in one run, against baselines on the same files and the same guest state:
+  snapshot: hatchd's POST /vms/{id}/snapshot (pause, save, compress, store) against `gzip -6`
+            of the raw memory and disk files (what the Go reference implementation does);
+  restore:  POST /vms/{id}/restore until the guest answers HTTP, against a raw
+            `qemu -incoming "exec:cat stream"` of the uncompressed migration stream.
+
+Run as root: `.venv/bin/python bench/snapshot.py [--rounds N]`. It enters a fresh network
+namespace of its own, so its bridge, TAPs and VMs vanish with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hatchvm.core.vms import DISK_NAME, MEM_NAME
+from hatchvm.net import links
+from hatchvm.net.alloc import tap_name
+from hatchvm.vmm.qmp import qmp_session
+from tests.support.daemon import HatchDaemon
+from tests.support.image import ensure_test_image
+from tests.support.netns import enter_fresh_netns, in_initial_netns
+
+MEM_MIB = 512
+TOUCH_MIB = 256
+# The guest fills a tmpfs with copies of its own files (programs, libraries, text: what a
+# guest's memory holds) up to TOUCH_MIB, then publishes "filled" over HTTP.
+WORKLOAD = f"""#!/bin/sh
+mkdir -p /srv/www /fill
+mount -t tmpfs -o size={TOUCH_MIB + 16}m tmpfs /fill
+busybox httpd -p 8080 -h /srv/www
+(
+  i=0
+  while [ $(du -sm /fill | cut -f1) -lt {TOUCH_MIB} ]; do
+    i=$((i + 1))
+    for f in /bin/* /sbin/* /etc/* /lib/modules/*/modules.*; do
+      [ -f "$f" ] && {{ echo "copy $i of $f"; cat "$f"; }} >> /fill/blob.$i
+    done
+  done
+  echo filled > /srv/www/filled
+) >/dev/null 2>&1 &
+"""
+
+
+def wait_http(url: str, timeout: float = 300) -> float:
+    """Poll until url answers 200; return the moment it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return time.monotonic()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(url)
+
+
+def gzip_baseline(files: list[Path], work: Path) -> tuple[float, int]:
+    """gzip -6 of each raw file, one after the other: seconds and compressed bytes."""
+    size = 0
+    t0 = time.monotonic()
+    for f in files:
+        out = work / (f.name + ".gz")
+        with out.open("wb") as sink:
+            subprocess.run(["gzip", "-6", "-c", str(f)], stdout=sink, check=True)
+        size += out.stat().st_size
+        out.unlink()
+    return time.monotonic() - t0, size
+
+
+def plain_command(hatch_cmd: list[str], memory: str, disk: Path, vm_dir: Path) -> list[str]:
+    """hatchd's QEMU command for the VM, made plain: the given memory backend (same block id
+    "mem"), another disk file, console and QMP in vm_dir, in the foreground."""
+    cmd = hatch_cmd[: hatch_cmd.index("-pidfile")]
+    out: list[str] = []
+    for arg in cmd:
+        if arg.startswith("memory-backend-"):
+            arg = memory
+        elif arg.startswith("id=disk,file="):
+            arg = f"id=disk,file={disk},format=raw,if=none,discard=unmap"
+        elif arg.startswith("file,id=con,path="):
+            arg = f"file,id=con,path={vm_dir / 'console.log'}"
+        elif arg.startswith("unix:") and arg.endswith("server=on,wait=off"):
+            arg = f"unix:{vm_dir / 'qmp.sock'},server=on,wait=off"
+        out.append(arg)
+    return out
+
+
+async def make_stream(hatch_cmd: list[str], vm_dir: Path, state: Path, stream: Path) -> None:
+    """Turn hatchd's snapshot (RAM file + device state) into one uncompressed migration
+    stream with all of RAM in it, as a plain QEMU save would write it."""
+    memory = f"memory-backend-file,id=mem,size={MEM_MIB}M,mem-path={vm_dir / 'mem'},share=on"
+    cmd = plain_command(hatch_cmd, memory, vm_dir / "disk", vm_dir)
+    cmd += ["-S", "-incoming", "defer"]  # -S: stay paused, the state must not move
+    proc = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if (vm_dir / "qmp.sock").exists():
+                break
+            await asyncio.sleep(0.1)
+        async with qmp_session(vm_dir / "qmp.sock") as qmp:
+            caps = [{"capability": "x-ignore-shared", "state": True}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state))}"})
+            await qmp.wait_migration(120)
+            caps = [{"capability": "x-ignore-shared", "state": False}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            uri = f"exec:cat > {shlex.quote(str(stream))}"
+            await qmp.execute("migrate", {"uri": uri})
+            await qmp.wait_migration(300)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: str) -> float:
+    """A plain QEMU resuming from the uncompressed stream: seconds to the first HTTP answer."""
+    subprocess.run(["cp", "--sparse=always", str(disk_src), str(disk)], check=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*cmd, "-incoming", f"exec:cat {shlex.quote(str(stream))}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        return wait_http(url) - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    ensure_test_image()
+    if in_initial_netns():
+        enter_fresh_netns()
+    daemon = HatchDaemon(HATCH_MAX_SNAPSHOTS_PER_VM="50", HATCH_LOG_LEVEL="warning")
+    daemon.start()
+    key = daemon.create_key("bench")
+    work = Path(tempfile.mkdtemp(prefix="hvs-", dir=daemon.data_dir))
+    snap_times: list[float] = []
+    hot_restores: list[float] = []
+    raw_restores: list[float] = []
+    try:
+        with httpx.Client(
+            base_url=daemon.url, timeout=600, headers={"Authorization": f"Bearer {key}"}
+        ) as api:
+            vm = api.post("/vms", json={"mem_mib": MEM_MIB, "user_data": WORKLOAD}).json()
+            accel = str(api.get("/healthz").json().get("accel", "?"))
+            vm_id, url = vm["id"], f"http://{vm['guest_ip']}:8080/filled"
+            print(f"vm {vm_id}: filling {TOUCH_MIB} MiB of its {MEM_MIB} MiB ...", flush=True)
+            wait_http(url, timeout=900)
+            vm_dir = daemon.data_dir / "vms" / vm_id
+            hatch_cmd = hatchd_command(vm_id)
+
+            t0 = time.monotonic()
+            first = api.post(f"/vms/{vm_id}/snapshot").raise_for_status().json()
+            snap_times.append(time.monotonic() - t0)
+            mem, disk, state = vm_dir / MEM_NAME, vm_dir / DISK_NAME, vm_dir / "resume" / "state"
+            touched = int(subprocess.check_output(["du", "-B1", str(mem)]).split()[0])
+            gzip_s, gzip_bytes = gzip_baseline([mem, disk, state], work)
+            print(
+                f"snapshot 1: {snap_times[-1]:.2f}s {first['size_bytes'] / 2**20:.1f} MiB;"
+                f" gzip -6: {gzip_s:.2f}s {gzip_bytes / 2**20:.1f} MiB",
+                flush=True,
+            )
+
+            # The baseline's stream, from the same guest state.
+            raw_dir = work / "raw"
+            raw_dir.mkdir()
+            subprocess.run(["cp", "--sparse=always", str(mem), str(raw_dir / "mem")], check=True)
+            stream = work / "stream"
+            subprocess.run(["cp", "--sparse=always", str(disk), str(raw_dir / "disk")], check=True)
+            asyncio.run(make_stream(hatch_cmd, raw_dir, state, stream))
+            (raw_dir / "mem").unlink()
+            memory = f"memory-backend-ram,id=mem,size={MEM_MIB}M"
+            plain = plain_command(hatch_cmd, memory, raw_dir / "disk", raw_dir)
+            disk_copy = work / "disk.at-snapshot"
+            subprocess.run(["cp", "--sparse=always", str(disk), str(disk_copy)], check=True)
+            tap = tap_name(daemon.tap_prefix, vm_id)
+
+            for i in range(args.rounds):  # interleaved, so drift hits both alike
+                links.ensure_tap(tap, daemon.bridge)
+                raw_restores.append(raw_restore(plain, stream, disk_copy, raw_dir / "disk", url))
+                links.delete_link(tap)
+                t0 = time.monotonic()
+                api.post(f"/vms/{vm_id}/restore").raise_for_status()
+                hot_restores.append(wait_http(url) - t0)
+                t0 = time.monotonic()
+                api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
+                snap_times.append(time.monotonic() - t0)
+                print(
+                    f"round {i + 1}: raw qemu restore {raw_restores[-1]:.2f}s"
+                    f"  hatchd restore {hot_restores[-1]:.2f}s"
+                    f"  hatchd snapshot {snap_times[-1]:.2f}s",
+                    flush=True,
+                )
+            # An older snapshot: verified and unpacked from the store first.
+            t0 = time.monotonic()
+            api.post(f"/vms/{vm_id}/restore", json={"snapshot_id": first["id"]})
+            cold_restore = wait_http(url) - t0
+    finally:
+        daemon.cleanup()
+    snap_med = statistics.median(snap_times)
+    raw_med, hot_med = statistics.median(raw_restores), statistics.median(hot_restores)
+    size = first["size_bytes"]
+    print()
+    print(
+        f"{MEM_MIB} MiB VM, {touched / 2**20:.0f} MiB of its memory file touched,"
+        f" accel={accel}; medians of {len(snap_times)} snapshots, {args.rounds} restores"
+    )
+    print(f"  snapshot time   hatchd {snap_med:6.2f} s   gzip -6 {gzip_s:6.2f} s")
+    print(f"    speed-up      {gzip_s / snap_med:6.2f}x  (goal >= 3x)")
+    print(f"  stored size     hatchd {size / 2**20:6.1f} MiB gzip -6 {gzip_bytes / 2**20:6.1f} MiB")
+    print(f"    ratio         {size / gzip_bytes:6.3f}  (goal <= 0.5)")
+    print(f"  restore to HTTP hatchd {hot_med:6.2f} s   raw qemu -incoming {raw_med:6.2f} s")
+    print(f"    overhead      {hot_med / raw_med - 1:+6.1%}  (goal <= +20%)")
+    print(f"  restore of an older snapshot (fetch, verify, unpack) {cold_restore:6.2f} s")
+
+
+def hatchd_command(vm_id: str) -> list[str]:
+    """The QEMU command line hatchd used for the VM, as the kernel recorded it."""
+    out = subprocess.run(["pgrep", "-f", f"hatch-{vm_id}"], capture_output=True, text=True)
+    pids = out.stdout.split()
+    if pids:
+        return Path(f"/proc/{pids[0]}/cmdline").read_text().rstrip("\0").split("\0")
+    raise RuntimeError(f"no qemu for {vm_id}")
+
+
+if __name__ == "__main__":
+    main()

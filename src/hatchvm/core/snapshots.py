@@ -1,0 +1,399 @@
+"""Snapshots and restores, under the same per-VM lock as every other VM operation.
+
+A snapshot pauses the guest and saves only its device state: its RAM already is a file
+(vms.MEM_NAME) and its disk is quiet once paused. The VMM process ends, then RAM, disk and
+state are compressed into the artifact store. The snapshot row is written only when every
+artifact is stored, so a half-written snapshot is never listed; until then the VM's own files
+can resume it, so a failed store or a daemon crash never loses the VM.
+
+After a snapshot the VM's files still equal it (the "hot copy", marked by resume/LATEST):
+restoring that snapshot maps them directly, without reading the store. Any other restore
+verifies and unpacks the artifacts first, and touches the VM's files only once all are good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from hatchvm.config import Settings
+from hatchvm.core.states import Op, State, guard
+from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
+from hatchvm.db import repo
+from hatchvm.db.models import VM, Snapshot, utcnow
+from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
+from hatchvm.ids import new_id
+from hatchvm.snapshots import codec
+from hatchvm.snapshots.errors import ArtifactError
+from hatchvm.snapshots.manifest import ARTIFACT_NAMES, ArtifactRecord, SnapshotManifest
+from hatchvm.snapshots.store import ArtifactStore
+
+log = structlog.get_logger("hatchvm.core")
+
+STATE_NAME = "state"  # device state inside the resume dir
+LATEST = "snapshot_id"  # resume/LATEST: the stored snapshot the VM's files equal
+PENDING = "pending"  # resume/PENDING: the snapshot being stored (for crash recovery)
+WORK_DIR = "snapshot-work"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _reset_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+class SnapshotService:
+    def __init__(self, settings: Settings, vms: VMService, store: ArtifactStore) -> None:
+        self._s = settings
+        self.vms = vms
+        self.store = store
+        vms.delete_hooks.append(self._forget_vm)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def list(self, user_id: str, vm_id: str) -> list[Snapshot]:
+        await self.vms.get(user_id, vm_id)
+        async with self.vms.sessions() as session:
+            return await repo.list_snapshots(session, vm_id)
+
+    async def get(self, user_id: str, snapshot_id: str) -> Snapshot:
+        async with self.vms.sessions() as session:
+            snap = await repo.get_snapshot(session, snapshot_id)
+        if snap is None or snap.user_id != user_id:
+            raise NotFound(f"snapshot {snapshot_id} not found")
+        return snap
+
+    def _resume_dir(self, vm_id: str) -> Path:
+        return self.vms.vm_dir(vm_id) / RESUME_DIR
+
+    @staticmethod
+    def _prefix(vm_id: str, snapshot_id: str) -> str:
+        return f"{vm_id}/{snapshot_id}"
+
+    # ---- snapshot ----------------------------------------------------------------------
+
+    async def snapshot(self, user_id: str, vm_id: str, automatic: bool = False) -> Snapshot:
+        """Freeze a running VM into a new snapshot; the VM ends `snapshotted`.
+
+        automatic (the idle reaper): at the quota, the oldest automatic snapshot makes room."""
+        await self.vms.get(user_id, vm_id)
+        async with self.vms.locks.hold(vm_id):
+            vm = await self.vms.get(user_id, vm_id)
+            guard(Op.SNAPSHOT, vm.state)
+            await self._make_room(vm, automatic)
+            return await self._take(vm, automatic)
+
+    async def _make_room(self, vm: VM, automatic: bool) -> None:
+        limit = self._s.max_snapshots_per_vm
+        async with self.vms.sessions() as session:
+            snaps = await repo.list_snapshots(session, vm.id)  # newest first
+        while len(snaps) >= limit:
+            autos = [s for s in snaps if s.automatic]
+            if not automatic or not autos:
+                raise QuotaExceeded(f"snapshot limit reached ({len(snaps)}/{limit})")
+            await self._delete(vm, autos[-1])
+            snaps.remove(autos[-1])
+
+    async def _take(self, vm: VM, automatic: bool) -> Snapshot:
+        snap_id = new_id("snap")
+        vm_dir = self.vms.vm_dir(vm.id)
+        resume = self._resume_dir(vm.id)
+        await self.vms.update(vm.id, state=State.SNAPSHOTTING)
+        await asyncio.to_thread(_reset_dir, resume)
+        # Written first: a daemon that dies from here on finds which snapshot was under way.
+        await asyncio.to_thread((resume / PENDING).write_text, snap_id)
+        try:
+            await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
+        except Exception as exc:
+            reason = reason_of(exc)
+            log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
+            state = await self._after_failed_capture(vm, reason)
+            raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
+        if vm.tap_name and self.vms.net is not None:
+            await self.vms.net.remove_tap(vm.tap_name)
+        try:
+            manifest = await self._store_artifacts(vm, snap_id)
+        except Exception as exc:
+            reason = reason_of(exc)
+            log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
+            with contextlib.suppress(ArtifactError):
+                await self.store.delete_prefix(self._prefix(vm.id, snap_id))
+            state = await self.resume_local(vm, f"storing snapshot {snap_id} failed: {reason}")
+            raise InternalError(
+                f"storing snapshot of {vm.id} failed: {reason} (vm is {state})"
+            ) from exc
+        snap = Snapshot(
+            id=snap_id,
+            vm_id=vm.id,
+            user_id=vm.user_id,
+            size_bytes=manifest.stored_size,
+            storage=self.store.backend,
+            location=self.store.location(self._prefix(vm.id, snap_id)),
+            manifest=manifest.model_dump_json(),
+            automatic=automatic,
+            created_at=datetime.now(UTC),
+        )
+        async with self.vms.sessions() as session, session.begin():
+            session.add(snap)
+            row = await repo.get_vm(session, vm.id)
+            if row is not None:
+                row.state = State.SNAPSHOTTED.value
+                row.state_reason = None
+                row.updated_at = utcnow()
+                if not automatic:
+                    row.last_activity_at = row.updated_at
+        await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
+        log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
+        return snap
+
+    def _mark_latest(self, vm_id: str, snap_id: str) -> None:
+        resume = self._resume_dir(vm_id)
+        (resume / LATEST).write_text(snap_id)
+        (resume / PENDING).unlink(missing_ok=True)
+
+    async def _store_artifacts(self, vm: VM, snap_id: str) -> SnapshotManifest:
+        vm_dir = self.vms.vm_dir(vm.id)
+        work = vm_dir / WORK_DIR
+        prefix = self._prefix(vm.id, snap_id)
+        sources = {
+            "mem": vm_dir / MEM_NAME,
+            "disk": vm_dir / DISK_NAME,
+            "state": self._resume_dir(vm.id) / STATE_NAME,
+        }
+        await asyncio.to_thread(_reset_dir, work)
+        try:
+            records: dict[str, ArtifactRecord] = {}
+            for name in ARTIFACT_NAMES:
+                packed = work / f"{name}.zst"
+                info = await asyncio.to_thread(
+                    codec.encode, sources[name], packed, self._s.snapshot_zstd_level
+                )
+                key = f"{prefix}/{name}.zst"
+                await self.store.put(key, packed)
+                records[name] = ArtifactRecord(
+                    key=key,
+                    raw_size=info.raw_size,
+                    stored_size=info.stored_size,
+                    sha256=info.sha256,
+                )
+            manifest = SnapshotManifest(
+                snapshot_id=snap_id, vm_id=vm.id, mem_mib=vm.mem_mib, artifacts=records
+            )
+            manifest_file = work / "manifest.json"
+            await asyncio.to_thread(manifest_file.write_text, manifest.model_dump_json(indent=2))
+            await self.store.put(f"{prefix}/manifest.json", manifest_file)
+            return manifest
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _after_failed_capture(self, vm: VM, reason: str) -> str:
+        """The VMM could not save the state: let the guest run on if it still can."""
+        vm_dir = self.vms.vm_dir(vm.id)
+        with contextlib.suppress(Exception):
+            if await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
+                await self.vms.update(vm.id, state=State.RUNNING, state_reason=None)
+                return State.RUNNING.value
+        await self.vms.vmm.kill(vm.id, vm_dir)
+        if vm.tap_name and self.vms.net is not None:
+            await self.vms.net.remove_tap(vm.tap_name)
+        await asyncio.to_thread(self.vms.drop_memory, vm.id)
+        await self.vms.update(
+            vm.id, state=State.STOPPED, state_reason=f"snapshot failed, guest lost: {reason}"
+        )
+        return State.STOPPED.value
+
+    async def resume_local(self, vm: VM, why: str) -> str:
+        """Resume the VM from its own captured files (RAM file + resume/state), after a
+        snapshot that could not be stored. Returns the state the VM ends in."""
+        state_file = self._resume_dir(vm.id) / STATE_NAME
+        try:
+            image = await self.vms.load_image(vm.image_id)
+            if vm.tap_name and self.vms.net is not None:
+                await self.vms.net.add_tap(vm.tap_name)
+            await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
+        except Exception as exc:
+            reason = reason_of(exc)
+            log.error("resume after failed snapshot failed", vm_id=vm.id, reason=reason)
+            await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
+            if vm.tap_name and self.vms.net is not None:
+                await self.vms.net.remove_tap(vm.tap_name)
+            await asyncio.to_thread(self.vms.drop_memory, vm.id)
+            await self.vms.update(
+                vm.id, state=State.STOPPED, state_reason=f"{why}; resuming failed: {reason}"
+            )
+            return State.STOPPED.value
+        await asyncio.to_thread(shutil.rmtree, self._resume_dir(vm.id), True)
+        await self.vms.update(vm.id, state=State.RUNNING, state_reason=f"{why}; vm resumed")
+        log.warning("vm resumed after failed snapshot", vm_id=vm.id, why=why)
+        return State.RUNNING.value
+
+    # ---- restore -----------------------------------------------------------------------
+
+    async def restore(self, user_id: str, vm_id: str, snapshot_id: str | None = None) -> VM:
+        """Resume the VM from a snapshot (default: its latest); the VM ends `running`."""
+        await self.vms.get(user_id, vm_id)
+        async with self.vms.locks.hold(vm_id):
+            vm = await self.vms.get(user_id, vm_id)
+            async with self.vms.sessions() as session:
+                snaps = await repo.list_snapshots(session, vm_id)
+            if not (vm.state == State.STOPPED and snaps):
+                guard(Op.RESTORE, vm.state)
+            if snapshot_id is not None:
+                snap = next((s for s in snaps if s.id == snapshot_id), None)
+                if snap is None:
+                    raise NotFound(f"vm {vm_id} has no snapshot {snapshot_id}")
+            elif snaps:
+                snap = snaps[0]
+            else:
+                raise Conflict(f"vm {vm_id} has no snapshot to restore")
+            return await self._restore(vm, snap)
+
+    async def _restore(self, vm: VM, snap: Snapshot) -> VM:
+        prior = vm.state
+        resume = self._resume_dir(vm.id)
+        await self.vms.update(vm.id, state=State.RESTORING)
+        hot = await asyncio.to_thread(_read, resume / LATEST) == snap.id
+        try:
+            if not hot:
+                await self._unpack(vm, snap)
+        except ArtifactError as exc:
+            await self.vms.update(vm.id, state=prior)
+            log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
+            raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
+        # From here on the guest changes its RAM file: it no longer equals any snapshot.
+        await asyncio.to_thread((resume / LATEST).unlink, True)
+        try:
+            image = await self.vms.load_image(vm.image_id)
+            if vm.tap_name and self.vms.net is not None:
+                await self.vms.net.add_tap(vm.tap_name)
+            pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
+        except Exception as exc:
+            reason = reason_of(exc)
+            log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
+            await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
+            if vm.tap_name and self.vms.net is not None:
+                await self.vms.net.remove_tap(vm.tap_name)
+            await self.vms.update(vm.id, state=prior, state_reason=f"restore failed: {reason}")
+            raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
+        await asyncio.to_thread(shutil.rmtree, resume, True)
+        log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
+        return await self.vms.update(vm.id, state=State.RUNNING, state_reason=None, touch=True)
+
+    async def _unpack(self, vm: VM, snap: Snapshot) -> None:
+        """Fetch, verify and unpack every artifact, then move them over the VM's files."""
+        manifest = SnapshotManifest.parse(snap.manifest)
+        vm_dir = self.vms.vm_dir(vm.id)
+        work = vm_dir / WORK_DIR
+        await asyncio.to_thread(_reset_dir, work)
+        try:
+            for name in ARTIFACT_NAMES:
+                record = manifest.artifacts[name]
+                packed = await self.store.fetch(record.key, work)
+                await asyncio.to_thread(codec.decode, packed, work / name, record.info())
+                if packed.is_relative_to(work):
+                    await asyncio.to_thread(packed.unlink)
+            await asyncio.to_thread(self._install, vm.id, work)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+
+    def _install(self, vm_id: str, work: Path) -> None:
+        vm_dir = self.vms.vm_dir(vm_id)
+        resume = self._resume_dir(vm_id)
+        (resume / LATEST).unlink(missing_ok=True)
+        resume.mkdir(exist_ok=True)
+        os.replace(work / "mem", vm_dir / MEM_NAME)
+        os.replace(work / "disk", vm_dir / DISK_NAME)
+        os.replace(work / "state", resume / STATE_NAME)
+
+    # ---- delete ------------------------------------------------------------------------
+
+    async def delete(self, user_id: str, snapshot_id: str) -> None:
+        snap = await self.get(user_id, snapshot_id)
+        async with self.vms.locks.hold(snap.vm_id):
+            snap = await self.get(user_id, snapshot_id)
+            vm = await self.vms.get(user_id, snap.vm_id)
+            async with self.vms.sessions() as session:
+                count = await repo.count_snapshots(session, vm.id)
+            if vm.state == State.SNAPSHOTTED and count == 1:
+                raise Conflict(
+                    f"snapshot {snapshot_id} is the only one {vm.id} can resume from; "
+                    "restore or delete the vm first"
+                )
+            await self._delete(vm, snap)
+
+    async def _delete(self, vm: VM, snap: Snapshot) -> None:
+        """Row first (it is never listed again), then the artifacts."""
+        async with self.vms.sessions() as session, session.begin():
+            row = await repo.get_snapshot(session, snap.id)
+            if row is not None:
+                await session.delete(row)
+        latest = self._resume_dir(vm.id) / LATEST
+        if await asyncio.to_thread(_read, latest) == snap.id:
+            await asyncio.to_thread(latest.unlink, True)
+        try:
+            await self.store.delete_prefix(self._prefix(vm.id, snap.id))
+        except ArtifactError as exc:
+            log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
+        log.info("snapshot deleted", vm_id=vm.id, snapshot_id=snap.id)
+
+    async def _forget_vm(self, vm: VM) -> None:
+        """Delete hook of VMService: the VM's snapshots go with it."""
+        async with self.vms.sessions() as session, session.begin():
+            for snap in await repo.list_snapshots(session, vm.id):
+                await session.delete(snap)
+        try:
+            await self.store.delete_prefix(vm.id)
+        except ArtifactError as exc:
+            log.warning("snapshot artifacts left behind", vm_id=vm.id, reason=str(exc))
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    async def reconcile(self, vm: VM) -> None:
+        """Settle a VM the daemon left `snapshotting` or `restoring` when it died."""
+        vm_dir = self.vms.vm_dir(vm.id)
+        resume = self._resume_dir(vm.id)
+        vmm = self.vms.vmm
+        if vm.state == State.SNAPSHOTTING:
+            pending = await asyncio.to_thread(_read, resume / PENDING)
+            if pending:
+                with contextlib.suppress(ArtifactError):
+                    await self.store.delete_prefix(self._prefix(vm.id, pending))
+            if await vmm.alive(vm.id, vm_dir) is not None:
+                await self._after_failed_capture(vm, "daemon restarted during a snapshot")
+            elif pending and (resume / STATE_NAME).exists():
+                await self.resume_local(vm, "daemon restarted while storing a snapshot")
+            else:
+                await asyncio.to_thread(self.vms.drop_memory, vm.id)
+                await self.vms.update(
+                    vm.id,
+                    state=State.STOPPED,
+                    state_reason="daemon died during a snapshot; the guest's memory is lost",
+                )
+            return
+        if vm.state == State.RESTORING:
+            if await vmm.alive(vm.id, vm_dir) is not None:
+                with contextlib.suppress(Exception):
+                    if await vmm.resume_if_paused(vm.id, vm_dir):
+                        await asyncio.to_thread(shutil.rmtree, resume, True)
+                        await self.vms.update(vm.id, state=State.RUNNING)
+                        return
+                await vmm.kill(vm.id, vm_dir)
+            async with self.vms.sessions() as session:
+                has_snapshots = await repo.count_snapshots(session, vm.id) > 0
+            await self.vms.update(
+                vm.id,
+                state=State.SNAPSHOTTED if has_snapshots else State.STOPPED,
+                state_reason="daemon restarted during a restore",
+            )

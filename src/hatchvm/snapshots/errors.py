@@ -1,0 +1,15 @@
+"""Errors of snapshot artifacts, translated from OS, zstd and S3 errors at this package's edge."""
+
+from __future__ import annotations
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, corrupt or could not be read or written."""
+
+
+class ArtifactMissing(ArtifactError):
+    pass
+
+
+class ArtifactCorrupt(ArtifactError):
+    pass
