@@ -29,22 +29,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hatchvm.core.vms import DISK_NAME, MEM_NAME
 from hatchvm.net import links
 from hatchvm.net.alloc import tap_name
+from hatchvm.vmm.base import VMMError
 from hatchvm.vmm.qmp import qmp_session
 from tests.support.daemon import HatchDaemon
 from tests.support.image import ensure_test_image
 from tests.support.netns import enter_fresh_netns, in_initial_netns
 
 MEM_MIB = 512
-TOUCH_MIB = 256
-# The guest fills a tmpfs with copies of its own files (programs, libraries, text: what a
-# guest's memory holds) up to TOUCH_MIB, then publishes "filled" over HTTP.
-WORKLOAD = f"""#!/bin/sh
+
+
+def workload(touch_mib: int) -> str:
+    """The guest fills a tmpfs with copies of its own files (programs, libraries, text: what
+    a guest's memory holds) up to touch_mib, then publishes "filled" over HTTP."""
+    return f"""#!/bin/sh
 mkdir -p /srv/www /fill
-mount -t tmpfs -o size={TOUCH_MIB + 16}m tmpfs /fill
+mount -t tmpfs -o size={touch_mib + 16}m tmpfs /fill
 busybox httpd -p 8080 -h /srv/www
 (
   i=0
-  while [ $(du -sm /fill | cut -f1) -lt {TOUCH_MIB} ]; do
+  while [ $(du -sm /fill | cut -f1) -lt {touch_mib} ]; do
     i=$((i + 1))
     for f in /bin/* /sbin/* /etc/* /lib/modules/*/modules.*; do
       [ -f "$f" ] && {{ echo "copy $i of $f"; cat "$f"; }} >> /fill/blob.$i
@@ -126,18 +129,41 @@ async def make_stream(hatch_cmd: list[str], vm_dir: Path, state: Path, stream: P
         await proc.wait()
 
 
+async def cont_when_loaded(sock: Path, timeout: float = 120) -> None:
+    """The stream was saved from a paused guest, so QEMU stays paused once it has loaded it:
+    say `cont` as soon as it has (as hatchd does)."""
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(sock)
+        await asyncio.sleep(0.005)
+    async with qmp_session(sock) as qmp:
+        while (await qmp.execute("query-status")).get("status") == "inmigrate":
+            if time.monotonic() > deadline:
+                raise TimeoutError(sock)
+            await asyncio.sleep(0.005)
+        await qmp.execute("cont")
+
+
 def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: str) -> float:
     """A plain QEMU resuming from the uncompressed stream: seconds to the first HTTP answer."""
     subprocess.run(["cp", "--sparse=always", str(disk_src), str(disk)], check=True)
+    sock = disk.parent / "qmp.sock"
+    sock.unlink(missing_ok=True)
+    log = disk.with_name("qemu.log")
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [*cmd, "-incoming", f"exec:cat {shlex.quote(str(stream))}"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [*cmd, "-incoming", f"exec:cat {shlex.quote(str(stream))}"],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
     try:
-        return wait_http(url) - t0
+        asyncio.run(cont_when_loaded(sock))
+        return wait_http(url, timeout=120) - t0
+    except (TimeoutError, VMMError) as exc:
+        raise RuntimeError(f"raw qemu restore failed ({exc}): {log.read_text()[-2000:]}") from None
     finally:
         proc.kill()
         proc.wait()
@@ -146,6 +172,8 @@ def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--touch-mib", type=int, default=MEM_MIB // 2)
+    parser.add_argument("--keep", action="store_true", help="keep the files for a post-mortem")
     args = parser.parse_args()
     ensure_test_image()
     if in_initial_netns():
@@ -161,10 +189,11 @@ def main() -> None:
         with httpx.Client(
             base_url=daemon.url, timeout=600, headers={"Authorization": f"Bearer {key}"}
         ) as api:
-            vm = api.post("/vms", json={"mem_mib": MEM_MIB, "user_data": WORKLOAD}).json()
+            body = {"mem_mib": MEM_MIB, "user_data": workload(args.touch_mib)}
+            vm = api.post("/vms", json=body).raise_for_status().json()
             accel = str(api.get("/healthz").json().get("accel", "?"))
             vm_id, url = vm["id"], f"http://{vm['guest_ip']}:8080/filled"
-            print(f"vm {vm_id}: filling {TOUCH_MIB} MiB of its {MEM_MIB} MiB ...", flush=True)
+            print(f"vm {vm_id}: filling {args.touch_mib} MiB of its {MEM_MIB} MiB ...", flush=True)
             wait_http(url, timeout=900)
             vm_dir = daemon.data_dir / "vms" / vm_id
             hatch_cmd = hatchd_command(vm_id)
@@ -216,7 +245,11 @@ def main() -> None:
             api.post(f"/vms/{vm_id}/restore", json={"snapshot_id": first["id"]})
             cold_restore = wait_http(url) - t0
     finally:
-        daemon.cleanup()
+        if args.keep:
+            daemon.stop()
+            print(f"kept {daemon.data_dir}")
+        else:
+            daemon.cleanup()
     snap_med = statistics.median(snap_times)
     raw_med, hot_med = statistics.median(raw_restores), statistics.median(hot_restores)
     size = first["size_bytes"]
