@@ -15,13 +15,16 @@ from hatchvm.auth.local import LocalKeyVerifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
+from hatchvm.core.routes import RouteService
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
+from hatchvm.core.wake import WakeService
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.db.migrate import upgrade
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
 from hatchvm.net.errors import NetworkError
+from hatchvm.proxy.server import Proxy
 from hatchvm.snapshots.errors import ArtifactError
 from hatchvm.snapshots.local import LocalStore
 from hatchvm.snapshots.s3 import S3Store
@@ -81,9 +84,13 @@ async def serve(settings: Settings) -> None:
         log.warning("not running as root: VMs can only be created with enable_network=false")
     vms = VMService(settings, sessions, vmm, network)
     snapshots = SnapshotService(settings, vms, store)
+    routes = RouteService(settings, vms)
+    await routes.load()
     await reconcile(vms, snapshots)
 
-    app = create_app(Services(settings, sessions, LocalKeyVerifier(sessions), vms, snapshots))
+    app = create_app(
+        Services(settings, sessions, LocalKeyVerifier(sessions), vms, snapshots, routes)
+    )
     host, port = settings.http_host_port
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
@@ -91,9 +98,17 @@ async def serve(settings: Settings) -> None:
     log.info(
         "hatchd listening", addr=f"{host}:{port}", accel=accel, data_dir=str(settings.data_dir)
     )
+    proxy = Proxy(settings, vms, routes, WakeService(vms, snapshots))
+    try:
+        await proxy.start()
+    except OSError as exc:
+        raise StartupError(
+            f"proxy cannot listen on {settings.proxy_addr}: {exc.strerror}"
+        ) from None
     try:
         await server.serve()
     finally:
+        await proxy.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 

@@ -42,12 +42,14 @@ class HatchDaemon:
         # Short path: QMP sockets live under it and Unix socket paths are limited to 108 bytes.
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"hv{n}-", dir="/tmp"))
         self.port = free_port()
+        self.proxy_port = free_port()
         self.bridge = f"hbt{n}"
         self.tap_prefix = "t" + "abcdefghijklmnopqrstuvwxyz"[n % 26]
         self.table = f"hatchtest{n}"
         self.env = {
             "HATCH_DATA_DIR": str(self.data_dir),
             "HATCH_HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "HATCH_PROXY_ADDR": f"127.0.0.1:{self.proxy_port}",
             "HATCH_BRIDGE_NAME": self.bridge,
             "HATCH_BRIDGE_CIDR": f"172.16.{n % 250}.1/24",
             "HATCH_TAP_PREFIX": self.tap_prefix,

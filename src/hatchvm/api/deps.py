@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.auth.base import Verifier, key_from_request
 from hatchvm.config import Settings
+from hatchvm.core.routes import RouteService
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
 
@@ -23,6 +24,7 @@ class Services:
     verifier: Verifier
     vms: VMService
     snapshots: SnapshotService
+    routes: RouteService
 
 
 def services(request: Request) -> Services:

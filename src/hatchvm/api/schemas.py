@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hatchvm.db.models import VM, Image, Snapshot
+from hatchvm.core.subdomains import subdomain_problem
+from hatchvm.db.models import VM, Image, Route, Snapshot
 from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.snapshots.manifest import SnapshotManifest
 
@@ -97,3 +98,29 @@ class RestoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     snapshot_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class RouteCreate(StrictInput):
+    subdomain: str | None = None
+    target_port: int = Field(ge=1, le=65535)
+    auto_wake: bool = True
+
+    @field_validator("subdomain")
+    @classmethod
+    def _subdomain(cls, value: str | None) -> str | None:
+        if value is not None and (problem := subdomain_problem(value)):
+            raise ValueError(problem)
+        return value
+
+
+def render_route(route: Route, url: str) -> dict[str, Any]:
+    return {
+        "id": route.id,
+        "vm_id": route.vm_id,
+        "subdomain": route.subdomain,
+        "target_port": route.target_port,
+        "auto_wake": route.auto_wake,
+        "url": url,
+        "created_at": rfc3339(route.created_at),
+        "updated_at": rfc3339(route.updated_at),
+    }

@@ -32,6 +32,8 @@ def describe_errors(errors: Sequence[Any]) -> str:
             msg = "field required"
         elif kind == "json_invalid":
             return "invalid JSON body"
+        elif kind == "value_error" and "error" in (err.get("ctx") or {}):
+            msg = str(err["ctx"]["error"])  # our own validator's words, without "Value error, "
         else:
             msg = str(err.get("msg", "invalid value"))
             msg = msg[0].lower() + msg[1:] if msg else "invalid value"

@@ -258,9 +258,10 @@ class SnapshotService:
                 snap = snaps[0]
             else:
                 raise Conflict(f"vm {vm_id} has no snapshot to restore")
-            return await self._restore(vm, snap)
+            return await self.restore_locked(vm, snap)
 
-    async def _restore(self, vm: VM, snap: Snapshot) -> VM:
+    async def restore_locked(self, vm: VM, snap: Snapshot) -> VM:
+        """Resume vm from snap; the caller holds the VM's lock (the API, or a wake)."""
         prior = vm.state
         resume = self._resume_dir(vm.id)
         await self.vms.update(vm.id, state=State.RESTORING)

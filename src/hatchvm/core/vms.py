@@ -224,22 +224,26 @@ class VMService:
     async def start(self, user_id: str, vm_id: str) -> VM:
         await self.get(user_id, vm_id)
         async with self.locks.hold(vm_id):
-            vm = await self.get(user_id, vm_id)
-            guard(Op.START, vm.state)
-            if not (self.vm_dir(vm_id) / DISK_NAME).exists():
-                await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
-                raise InternalError(f"cannot start {vm_id}: its disk is missing")
-            image = await self.load_image(vm.image_id)
-            await self.update(vm_id, state=State.STARTING, state_reason=None)
-            try:
-                await self._boot(vm, image)
-            except Exception as exc:
-                reason = reason_of(exc)
-                log.error("vm start failed", vm_id=vm_id, reason=reason)
-                await self._stop_process(vm)
-                await self.update(vm_id, state=State.STOPPED, state_reason=reason)
-                raise InternalError(f"starting {vm_id} failed: {reason}") from exc
-            return await self.update(vm_id, state=State.RUNNING, touch=True)
+            return await self.start_locked(await self.get(user_id, vm_id))
+
+    async def start_locked(self, vm: VM) -> VM:
+        """Cold-boot a stopped VM; the caller holds its lock (the API, or a wake)."""
+        vm_id = vm.id
+        guard(Op.START, vm.state)
+        if not (self.vm_dir(vm_id) / DISK_NAME).exists():
+            await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
+            raise InternalError(f"cannot start {vm_id}: its disk is missing")
+        image = await self.load_image(vm.image_id)
+        await self.update(vm_id, state=State.STARTING, state_reason=None)
+        try:
+            await self._boot(vm, image)
+        except Exception as exc:
+            reason = reason_of(exc)
+            log.error("vm start failed", vm_id=vm_id, reason=reason)
+            await self._stop_process(vm)
+            await self.update(vm_id, state=State.STOPPED, state_reason=reason)
+            raise InternalError(f"starting {vm_id} failed: {reason}") from exc
+        return await self.update(vm_id, state=State.RUNNING, touch=True)
 
     # ---- stop / delete -----------------------------------------------------------------
 
@@ -298,6 +302,13 @@ class VMService:
             if touch:
                 vm.last_activity_at = vm.updated_at
         return vm
+
+    async def touch_activity(self, vm_id: str) -> None:
+        """Record use of the VM (proxy request, SSH connection) for the idle reaper."""
+        async with self.sessions() as session, session.begin():
+            vm = await repo.get_vm(session, vm_id)
+            if vm is not None:
+                vm.last_activity_at = utcnow()
 
 
 def reason_of(exc: BaseException) -> str:

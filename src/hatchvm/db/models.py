@@ -104,3 +104,19 @@ class Snapshot(Base):
     automatic: Mapped[bool] = mapped_column(Boolean, default=False)  # taken by the idle reaper
     # Microseconds kept: snapshots are listed newest first and may come in quick succession.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
+
+
+class Route(Base):
+    """An HTTP route: <subdomain>.<HATCH_PROXY_BASE_DOMAIN> -> the VM's target_port."""
+
+    __tablename__ = "routes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    subdomain: Mapped[str] = mapped_column(String(63), unique=True)
+    target_port: Mapped[int] = mapped_column(Integer)
+    auto_wake: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Microseconds kept: "newest first" must hold for routes made in the same second.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))

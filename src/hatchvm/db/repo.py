@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hatchvm.db.models import VM, ApiKey, Image, Snapshot
+from hatchvm.db.models import VM, ApiKey, Image, Route, Snapshot
 
 
 async def get_vm(session: AsyncSession, vm_id: str) -> VM | None:
@@ -67,3 +67,24 @@ async def get_snapshot(session: AsyncSession, snapshot_id: str) -> Snapshot | No
 async def count_snapshots(session: AsyncSession, vm_id: str) -> int:
     query = select(func.count()).where(Snapshot.vm_id == vm_id)
     return int(await session.scalar(query) or 0)
+
+
+async def list_routes(session: AsyncSession, vm_id: str) -> list[Route]:
+    """Newest first."""
+    result = await session.execute(
+        select(Route).where(Route.vm_id == vm_id).order_by(Route.created_at.desc(), Route.id)
+    )
+    return list(result.scalars())
+
+
+async def get_route(session: AsyncSession, route_id: str) -> Route | None:
+    return await session.get(Route, route_id)
+
+
+async def route_by_subdomain(session: AsyncSession, subdomain: str) -> Route | None:
+    result = await session.execute(select(Route).where(Route.subdomain == subdomain))
+    return result.scalar_one_or_none()
+
+
+async def all_routes(session: AsyncSession) -> list[Route]:
+    return list((await session.execute(select(Route))).scalars())
