@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     proxy_wake_timeout: float = Field(default=60.0, gt=0)
     ssh_port_min: int = Field(default=16000, ge=1, le=65535)
     ssh_port_max: int = Field(default=26000, ge=1, le=65535)
-    ssh_allowed_cidr: str = "0.0.0.0/0"
+    ssh_allowed_cidr: str = "0.0.0.0/0"  # one network or several, comma-separated
+    ssh_host: str = "0.0.0.0"  # where the SSH gateway's per-VM ports listen
     idle_check_interval: float = Field(default=300.0, gt=0)
     idle_timeout: float = Field(default=2700.0, gt=0)
 
@@ -89,8 +90,15 @@ class Settings(BaseSettings):
     @field_validator("ssh_allowed_cidr")
     @classmethod
     def _valid_cidr(cls, value: str) -> str:
-        ipaddress.ip_network(value, strict=False)
+        for part in value.split(","):
+            ipaddress.ip_network(part.strip(), strict=False)
         return value
+
+    @property
+    def ssh_allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(p.strip(), strict=False) for p in self.ssh_allowed_cidr.split(",")
+        ]
 
     @property
     def http_host_port(self) -> tuple[str, int]:

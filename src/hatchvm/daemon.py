@@ -13,6 +13,7 @@ from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
 from hatchvm.auth.local import LocalKeyVerifier
 from hatchvm.config import ConfigError, Settings, load_settings
+from hatchvm.core.activity import Activity
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.routes import RouteService
@@ -21,10 +22,12 @@ from hatchvm.core.vms import VMService
 from hatchvm.core.wake import WakeService
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.db.migrate import upgrade
+from hatchvm.gateway.ssh import SSHGateway
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
 from hatchvm.net.errors import NetworkError
 from hatchvm.proxy.server import Proxy
+from hatchvm.reaper import IdleReaper
 from hatchvm.snapshots.errors import ArtifactError
 from hatchvm.snapshots.local import LocalStore
 from hatchvm.snapshots.s3 import S3Store
@@ -98,16 +101,24 @@ async def serve(settings: Settings) -> None:
     log.info(
         "hatchd listening", addr=f"{host}:{port}", accel=accel, data_dir=str(settings.data_dir)
     )
-    proxy = Proxy(settings, vms, routes, WakeService(vms, snapshots))
+    activity = Activity(vms)
+    wake = WakeService(vms, snapshots)
+    proxy = Proxy(settings, vms, routes, wake, activity)
+    gateway = SSHGateway(settings, vms, wake, activity)
+    reaper = IdleReaper(settings, snapshots, routes, activity)
     try:
         await proxy.start()
     except OSError as exc:
         raise StartupError(
             f"proxy cannot listen on {settings.proxy_addr}: {exc.strerror}"
         ) from None
+    await gateway.start()
+    reaper.start()
     try:
         await server.serve()
     finally:
+        await reaper.close()
+        await gateway.close()
         await proxy.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.

@@ -39,6 +39,10 @@ class RouteService:
             routes = await repo.all_routes(session)
         self._by_subdomain = {r.subdomain: r for r in routes}
 
+    def wakes(self, vm_id: str) -> bool:
+        """Whether the VM has a route that wakes it (only those VMs may be put to sleep)."""
+        return any(r.vm_id == vm_id and r.auto_wake for r in self._by_subdomain.values())
+
     def lookup(self, subdomain: str) -> Route | None:
         return self._by_subdomain.get(subdomain)
 

@@ -95,6 +95,19 @@ class SnapshotService:
             await self._make_room(vm, automatic)
             return await self._take(vm, automatic)
 
+    async def snapshot_if_idle(self, user_id: str, vm_id: str, cutoff: datetime) -> Snapshot | None:
+        """The reaper's snapshot: automatic, and only if the VM is still running and still
+        unused since cutoff once its lock is held (a request may have just woken it)."""
+        async with self.vms.locks.hold(vm_id):
+            vm = await self.vms.get(user_id, vm_id)
+            last = vm.last_activity_at
+            if last.tzinfo is None:
+                last = last.replace(tzinfo=UTC)
+            if vm.state != State.RUNNING or last >= cutoff:
+                return None
+            await self._make_room(vm, automatic=True)
+            return await self._take(vm, automatic=True)
+
     async def _make_room(self, vm: VM, automatic: bool) -> None:
         limit = self._s.max_snapshots_per_vm
         async with self.vms.sessions() as session:

@@ -36,8 +36,9 @@ DISK_NAME = "disk.ext4"
 MEM_NAME = "mem"  # guest RAM, file-backed: it is the memory image of a snapshot
 RESUME_DIR = "resume"  # device state of the VM's latest snapshot, while its RAM is in MEM_NAME
 
-# Called with a VM about to be deleted (under its lock), e.g. to drop its snapshots.
-DeleteHook = Callable[[VM], Awaitable[None]]
+# Called with a VM just created, or about to be deleted (under its lock): other parts (snapshots,
+# routes, the SSH gateway) follow the VM's life without VMService knowing them.
+VMHook = Callable[[VM], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class VMService:
         self.net = network
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
-        self.delete_hooks: list[DeleteHook] = []
+        self.delete_hooks: list[VMHook] = []
+        self.create_hooks: list[VMHook] = []  # called with each VM once it runs
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -112,7 +114,10 @@ class VMService:
                     ssh_port=None,
                 )
                 raise InternalError(f"creating {vm.id} failed: {reason}") from exc
-            return await self.update(vm.id, state=State.RUNNING, state_reason=None)
+            vm = await self.update(vm.id, state=State.RUNNING, state_reason=None)
+        for hook in self.create_hooks:
+            await hook(vm)
+        return vm
 
     async def load_image(self, image_id: str) -> Image:
         async with self.sessions() as session:

@@ -5,6 +5,7 @@ under the VM's lock like every other operation and is not cancelled when a waite
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
@@ -53,3 +54,23 @@ class WakeService:
                 log.info("waking stopped vm (cold boot)", vm_id=vm_id)
                 return await self.vms.start_locked(vm)
             raise Conflict(f"vm {vm_id} is {vm.state} and cannot be woken")
+
+
+async def port_open(host: str, port: int, deadline: float) -> bool:
+    """Until host:port accepts a TCP connection or time.monotonic() passes deadline: after a
+    wake, the guest's service needs a moment; poll with a short back-off, never a fixed sleep."""
+    delay = 0.005
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), max(left, 0.01)
+            )
+            writer.close()
+            return True
+        except (OSError, TimeoutError):
+            pass
+        if time.monotonic() + delay > deadline:
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)

@@ -17,19 +17,17 @@ from aiohttp import web
 from yarl import URL
 
 from hatchvm.config import Settings
+from hatchvm.core.activity import Activity
 from hatchvm.core.routes import RouteService
 from hatchvm.core.states import State
 from hatchvm.core.vms import VMService
-from hatchvm.core.wake import WakeService
+from hatchvm.core.wake import WakeService, port_open
 from hatchvm.db.models import VM, Route
 from hatchvm.errors import HatchError, NotFound
 from hatchvm.proxy.headers import add_forwarded, end_to_end
 from hatchvm.proxy.websocket import pipe_websocket
 
 log = structlog.get_logger("hatchvm.proxy")
-
-ACTIVITY_EVERY = 10.0  # seconds between two activity records of one VM
-_SLEEPING = {State.STOPPED, State.SNAPSHOTTED}
 
 
 class ProxyError(Exception):
@@ -45,16 +43,20 @@ def error(status: int, message: str) -> web.Response:
 
 class Proxy:
     def __init__(
-        self, settings: Settings, vms: VMService, routes: RouteService, wake: WakeService
+        self,
+        settings: Settings,
+        vms: VMService,
+        routes: RouteService,
+        wake: WakeService,
+        activity: Activity,
     ) -> None:
         self._s = settings
         self.vms = vms
         self.routes = routes
         self.wake = wake
+        self.activity = activity
         self._suffix = "." + settings.proxy_base_domain.lower().strip(".")
         self._session: aiohttp.ClientSession | None = None
-        self._last_activity: dict[str, float] = {}
-        self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -97,11 +99,11 @@ class Proxy:
             vm = await self._awake_vm(route)
         except ProxyError as exc:
             return error(exc.status, exc.message)
-        self._record_activity(vm.id)
         target = f"http://{vm.guest_ip}:{route.target_port}"
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await pipe_websocket(request, self._session_or_fail(), target)
-        return await self._forward(request, target)
+        with self.activity.connection(vm.id):  # a long download or a websocket is use
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                return await pipe_websocket(request, self._session_or_fail(), target)
+            return await self._forward(request, target)
 
     def _session_or_fail(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -127,34 +129,9 @@ class Proxy:
             raise ProxyError(503, f"vm {vm.id} did not wake within {timeout:g}s") from None
         except HatchError as exc:
             raise ProxyError(503, f"waking vm {vm.id} failed: {exc.message}") from None
-        await self._wait_port(vm, route.target_port, deadline)
+        if not await port_open(vm.guest_ip or "", route.target_port, deadline):
+            raise ProxyError(503, f"vm {vm.id} woke but port {route.target_port} did not open")
         return vm
-
-    async def _wait_port(self, vm: VM, port: int, deadline: float) -> None:
-        """After a wake: until the guest's port accepts a connection (bounded, no guessing)."""
-        delay = 0.005
-        while True:
-            try:
-                _reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(vm.guest_ip, port),
-                    max(deadline - time.monotonic(), 0.01),
-                )
-                writer.close()
-                return
-            except (OSError, TimeoutError):
-                pass
-            if time.monotonic() + delay > deadline:
-                raise ProxyError(503, f"vm {vm.id} woke but port {port} did not open in time")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-
-    def _record_activity(self, vm_id: str) -> None:
-        now = time.monotonic()
-        if now - self._last_activity.get(vm_id, 0.0) >= ACTIVITY_EVERY:
-            self._last_activity[vm_id] = now
-            task = asyncio.create_task(self.vms.touch_activity(vm_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     async def _forward(self, request: web.Request, target: str) -> web.StreamResponse:
         headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
