@@ -120,3 +120,40 @@ def test_bad_input_is_one_clear_line(hatch, tmp_path: Path) -> None:
     )  # fmt: skip
     assert wrong_url.returncode == 1
     assert wrong_url.stderr.startswith("error: cannot reach hatchd at http://127.0.0.1:1")
+
+
+def test_snapshots_and_routes_through_the_cli(hatch) -> None:
+    key = hatch.create_key("grace")
+    vm = json.loads(run(hatch, "vm", "create", "--mem", "256", "--json", key=key).stdout)
+
+    snap = json.loads(run(hatch, "vm", "snapshot", vm["id"], "--json", key=key).stdout)
+    assert snap["id"].startswith("snap_") and snap["vm_id"] == vm["id"]
+    table = run(hatch, "snapshot", "list", vm["id"], key=key)
+    header, *rows = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["ID", "VM", "SIZE"]
+    assert len(rows) == 1 and rows[0].split()[:2] == [snap["id"], vm["id"]]
+    shown = run(hatch, "snapshot", "get", snap["id"], key=key)
+    assert "mem (stored/raw)" in shown.stdout and "local:" in shown.stdout
+    restored = json.loads(run(hatch, "vm", "restore", vm["id"], "--json", key=key).stdout)
+    assert restored["state"] == "running"
+    again = run(hatch, "vm", "restore", vm["id"], "--snapshot", snap["id"], key=key)
+    assert again.stderr.strip() == "error: vm is running, must be snapshotted (HTTP 409)"
+
+    route = json.loads(
+        run(
+            hatch, "route", "create", vm["id"], "--port", "8080", "--subdomain", "clitest",
+            "--no-wake", "--json", key=key,
+        ).stdout
+    )  # fmt: skip
+    assert route["subdomain"] == "clitest" and route["auto_wake"] is False
+    listed = run(hatch, "route", "list", vm["id"], key=key).stdout
+    assert route["url"] in listed
+    reserved = run(
+        hatch, "route", "create", vm["id"], "--port", "80", "--subdomain", "api", key=key
+    )
+    assert reserved.stderr.strip() == "error: subdomain: 'api' is reserved (HTTP 400)"
+    assert run(hatch, "route", "delete", route["id"], key=key).stdout.strip() == (
+        f"deleted {route['id']}"
+    )
+    assert run(hatch, "snapshot", "delete", snap["id"], key=key).returncode == 0
+    assert json.loads(run(hatch, "snapshot", "list", vm["id"], "--json", key=key).stdout) == []

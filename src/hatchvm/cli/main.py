@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from hatchvm.cli import images, keys, snapshots, vms
+from hatchvm.cli import images, keys, routes, snapshots, vms
 from hatchvm.cli.context import Connection
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
 )
 app.add_typer(vms.app, name="vm")
 app.add_typer(snapshots.app, name="snapshot")
+app.add_typer(routes.app, name="route")
 app.add_typer(images.app, name="image")
 app.add_typer(keys.app, name="keys")
 

@@ -35,6 +35,7 @@ class Activity:
     def connection(self, vm_id: str) -> Iterator[None]:
         """While open, the VM is in use; opening and closing both count as activity."""
         self.touch(vm_id)
+        opened = time.monotonic()
         self._open[vm_id] += 1
         try:
             yield
@@ -42,7 +43,8 @@ class Activity:
             self._open[vm_id] -= 1
             if self._open[vm_id] <= 0:
                 del self._open[vm_id]
-            self._written.pop(vm_id, None)
+            if time.monotonic() - opened >= WRITE_EVERY:
+                self._written.pop(vm_id, None)  # a long session: its end is news
             self.touch(vm_id)
 
     def busy(self, vm_id: str) -> bool:

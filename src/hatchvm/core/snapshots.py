@@ -167,6 +167,7 @@ class SnapshotService:
                 row.updated_at = utcnow()
                 if not automatic:
                     row.last_activity_at = row.updated_at
+        self.vms.invalidate(vm.id)
         await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
         log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
         return snap

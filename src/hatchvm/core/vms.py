@@ -69,6 +69,7 @@ class VMService:
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
         self.create_hooks: list[VMHook] = []  # called with each VM once it runs
+        self._cache: dict[str, VM] = {}
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -77,7 +78,16 @@ class VMService:
             vm = await repo.get_vm(session, vm_id)
         if vm is None or vm.user_id != user_id:
             raise NotFound(f"vm {vm_id} not found")
+        self._cache[vm_id] = vm
         return vm
+
+    def cached(self, vm_id: str) -> VM | None:
+        """The VM as last read or written by this service, without a database round trip
+        (the proxy's hot path). Every state change goes through update() or invalidate()."""
+        return self._cache.get(vm_id)
+
+    def invalidate(self, vm_id: str) -> None:
+        self._cache.pop(vm_id, None)
 
     async def list(self, user_id: str) -> list[VM]:
         async with self.sessions() as session:
@@ -282,6 +292,7 @@ class VMService:
                 row = await repo.get_vm(session, vm_id)
                 if row is not None:
                     await session.delete(row)
+            self.invalidate(vm_id)
             log.info("vm deleted", vm_id=vm_id)
 
     async def _stop_process(self, vm: VM) -> None:
@@ -306,6 +317,7 @@ class VMService:
             vm.updated_at = utcnow()
             if touch:
                 vm.last_activity_at = vm.updated_at
+        self._cache[vm_id] = vm
         return vm
 
     async def touch_activity(self, vm_id: str) -> None:

@@ -111,6 +111,9 @@ class Proxy:
         return self._session
 
     async def _awake_vm(self, route: Route) -> VM:
+        cached = self.vms.cached(route.vm_id)
+        if cached is not None and cached.state == State.RUNNING:
+            return cached
         try:
             vm = await self.vms.get(route.user_id, route.vm_id)
         except NotFound:
@@ -151,10 +154,9 @@ class Proxy:
         except aiohttp.ClientError as exc:
             return error(502, f"target {target} failed: {exc}")
         async with upstream:
+            headers = end_to_end(upstream.headers.items(), upstream.headers.get("Connection"))
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(
-                end_to_end(upstream.headers.items(), upstream.headers.get("Connection"))
-            )
+            response.headers.extend(headers)
             bodiless = upstream.status in (204, 304) or request.method == "HEAD"
             if upstream.headers.get("Content-Length") is None and not bodiless:
                 response.enable_chunked_encoding()

@@ -1,0 +1,87 @@
+"""Benchmark: a request through the proxy to a snapshotted VM (wake, wait for the port, forward)
+against the restore alone (POST /vms/{id}/restore, then the guest's first HTTP answer),
+interleaved in one run. Goal: the proxy adds under 50 ms to the restore.
+
+Run as root: `.venv/bin/python bench/wake.py [--rounds N]`. It enters a fresh network namespace
+of its own, so its bridge, TAPs and VMs vanish with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.daemon import HatchDaemon
+from tests.support.image import ensure_test_image
+from tests.support.netns import enter_fresh_netns, in_initial_netns
+
+WEB = "#!/bin/sh\nmkdir -p /w && echo ok > /w/index.html && busybox httpd -p 8080 -h /w\n"
+
+
+def first_answer(url: str, headers: dict[str, str] | None = None, timeout: float = 120) -> float:
+    """Poll until url answers 200; return the moment it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=timeout).status_code == 200:
+                return time.monotonic()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError(url)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    ensure_test_image()
+    if in_initial_netns():
+        enter_fresh_netns()
+    daemon = HatchDaemon(HATCH_MAX_SNAPSHOTS_PER_VM="100", HATCH_LOG_LEVEL="warning")
+    daemon.start()
+    key = daemon.create_key("bench")
+    via_proxy: list[float] = []
+    restore_only: list[float] = []
+    try:
+        with httpx.Client(
+            base_url=daemon.url, timeout=300, headers={"Authorization": f"Bearer {key}"}
+        ) as api:
+            vm = api.post("/vms", json={"mem_mib": 256, "user_data": WEB}).raise_for_status()
+            vm_id, guest = vm.json()["id"], f"http://{vm.json()['guest_ip']}:8080/"
+            first_answer(guest)
+            api.post(f"/vms/{vm_id}/routes", json={"subdomain": "wake", "target_port": 8080})
+            proxy = f"http://127.0.0.1:{daemon.proxy_port}/"
+            host = {"Host": f"wake.hatch.local:{daemon.proxy_port}"}
+            for i in range(args.rounds):  # interleaved, so drift hits both alike
+                api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
+                t0 = time.monotonic()
+                via_proxy.append(first_answer(proxy, host) - t0)
+                api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
+                t0 = time.monotonic()
+                api.post(f"/vms/{vm_id}/restore").raise_for_status()
+                restore_only.append(first_answer(guest) - t0)
+                print(
+                    f"round {i + 1}: through the proxy {via_proxy[-1] * 1000:7.1f} ms"
+                    f"  restore + first answer {restore_only[-1] * 1000:7.1f} ms",
+                    flush=True,
+                )
+    finally:
+        daemon.cleanup()
+    proxied, restored = statistics.median(via_proxy), statistics.median(restore_only)
+    print()
+    print(f"snapshotted VM -> first HTTP answer (median of {args.rounds})")
+    print(f"  restore alone      {restored * 1000:7.1f} ms")
+    print(f"  through the proxy  {proxied * 1000:7.1f} ms")
+    print(f"  proxy adds         {(proxied - restored) * 1000:+7.1f} ms  (goal < 50 ms)")
+
+
+if __name__ == "__main__":
+    main()
