@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -167,3 +170,74 @@ def test_request_cold_boots_a_stopped_vm(api, hatch) -> None:
     assert response.status_code == 200
     assert response.text.strip() != first_boot.strip()  # a new boot
     wait_for(lambda: api.get_vm(vm["id"])["state"] == "running", 10, "running")
+
+
+# CGI scripts for busybox httpd: a 100 MiB download made on the fly, and an upload digest.
+TRANSFER_SERVER = """#!/bin/sh
+mkdir -p /srv/www/cgi-bin
+cat > /srv/www/cgi-bin/download <<'SCRIPT'
+#!/bin/sh
+printf 'Content-Type: application/octet-stream\\r\\n\\r\\n'
+yes 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz | head -c 104857600
+SCRIPT
+cat > /srv/www/cgi-bin/upload <<'SCRIPT'
+#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+head -c "$CONTENT_LENGTH" | md5sum | cut -d' ' -f1
+SCRIPT
+chmod +x /srv/www/cgi-bin/*
+echo ready > /srv/www/ready
+busybox httpd -p 8080 -h /srv/www
+"""
+LINE = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\n"
+HUNDRED_MIB = 100 << 20
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_large_streams_through_the_proxy_keep_its_memory_bounded(api, hatch) -> None:
+    vm = api.create_vm(user_data=TRANSFER_SERVER, mem_mib=256)
+    wait_http(f"http://{vm['guest_ip']}:8080/ready")
+    api.create_route(vm["id"], target_port=8080, subdomain="bulk")
+    assert hatch.proc is not None
+    before = peak_rss_kib(hatch.proc.pid)
+    host = {"Host": "bulk.hatch.local"}
+    url = f"http://127.0.0.1:{hatch.proxy_port}/cgi-bin/"
+
+    expected = hashlib.md5()
+    whole, rest = divmod(HUNDRED_MIB, len(LINE))
+    received = hashlib.md5()
+    size = 0
+    with httpx.stream("GET", url + "download", headers=host, timeout=600) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            received.update(chunk)
+            size += len(chunk)
+    for _ in range(whole):
+        expected.update(LINE)
+    expected.update(LINE[:rest])
+    assert size == HUNDRED_MIB and received.hexdigest() == expected.hexdigest()
+
+    block = os.urandom(1 << 20)
+    sent = hashlib.md5()
+
+    def body():
+        for _ in range(100):
+            sent.update(block)
+            yield block
+
+    response = httpx.post(
+        url + "upload",
+        content=body(),
+        headers={**host, "Content-Length": str(HUNDRED_MIB)},
+        timeout=600,
+    )
+    assert response.status_code == 200
+    assert response.text.strip() == sent.hexdigest()
+    grown_mib = (peak_rss_kib(hatch.proc.pid) - before) / 1024
+    assert grown_mib < 64, f"hatchd grew by {grown_mib:.0f} MiB moving 2 x 100 MiB"

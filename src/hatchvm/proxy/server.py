@@ -99,6 +99,9 @@ class Proxy:
             vm = await self._awake_vm(route)
         except ProxyError as exc:
             return error(exc.status, exc.message)
+        except Exception as exc:  # never a traceback page: JSON, and the reason in the log
+            log.exception("proxy request failed", host=request.host)
+            return error(500, f"internal error: {type(exc).__name__}: {exc}")
         target = f"http://{vm.guest_ip}:{route.target_port}"
         with self.activity.connection(vm.id):  # a long download or a websocket is use
             if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -160,12 +163,14 @@ class Proxy:
             bodiless = upstream.status in (204, 304) or request.method == "HEAD"
             if upstream.headers.get("Content-Length") is None and not bodiless:
                 response.enable_chunked_encoding()
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the client went away: nobody to answer (aiohttp closes the connection)
             except aiohttp.ClientError as exc:
                 log.warning("upstream broke mid-body", target=target, reason=str(exc))
                 raise  # the client sees a truncated response, as it must
-            await response.write_eof()
         return response
