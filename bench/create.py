@@ -21,6 +21,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.answers import first_answer
 from hatchvm.images.disk import create_vm_disk
 from hatchvm.net import links
 from hatchvm.vmm.accel import detect_accel
@@ -32,19 +33,6 @@ from tests.support.netns import enter_fresh_netns, in_initial_netns
 
 WEB = "#!/bin/sh\nmkdir -p /w && echo ok > /w/index.html && busybox httpd -p 8080 -h /w\n"
 MEM_MIB = 256
-
-
-def wait_http(url: str, timeout: float = 120) -> float:
-    """Poll until url answers 200; return the moment it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=0.5).status_code == 200:
-                return time.monotonic()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(url)
 
 
 def raw_qemu_boot(vmm: QemuVMM, artifacts, work: Path, ip: str, tap: str) -> float:
@@ -76,7 +64,7 @@ def raw_qemu_boot(vmm: QemuVMM, artifacts, work: Path, ip: str, tap: str) -> flo
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        return wait_http(f"http://{ip}:8080/") - t0
+        return first_answer(f"http://{ip}:8080/", poll=0.02) - t0
     finally:
         proc.kill()
         proc.wait()
@@ -88,7 +76,7 @@ def hatchd_boot(api: httpx.Client) -> tuple[float, str]:
     r = api.post("/vms", json={"mem_mib": MEM_MIB, "user_data": WEB})
     r.raise_for_status()
     vm = r.json()
-    return wait_http(f"http://{vm['guest_ip']}:8080/") - t0, vm["id"]
+    return first_answer(f"http://{vm['guest_ip']}:8080/", poll=0.02) - t0, vm["id"]
 
 
 def rss_kib(pid: int) -> int:

@@ -26,6 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.answers import first_answer
 from hatchvm.core.vms import DISK_NAME, MEM_NAME
 from hatchvm.net import links
 from hatchvm.net.alloc import tap_name
@@ -56,19 +57,6 @@ busybox httpd -p 8080 -h /srv/www
   echo filled > /srv/www/filled
 ) >/dev/null 2>&1 &
 """
-
-
-def wait_http(url: str, timeout: float = 300) -> float:
-    """Poll until url answers 200; return the moment it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=0.5).status_code == 200:
-                return time.monotonic()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.01)
-    raise TimeoutError(url)
 
 
 def gzip_baseline(files: list[Path], work: Path) -> tuple[float, int]:
@@ -161,7 +149,7 @@ def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: s
         )
     try:
         asyncio.run(cont_when_loaded(sock))
-        return wait_http(url, timeout=120) - t0
+        return first_answer(url, timeout=120) - t0
     except (TimeoutError, VMMError) as exc:
         raise RuntimeError(f"raw qemu restore failed ({exc}): {log.read_text()[-2000:]}") from None
     finally:
@@ -194,7 +182,7 @@ def main() -> None:
             accel = str(api.get("/healthz").json().get("accel", "?"))
             vm_id, url = vm["id"], f"http://{vm['guest_ip']}:8080/filled"
             print(f"vm {vm_id}: filling {args.touch_mib} MiB of its {MEM_MIB} MiB ...", flush=True)
-            wait_http(url, timeout=900)
+            first_answer(url, timeout=900)
             vm_dir = daemon.data_dir / "vms" / vm_id
             hatch_cmd = hatchd_command(vm_id)
 
@@ -230,7 +218,7 @@ def main() -> None:
                 links.delete_link(tap)
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm_id}/restore").raise_for_status()
-                hot_restores.append(wait_http(url) - t0)
+                hot_restores.append(first_answer(url, timeout=300) - t0)
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
                 snap_times.append(time.monotonic() - t0)
@@ -243,7 +231,7 @@ def main() -> None:
             # An older snapshot: verified and unpacked from the store first.
             t0 = time.monotonic()
             api.post(f"/vms/{vm_id}/restore", json={"snapshot_id": first["id"]})
-            cold_restore = wait_http(url) - t0
+            cold_restore = first_answer(url, timeout=300) - t0
     finally:
         if args.keep:
             daemon.stop()

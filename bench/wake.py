@@ -18,24 +18,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.answers import first_answer
 from tests.support.daemon import HatchDaemon
 from tests.support.image import ensure_test_image
 from tests.support.netns import enter_fresh_netns, in_initial_netns
 
 WEB = "#!/bin/sh\nmkdir -p /w && echo ok > /w/index.html && busybox httpd -p 8080 -h /w\n"
-
-
-def first_answer(url: str, headers: dict[str, str] | None = None, timeout: float = 120) -> float:
-    """Poll until url answers 200; return the moment it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, headers=headers, timeout=timeout).status_code == 200:
-                return time.monotonic()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.005)
-    raise TimeoutError(url)
 
 
 def main() -> None:
@@ -56,18 +44,20 @@ def main() -> None:
         ) as api:
             vm = api.post("/vms", json={"mem_mib": 256, "user_data": WEB}).raise_for_status()
             vm_id, guest = vm.json()["id"], f"http://{vm.json()['guest_ip']}:8080/"
-            first_answer(guest)
+            first_answer(guest, poll=0.005, request_timeout=120)
             api.post(f"/vms/{vm_id}/routes", json={"subdomain": "wake", "target_port": 8080})
             proxy = f"http://127.0.0.1:{daemon.proxy_port}/"
             host = {"Host": f"wake.hatch.local:{daemon.proxy_port}"}
             for i in range(args.rounds):  # interleaved, so drift hits both alike
                 api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
                 t0 = time.monotonic()
-                via_proxy.append(first_answer(proxy, host) - t0)
+                via_proxy.append(
+                    first_answer(proxy, poll=0.005, headers=host, request_timeout=120) - t0
+                )
                 api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm_id}/restore").raise_for_status()
-                restore_only.append(first_answer(guest) - t0)
+                restore_only.append(first_answer(guest, poll=0.005, request_timeout=120) - t0)
                 print(
                     f"round {i + 1}: through the proxy {via_proxy[-1] * 1000:7.1f} ms"
                     f"  restore + first answer {restore_only[-1] * 1000:7.1f} ms",

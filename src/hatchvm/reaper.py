@@ -60,7 +60,7 @@ class IdleReaper:
             candidates = [
                 vm
                 for vm in await repo.list_vms(session)
-                if vm.state == State.RUNNING and _aware(vm.last_activity_at) < cutoff
+                if vm.state == State.RUNNING and vm.last_activity_at < cutoff
             ]
         frozen = []
         for vm in candidates:
@@ -75,7 +75,3 @@ class IdleReaper:
                 frozen.append(vm.id)
                 log.info("idle vm snapshotted", vm_id=vm.id, snapshot_id=snap.id)
         return frozen
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

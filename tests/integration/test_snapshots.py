@@ -12,6 +12,7 @@ import pytest
 from hatchvm.client import HatchAPIError
 from hatchvm.snapshots import codec
 from hatchvm.snapshots.manifest import SnapshotManifest
+from tests.support.host import qemu_pids
 from tests.support.wait import http_text, wait_for, wait_http
 
 pytestmark = pytest.mark.vm
@@ -35,11 +36,6 @@ busybox httpd -p 8080 -h /srv/www
   done
 ) >/dev/null 2>&1 &
 """
-
-
-def qemu_pids(vm_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"hatch-{vm_id}"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def count_of(vm: dict) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from hatchvm.client import HatchAPIError
 from hatchvm.net.alloc import tap_name
+from tests.support.host import link_exists, qemu_pids
 from tests.support.wait import wait_for, wait_http
 
 pytestmark = pytest.mark.vm
@@ -31,16 +32,6 @@ cp /root/state/token /srv/www/token
 cat /proc/sys/kernel/random/boot_id > /srv/www/boot_id
 busybox httpd -p 8080 -h /srv/www
 """
-
-
-def qemu_pids(vm_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"hatch-{vm_id}"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
-def link_exists(name: str) -> bool:
-    # Not /sys/class/net: sysfs still shows the namespace it was mounted in, not ours.
-    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
 
 
 @pytest.fixture

@@ -100,10 +100,7 @@ class SnapshotService:
         unused since cutoff once its lock is held (a request may have just woken it)."""
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
-            last = vm.last_activity_at
-            if last.tzinfo is None:
-                last = last.replace(tzinfo=UTC)
-            if vm.state != State.RUNNING or last >= cutoff:
+            if vm.state != State.RUNNING or vm.last_activity_at >= cutoff:
                 return None
             await self._make_room(vm, automatic=True)
             return await self._take(vm, automatic=True)

@@ -1,0 +1,27 @@
+"""The benchmarks' stopwatch end: the moment a URL first answers 200."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+
+def first_answer(
+    url: str,
+    timeout: float = 120,
+    poll: float = 0.01,
+    headers: dict[str, str] | None = None,
+    request_timeout: float = 0.5,
+) -> float:
+    """Poll url every `poll` seconds until it answers 200; return the moment it did.
+    A request that is itself slow (a proxy waking a VM) needs a long request_timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=request_timeout).status_code == 200:
+                return time.monotonic()
+        except httpx.TransportError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(url)
