@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.integration.test_routes_proxy import WEB_SERVER, via_proxy
@@ -76,6 +79,64 @@ def test_ssh_through_the_gateway_wakes_a_snapshotted_vm(daemon_factory, tmp_path
         api.delete_vm(vm["id"])
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", vm["ssh_port"]), timeout=5).close()
+
+
+async def websocket_echo(hatch, subdomain: str, messages: list[str]) -> list[str]:
+    """Each message through the proxy to the guest's echo server and back."""
+    url = f"http://127.0.0.1:{hatch.proxy_port}/"
+    host = {"Host": f"{subdomain}.hatch.local"}
+    answers = []
+    timeout = aiohttp.ClientWSTimeout(ws_receive=60)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
+        async with session.ws_connect(url, headers=host, timeout=timeout) as sock:
+            for message in messages:
+                await sock.send_str(message)
+                answers.append((await sock.receive(timeout=60)).data)
+    return answers
+
+
+@pytest.mark.skipif(
+    shutil.which("websocketd") is None, reason="websocketd (installed by scripts/test) is missing"
+)
+def test_websocket_echo_through_the_proxy_wakes_a_snapshotted_vm(daemon_factory, tmp_path):
+    hatch = daemon_factory(HATCH_SSH_ALLOWED_CIDR="127.0.0.1/32")
+    hatch.start()
+    key, public = ssh_key(tmp_path)
+    server = Path(shutil.which("websocketd") or "")
+    with hatch.client(hatch.create_key("alice")) as api:
+        vm = api.create_vm(user_data=f"#!/bin/sh\n# ssh-authorized-key: {public}\n", mem_mib=256)
+        wait_for(lambda: ssh(key, vm["ssh_port"], "true", 20).returncode == 0, 180, "guest ssh")
+        # The guest's WebSocket server: websocketd (from the host's Debian package) runs
+        # `cat`, so every message comes back as it went.
+        with server.open("rb") as binary:
+            install = subprocess.run(
+                ["ssh", "-i", str(key), "-p", str(vm["ssh_port"]), "-o", "BatchMode=yes",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-o", "LogLevel=ERROR", "root@127.0.0.1",
+                 "cat > /root/websocketd && chmod +x /root/websocketd && "
+                 "(/root/websocketd --port 8081 cat </dev/null >/dev/null 2>&1 &)"],
+                stdin=binary, capture_output=True, timeout=300,
+            )  # fmt: skip
+        assert install.returncode == 0, install.stderr
+        api.create_route(vm["id"], target_port=8081, subdomain="echo")
+        wait_for(lambda: port_open(vm["guest_ip"], 8081), 60, "websocketd in the guest")
+
+        messages = ["hello", "x" * 100_000, "ünïcödé"]
+        assert asyncio.run(websocket_echo(hatch, "echo", messages)) == messages
+
+        api.snapshot_vm(vm["id"])
+        assert api.get_vm(vm["id"])["state"] == "snapshotted"
+        # The upgrade request itself wakes the VM; the echo server is still there.
+        assert asyncio.run(websocket_echo(hatch, "echo", ["awake?"])) == ["awake?"]
+        assert api.get_vm(vm["id"])["state"] == "running"
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_idle_reaper_snapshots_only_idle_vms_with_a_waking_route(daemon_factory) -> None:

@@ -39,6 +39,7 @@ class FakeVM:
     state: str = State.RUNNING.value
     guest_ip: str = "127.0.0.1"
     state_reason: str | None = None
+    updated_at: str = "incarnation-1"
 
 
 @dataclass

@@ -31,21 +31,28 @@ class Activity:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def open(self, vm_id: str) -> float:
+        """A connection (or request) to vm_id starts; pass the result to close()."""
+        self.touch(vm_id)
+        self._open[vm_id] += 1
+        return time.monotonic()
+
+    def close(self, vm_id: str, opened: float) -> None:
+        self._open[vm_id] -= 1
+        if self._open[vm_id] <= 0:
+            del self._open[vm_id]
+        if time.monotonic() - opened >= WRITE_EVERY:
+            self._written.pop(vm_id, None)  # a long session: its end is news
+        self.touch(vm_id)
+
     @contextmanager
     def connection(self, vm_id: str) -> Iterator[None]:
         """While open, the VM is in use; opening and closing both count as activity."""
-        self.touch(vm_id)
-        opened = time.monotonic()
-        self._open[vm_id] += 1
+        opened = self.open(vm_id)
         try:
             yield
         finally:
-            self._open[vm_id] -= 1
-            if self._open[vm_id] <= 0:
-                del self._open[vm_id]
-            if time.monotonic() - opened >= WRITE_EVERY:
-                self._written.pop(vm_id, None)  # a long session: its end is news
-            self.touch(vm_id)
+            self.close(vm_id, opened)
 
     def busy(self, vm_id: str) -> bool:
         return self._open.get(vm_id, 0) > 0

@@ -1,41 +1,120 @@
-"""Header rules of a reverse proxy: hop-by-hop headers stay on their hop (RFC 9110 7.6.1),
-X-Forwarded-* tell the guest who asked."""
+"""HTTP/1.1 heads as the proxy writes them: hop-by-hop headers stay on their hop (RFC 9110
+7.6.1), X-Forwarded-* tell the guest who asked, and the framing of each hop is the proxy's own.
+Headers are (name, value) byte pairs exactly as httptools hands them over."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
 
-from multidict import CIMultiDict
+Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
 )
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+LAST_CHUNK = b"0\r\n\r\n"
 
 
-def end_to_end(headers: Iterable[tuple[str, str]], connection: str | None) -> CIMultiDict[str]:
-    """headers without hop-by-hop ones, including those the Connection header names."""
-    named = {t.strip().lower() for t in (connection or "").split(",") if t.strip()}
-    drop = HOP_BY_HOP | named
-    return CIMultiDict((k, v) for k, v in headers if k.lower() not in drop)
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def add_forwarded(
-    headers: CIMultiDict[str], original: Mapping[str, str], client_ip: str | None
-) -> None:
-    """Append the client to X-Forwarded-For; keep an edge proxy's proto, else http."""
-    chain = original.get("X-Forwarded-For")
-    if client_ip:
-        headers["X-Forwarded-For"] = f"{chain}, {client_ip}" if chain else client_ip
-    headers["X-Forwarded-Proto"] = original.get("X-Forwarded-Proto", "http")
-    headers["X-Forwarded-Host"] = original.get("X-Forwarded-Host") or original.get("Host", "")
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    dropped: frozenset[bytes],
+    client_ip: bytes,
+    *,
+    chunked: bool,
+    upgrade: bytes | None,
+) -> bytes:
+    """The request as the guest receives it: end-to-end headers, the client appended to
+    X-Forwarded-For, an edge proxy's proto and host kept (else ours), our own framing."""
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    chain: list[bytes] = []
+    proto = b"http"
+    host = forwarded_host = b""
+    for name, value in headers:
+        low = name.lower()
+        if low in dropped:
+            continue
+        if low in FORWARDED:
+            if low == b"x-forwarded-for":
+                chain.append(value)
+            elif low == b"x-forwarded-proto":
+                proto = value
+            else:
+                forwarded_host = value
+            continue
+        if low == b"host":
+            host = value
+        elif chunked and low == b"content-length":
+            continue  # chunked wins over a length (RFC 9112 6.3)
+        out += (name, b": ", value, b"\r\n")
+    chain.append(client_ip)
+    out += (b"X-Forwarded-For: ", b", ".join(chain), b"\r\n")
+    out += (b"X-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Host: ", forwarded_host or host)
+    out.append(b"\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if upgrade is not None:
+        out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def response_head(status: int, reason: bytes, headers: Headers, extra: bytes) -> bytes:
+    """Status line, the given (already filtered) headers, then extra (framing lines)."""
+    out = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    out += (extra, b"\r\n")
+    return b"".join(out)
+
+
+def end_to_end(headers: Headers) -> tuple[Headers, bool, bool]:
+    """(headers without hop-by-hop ones, had Transfer-Encoding, had Content-Length)."""
+    named: frozenset[bytes] = frozenset()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named |= connection_tokens(value)
+    kept: Headers = []
+    chunked = sized = False
+    for name, value in headers:
+        low = name.lower()
+        if low == b"transfer-encoding":
+            chunked = True
+        elif low == b"content-length":
+            sized = True
+        if low in HOP_BY_HOP or low in named:
+            continue
+        kept.append((name, value))
+    if chunked and sized:  # a length next to chunked is not to be trusted (RFC 9112 6.3)
+        kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
+    return kept, chunked, sized
+
+
+def error_response(status: int, message: str, *, close: bool) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    reasons = {400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large"}
+    reasons |= {500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+    extra = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    if close:
+        extra += b"Connection: close\r\n"
+    return response_head(status, reasons.get(status, b"Error"), [], extra) + body

@@ -1,20 +1,19 @@
 """The HTTP data plane on HATCH_PROXY_ADDR: <subdomain>.<base domain> -> the VM's port.
 
-Every request is routed by its own Host header (an edge proxy may reuse one connection for
-many hosts). A sleeping VM is woken through core (one shared wake per VM), then the proxy waits
-until the target port accepts connections and forwards. Bodies stream both ways; WebSocket
-upgrades are piped message by message. Every error is JSON.
+A protocol-level proxy on the event loop: httptools parses both sides, bytes are written
+straight from one transport to the other with back-pressure, and guest connections are kept
+alive in a pool. Finding the VM is synchronous on the hot path (routes and running VMs are in
+memory); a sleeping VM is woken through core (one shared wake per VM), then the proxy waits
+until the target port accepts connections and forwards. Every error is JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
-import aiohttp
 import structlog
-from aiohttp import web
-from yarl import URL
 
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
@@ -24,10 +23,14 @@ from hatchvm.core.vms import VMService
 from hatchvm.core.wake import WakeService, port_open
 from hatchvm.db.models import VM, Route
 from hatchvm.errors import HatchError, NotFound
-from hatchvm.proxy.headers import add_forwarded, end_to_end
-from hatchvm.proxy.websocket import pipe_websocket
+from hatchvm.proxy.client import ClientConnection
+from hatchvm.proxy.exchange import Exchange
+from hatchvm.proxy.upstream import PoolKey, Upstream, UpstreamPool
 
 log = structlog.get_logger("hatchvm.proxy")
+
+KEEPALIVE_TIMEOUT = 75.0  # an idle client connection is closed after this many seconds
+SWEEP_EVERY = 5.0
 
 
 class ProxyError(Exception):
@@ -35,10 +38,6 @@ class ProxyError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 class Proxy:
@@ -55,63 +54,110 @@ class Proxy:
         self.routes = routes
         self.wake = wake
         self.activity = activity
+        self.pool = UpstreamPool()
+        self.connections: set[ClientConnection] = set()
         self._suffix = "." + settings.proxy_base_domain.lower().strip(".")
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-        )
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
         host, port = self._s.proxy_host_port
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), host or None, port, reuse_address=True, backlog=2048
+        )
+        self._sweeper = asyncio.create_task(self._sweep(), name="proxy-sweeper")
         log.info("proxy listening", addr=f"{host}:{port}", domain=self._suffix[1:])
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.abort()
+        self.pool.close_all()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                if connection.idle and now - connection.idle_since > KEEPALIVE_TIMEOUT:
+                    connection.close()
+            self.pool.expire(now)
 
     # ---- one request -------------------------------------------------------------------
 
-    def _route_for(self, host: str | None) -> Route:
-        name = (host or "").lower().rsplit(":", 1)[0] if host and not host.startswith("[") else ""
-        if not name.endswith(self._suffix):
-            raise ProxyError(404, f"no route for host {host!r}")
-        route = self.routes.lookup(name[: -len(self._suffix)])
-        if route is None:
-            raise ProxyError(404, f"no route for host {host!r}")
-        return route
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    def begin(self, exchange: Exchange) -> None:
+        """Serve exchange: at once when its VM runs and a kept-alive connection waits,
+        otherwise in a task that wakes the VM and connects."""
         try:
-            route = self._route_for(request.host)
-            vm = await self._awake_vm(route)
+            route = self._route_for(exchange.host)
         except ProxyError as exc:
-            return error(exc.status, exc.message)
-        except Exception as exc:  # never a traceback page: JSON, and the reason in the log
-            log.exception("proxy request failed", host=request.host)
-            return error(500, f"internal error: {type(exc).__name__}: {exc}")
-        target = f"http://{vm.guest_ip}:{route.target_port}"
-        with self.activity.connection(vm.id):  # a long download or a websocket is use
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                return await pipe_websocket(request, self._session_or_fail(), target)
-            return await self._forward(request, target)
+            exchange.fail(exc.status, exc.message)
+            return
+        vm = self.vms.cached(route.vm_id)
+        if vm is not None and vm.state == State.RUNNING:
+            key = pool_key(vm, route)
+            upstream = self.pool.take(key)
+            if upstream is not None:
+                exchange.attach(upstream, key, vm.id)
+                return
+        exchange.task = asyncio.create_task(self._prepare(exchange, route))
 
-    def _session_or_fail(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("proxy not started")
-        return self._session
+    def reconnect(self, exchange: Exchange) -> None:
+        exchange.task = asyncio.create_task(self._reconnect(exchange))
+
+    def _route_for(self, host: bytes) -> Route:
+        text = host.decode("latin-1").strip().lower()
+        name = text.rsplit(":", 1)[0] if not text.startswith("[") else ""
+        if name.endswith(self._suffix):
+            route = self.routes.lookup(name[: -len(self._suffix)])
+            if route is not None:
+                return route
+        raise ProxyError(404, f"no route for host {text!r}")
+
+    async def _prepare(self, exchange: Exchange, route: Route) -> None:
+        try:
+            vm = await self._awake_vm(route)
+            key = pool_key(vm, route)
+            upstream = self.pool.take(key) or await self._connect(key)
+        except ProxyError as exc:
+            exchange.fail(exc.status, exc.message)
+            return
+        except Exception as exc:  # never a traceback page: JSON, and the reason in the log
+            log.exception("proxy request failed", host=exchange.host.decode("latin-1"))
+            exchange.fail(500, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        exchange.task = None
+        exchange.attach(upstream, key, vm.id)
+
+    async def _reconnect(self, exchange: Exchange) -> None:
+        key, vm_id = exchange.key, exchange.vm_id
+        if key is None or vm_id is None:
+            return
+        try:
+            upstream = await self._connect(key)
+        except ProxyError as exc:
+            exchange.fail(exc.status, exc.message)
+            return
+        exchange.task = None
+        exchange.attach(upstream, key, vm_id)
+
+    async def _connect(self, key: PoolKey) -> Upstream:
+        target = f"{key[2]}:{key[3]}"
+        try:
+            return await self.pool.connect(key)
+        except TimeoutError:
+            raise ProxyError(502, f"target {target} did not accept the connection") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ProxyError(502, f"target {target} refused the connection: {reason}") from None
 
     async def _awake_vm(self, route: Route) -> VM:
         cached = self.vms.cached(route.vm_id)
@@ -139,38 +185,7 @@ class Proxy:
             raise ProxyError(503, f"vm {vm.id} woke but port {route.target_port} did not open")
         return vm
 
-    async def _forward(self, request: web.Request, target: str) -> web.StreamResponse:
-        headers = end_to_end(request.headers.items(), request.headers.get("Connection"))
-        add_forwarded(headers, request.headers, request.remote)
-        body = request.content.iter_any() if request.body_exists else None
-        try:
-            upstream = await self._session_or_fail().request(
-                request.method,
-                URL(target + request.raw_path, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-            )
-        except aiohttp.ClientConnectorError as exc:
-            return error(502, f"target {target} refused the connection: {exc.os_error}")
-        except aiohttp.ClientError as exc:
-            return error(502, f"target {target} failed: {exc}")
-        async with upstream:
-            headers = end_to_end(upstream.headers.items(), upstream.headers.get("Connection"))
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.extend(headers)
-            bodiless = upstream.status in (204, 304) or request.method == "HEAD"
-            if upstream.headers.get("Content-Length") is None and not bodiless:
-                response.enable_chunked_encoding()
-            try:
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-            except ConnectionResetError:
-                pass  # the client went away: nobody to answer (aiohttp closes the connection)
-            except aiohttp.ClientError as exc:
-                log.warning("upstream broke mid-body", target=target, reason=str(exc))
-                raise  # the client sees a truncated response, as it must
-        return response
+
+def pool_key(vm: VM, route: Route) -> PoolKey:
+    """Connections are per VM incarnation: every state change rewrites updated_at."""
+    return (vm.id, vm.updated_at, vm.guest_ip or "", route.target_port)

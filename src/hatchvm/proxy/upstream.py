@@ -1,0 +1,206 @@
+"""Connections from the proxy to guest ports: each parses the responses for the one exchange
+bound to it, and idle keep-alive connections wait in a pool for the next request to the same
+VM incarnation (a VM that restarts or is restored gets a new key, so no request ever lands on a
+connection to a guest that is gone)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from hatchvm.proxy.headers import Headers
+
+if TYPE_CHECKING:
+    from hatchvm.proxy.exchange import Exchange
+
+PoolKey = tuple[str, object, str, int]  # vm id, its incarnation, guest ip, port
+
+
+class Tunnel(Protocol):
+    """The client side of an upgraded connection, as the upstream sees it."""
+
+    transport: asyncio.Transport
+
+    def peer_closed(self) -> None: ...
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.tunnel: Tunnel | None = None  # after a 101: raw bytes to and from the client
+        self.reused = False
+        self.received = False  # any byte of the current exchange's response
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: Headers = []
+        self._reason = b""
+        self._reading_paused = False
+
+    # ---- transport events ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            return
+        exchange = self.exchange
+        if exchange is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange.upstream_switched(self, data[upgrade.args[0] :])
+        except httptools.HttpParserError as exc:
+            self.close()
+            exchange.upstream_failed(f"the target sent a malformed response: {exc}")
+
+    def eof_received(self) -> bool:
+        if self.tunnel is not None and self.tunnel.transport.can_write_eof():
+            self.tunnel.transport.write_eof()
+            return True  # half-close: the client may still be talking
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.peer_closed()
+        elif self.exchange is not None:
+            self.exchange.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        owner = self.tunnel or (self.exchange.client if self.exchange else None)
+        if owner is not None:
+            owner.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        owner = self.tunnel or (self.exchange.client if self.exchange else None)
+        if owner is not None:
+            owner.resume_reading("upstream")
+
+    # ---- response parsing (httptools callbacks) ------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        headers, self._headers = self._headers, []
+        reason, self._reason = self._reason, b""
+        exchange = self.exchange
+        if exchange is None:
+            return
+        status = self._parser.get_status_code()
+        keep_alive = self._parser.should_keep_alive()
+        exchange.response_head(status, reason, headers)
+        if exchange.method == b"HEAD" and status >= 200:
+            # The parser cannot know a HEAD response has no body; end it here, fresh parser.
+            self._parser = httptools.HttpResponseParser(self)
+            exchange.response_done(keep_alive)
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.exchange is not None:
+            self.exchange.response_done(self._parser.should_keep_alive())
+
+    # ---- control -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (VM incarnation, port); the newest is reused first."""
+
+    def __init__(self, idle_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self._idle: dict[PoolKey, list[Upstream]] = {}
+
+    def take(self, key: PoolKey) -> Upstream | None:
+        idle = self._idle.get(key)
+        while idle:
+            upstream = idle.pop()
+            if not upstream.closing:
+                upstream.reused = True
+                return upstream
+        return None
+
+    async def connect(self, key: PoolKey) -> Upstream:
+        loop = asyncio.get_running_loop()
+        _transport, upstream = await asyncio.wait_for(
+            loop.create_connection(lambda: Upstream(self, key), key[2], key[3]),
+            self.connect_timeout,
+        )
+        return upstream
+
+    def put(self, upstream: Upstream) -> None:
+        """Back to the pool after a complete exchange; reading stays on to notice a close."""
+        upstream.exchange = None
+        upstream.received = False
+        upstream.resume_reading()
+        if upstream.closing:
+            return
+        upstream.idle_since = time.monotonic()
+        self._idle.setdefault(upstream.key, []).append(upstream)
+
+    def discard(self, upstream: Upstream) -> None:
+        idle = self._idle.get(upstream.key)
+        if idle and upstream in idle:
+            idle.remove(upstream)
+            if not idle:
+                del self._idle[upstream.key]
+
+    def expire(self, now: float) -> None:
+        """Close connections idle for longer than idle_timeout (guests may forget them)."""
+        for idle in list(self._idle.values()):
+            for upstream in [u for u in idle if now - u.idle_since > self.idle_timeout]:
+                upstream.close()
+                self.discard(upstream)
+
+    def close_all(self) -> None:
+        for idle in list(self._idle.values()):
+            for upstream in list(idle):
+                upstream.close()
+        self._idle.clear()
