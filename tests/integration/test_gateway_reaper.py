@@ -140,7 +140,9 @@ def port_open(host: str, port: int) -> bool:
 
 
 def test_idle_reaper_snapshots_only_idle_vms_with_a_waking_route(daemon_factory) -> None:
-    hatch = daemon_factory(HATCH_IDLE_CHECK_INTERVAL="1", HATCH_IDLE_TIMEOUT="5")
+    hatch = daemon_factory(
+        HATCH_IDLE_CHECK_INTERVAL="1", HATCH_IDLE_TIMEOUT="5", HATCH_MAX_SNAPSHOTS_PER_VM="2"
+    )
     hatch.start()
     with hatch.client(hatch.create_key("alice")) as api:
         idle = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
@@ -159,3 +161,12 @@ def test_idle_reaper_snapshots_only_idle_vms_with_a_waking_route(daemon_factory)
         response = via_proxy(hatch, "idle", "/boot_id")
         assert response.status_code == 200 and response.text == boot
         assert api.get_vm(idle["id"])["state"] == "running"
+
+        # At the quota (2 here) the reaper prunes its own oldest snapshot, never the user's.
+        manual = api.snapshot_vm(idle["id"])
+        api.restore_vm(idle["id"])
+        wait_for(lambda: api.get_vm(idle["id"])["state"] == "snapshotted", 120, "the second freeze")
+        kept = {s["id"]: s["automatic"] for s in api.list_snapshots(idle["id"])}
+        assert len(kept) == 2 and kept[manual["id"]] is False
+        assert snap["id"] not in kept  # the older automatic one made room
+        assert via_proxy(hatch, "idle", "/boot_id").text == boot

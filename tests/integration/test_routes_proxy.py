@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,11 +154,19 @@ def test_concurrent_requests_share_one_wake(api, hatch) -> None:
     assert response.status_code == 503 and "does not wake" in response.json()["error"]
     assert api.get_vm(vm["id"])["state"] == "snapshotted"
 
+    # A client that gives up at once does not take the wake down with it.
+    with socket.create_connection(("127.0.0.1", hatch.proxy_port)) as gone:
+        gone.sendall(b"GET / HTTP/1.1\r\nHost: sleepy.hatch.local\r\n\r\n")
+        wait_for(lambda: api.get_vm(vm["id"])["state"] != "snapshotted", 30, "the wake to start")
+    wait_for(lambda: api.get_vm(vm["id"])["state"] == "running", 120, "the abandoned wake")
+    assert restores_of(hatch, vm["id"]) == 1
+    api.snapshot_vm(vm["id"])
+
     with ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(lambda _: via_proxy(hatch, "sleepy", "/boot_id"), range(50)))
     assert [r.status_code for r in responses] == [200] * 50
     assert {r.text for r in responses} == {boot}  # the same guest, resumed
-    assert restores_of(hatch, vm["id"]) == 1
+    assert restores_of(hatch, vm["id"]) == 2  # one for the 50
     assert api.get_vm(vm["id"])["state"] == "running"
 
 

@@ -80,6 +80,9 @@ class RouteService:
                     raise Conflict(f"subdomain {name} is already in use") from None
                 continue
             self._by_subdomain[name] = route
+            # An API operation on the VM: the reaper must not freeze a VM the moment it gets
+            # its first waking route just because it was quiet before.
+            await self.vms.touch_activity(vm.id)
             log.info("route created", route_id=route.id, vm_id=vm.id, subdomain=name)
             return route
         raise InternalError("could not find a free random subdomain; try again")
