@@ -10,6 +10,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
+import structlog
 
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import HOP_BY_HOP, Headers, connection_tokens, error_response
@@ -17,6 +18,8 @@ from hatchvm.proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from hatchvm.proxy.server import Proxy
+
+log = structlog.get_logger("hatchvm.proxy")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; more is an abuse, not a request
 
@@ -37,8 +40,8 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel_activity: tuple[str, float] | None = None
         self._closed = False
         self._eof = False
-        self._bad_request: str | None = None
-        self._refusal: str | None = None  # why a parser callback stopped the parse
+        self._bad_request: tuple[int, str] | None = None
+        self._refusal: tuple[int, str] | None = None  # why a parser callback stopped the parse
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -72,8 +75,14 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             self._tunnel_early.append(data[upgrade.args[0] :])
             self.pause_reading("upgrade")
+        except httptools.HttpParserCallbackError as exc:
+            if self._refusal is None:  # a bug of ours, not the client's: say so, keep the trace
+                log.error("proxy request handling failed", exc_info=exc.__context__)
+                self._reject("internal error", status=500)
+            else:
+                self._reject(self._refusal[1], self._refusal[0])
         except httptools.HttpParserError as exc:
-            self._reject(self._refusal or f"malformed request: {exc}")
+            self._reject(f"malformed request: {exc}")
 
     def eof_received(self) -> bool:
         if self._peer is not None and self._peer.transport is not None:
@@ -164,10 +173,10 @@ class ClientConnection(asyncio.Protocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse("request head larger than 64 KiB")
+            self._refuse("request head larger than 64 KiB", 431)
 
-    def _refuse(self, message: str) -> None:
-        self._refusal = message
+    def _refuse(self, message: str, status: int = 400) -> None:
+        self._refusal = (status, message)
         raise httptools.HttpParserError(message)  # stops the parse; data_received answers
 
     # ---- exchanges -------------------------------------------------------------------------
@@ -190,16 +199,17 @@ class ClientConnection(asyncio.Protocol):
         elif self._eof:
             self.close()
 
-    def _reject(self, message: str) -> None:
-        """A request that cannot be parsed: 400 once the earlier ones are answered, then close."""
-        self._bad_request = message
+    def _reject(self, message: str, status: int = 400) -> None:
+        """A request that cannot be served: the error once the earlier ones are answered,
+        then close (the parser cannot find the next request's start)."""
+        self._bad_request = (status, message)
         self.pause_reading("bad")
         if not self._queue:
             self._send_bad_request()
 
     def _send_bad_request(self) -> None:
-        status = 431 if "larger than" in (self._bad_request or "") else 400
-        self.write(error_response(status, self._bad_request or "bad request", close=True))
+        status, message = self._bad_request or (400, "bad request")
+        self.write(error_response(status, message, close=True))
         self.close()
 
     def _upgrade_pending(self) -> bool:

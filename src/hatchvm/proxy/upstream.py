@@ -10,11 +10,14 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
+import structlog
 
 from hatchvm.proxy.headers import Headers
 
 if TYPE_CHECKING:
     from hatchvm.proxy.exchange import Exchange
+
+log = structlog.get_logger("hatchvm.proxy")
 
 PoolKey = tuple[str, object, str, int]  # vm id, its incarnation, guest ip, port
 
@@ -64,6 +67,10 @@ class Upstream(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             exchange.upstream_switched(self, data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError as exc:  # a bug of ours: keep the trace
+            log.error("proxy response handling failed", exc_info=exc.__context__)
+            self.close()
+            exchange.fail(500, "internal error")
         except httptools.HttpParserError as exc:
             self.close()
             exchange.upstream_failed(f"the target sent a malformed response: {exc}")
