@@ -3,8 +3,9 @@
 One upstream (nginx serving a small file and a 10 MiB file, keep-alive), three proxies in front
 of it, one load generator (wrk, keep-alive connections). Every proxy gets one CPU worker (nginx
 worker_processes 1, Caddy GOMAXPROCS=1, hatchvm's one asyncio loop), so the comparison is per
-core. The hatchvm proxy runs its real request path: Host lookup in the route table, the VM's row
-read from SQLite, X-Forwarded-* headers, streaming; only the VM behind it is the upstream on
+core. The hatchvm proxy runs its real request path: Host lookup in the route table, the VM's
+state from VMService (a real SQLite database behind it), X-Forwarded-* headers, activity
+tracking, pooled guest connections, streaming; only the VM behind it is the upstream on
 loopback instead of a guest (a TCG guest would be the bottleneck, not the proxy).
 
 Run as root or not: `.venv/bin/python bench/proxy.py [--seconds N]`. Missing Debian packages
