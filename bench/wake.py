@@ -28,7 +28,7 @@ WEB = "#!/bin/sh\nmkdir -p /w && echo ok > /w/index.html && busybox httpd -p 808
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     ensure_test_image()
     if in_initial_netns():
@@ -66,11 +66,16 @@ def main() -> None:
     finally:
         daemon.cleanup()
     proxied, restored = statistics.median(via_proxy), statistics.median(restore_only)
+    # Restore times drift by +-100 ms between rounds on a TCG host; the difference within each
+    # round (measured back to back) is the steadier estimate of what the proxy adds.
+    paired = statistics.median(p - r for p, r in zip(via_proxy, restore_only, strict=True))
     print()
     print(f"snapshotted VM -> first HTTP answer (median of {args.rounds})")
     print(f"  restore alone      {restored * 1000:7.1f} ms")
     print(f"  through the proxy  {proxied * 1000:7.1f} ms")
-    print(f"  proxy adds         {(proxied - restored) * 1000:+7.1f} ms  (goal < 50 ms)")
+    print(f"  ratio              {proxied / restored:7.2f}")
+    print(f"  proxy adds         {paired * 1000:+7.1f} ms  median of per-round differences")
+    print("  goal: the proxy adds under 50 ms")
 
 
 if __name__ == "__main__":

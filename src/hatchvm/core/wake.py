@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -17,6 +19,8 @@ from hatchvm.db.models import VM
 from hatchvm.errors import Conflict
 
 log = structlog.get_logger("hatchvm.core")
+
+T = TypeVar("T")
 
 
 class WakeService:
@@ -56,21 +60,22 @@ class WakeService:
             raise Conflict(f"vm {vm_id} is {vm.state} and cannot be woken")
 
 
-async def port_open(host: str, port: int, deadline: float) -> bool:
-    """Until host:port accepts a TCP connection or time.monotonic() passes deadline: after a
-    wake, the guest's service needs a moment; poll with a short back-off, never a fixed sleep."""
-    delay = 0.005
+async def first_connection(connect: Callable[[], Awaitable[T]], deadline: float) -> T | None:
+    """connect() retried until it succeeds or time.monotonic() passes deadline (None then).
+    After a wake the guest's service needs a moment: poll with a short back-off, never a fixed
+    sleep, and use the connection that got through (a throwaway probe would cost the guest an
+    accept and a fork right when it is busiest). An attempt whose SYN goes unanswered is cut
+    short rather than left to TCP's one-second retransmission."""
+    delay, attempt = 0.002, 0.25
     while True:
         left = deadline - time.monotonic()
         try:
-            _reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), max(left, 0.01)
-            )
-            writer.close()
-            return True
-        except (OSError, TimeoutError):
-            pass
+            return await asyncio.wait_for(connect(), max(min(attempt, left), 0.01))
+        except TimeoutError:
+            attempt = min(attempt * 2, 2.0)  # a slow guest gets longer each time
+        except OSError:
+            pass  # refused: the service is not listening yet
         if time.monotonic() + delay > deadline:
-            return False
+            return None
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 1.5, 0.02)  # a connect attempt on the bridge is cheap; waiting is not

@@ -18,7 +18,7 @@ from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.states import State
 from hatchvm.core.vms import VMService
-from hatchvm.core.wake import WakeService, port_open
+from hatchvm.core.wake import WakeService, first_connection
 from hatchvm.db import repo
 from hatchvm.db.models import VM
 from hatchvm.errors import HatchError
@@ -115,7 +115,7 @@ class SSHGateway:
                 guest = await self._awake_guest(user_id, vm_id)
                 if guest is None:
                     return
-                up_reader, up_writer = await asyncio.open_connection(guest, GUEST_SSH_PORT)
+                up_reader, up_writer = guest
                 await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
                 up_writer.close()
         except (ConnectionError, OSError) as exc:
@@ -123,7 +123,10 @@ class SSHGateway:
         finally:
             writer.close()
 
-    async def _awake_guest(self, user_id: str, vm_id: str) -> str | None:
+    async def _awake_guest(
+        self, user_id: str, vm_id: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to the guest's SSH server, waking the VM first if it sleeps."""
         timeout = self._s.proxy_wake_timeout
         deadline = time.monotonic() + timeout
         try:
@@ -132,7 +135,12 @@ class SSHGateway:
         except (HatchError, TimeoutError) as exc:
             log.warning("ssh wake failed", vm_id=vm_id, reason=str(exc) or "timeout")
             return None
-        if not vm.guest_ip or not await port_open(vm.guest_ip, GUEST_SSH_PORT, deadline):
+        guest = vm.guest_ip
+        connection = None
+        if guest:
+            connection = await first_connection(
+                lambda: asyncio.open_connection(guest, GUEST_SSH_PORT), deadline
+            )
+        if connection is None:
             log.warning("guest ssh port did not open", vm_id=vm_id)
-            return None
-        return vm.guest_ip
+        return connection

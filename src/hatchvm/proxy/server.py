@@ -20,7 +20,7 @@ from hatchvm.core.activity import Activity
 from hatchvm.core.routes import RouteService
 from hatchvm.core.states import State
 from hatchvm.core.vms import VMService
-from hatchvm.core.wake import WakeService, port_open
+from hatchvm.core.wake import WakeService, first_connection
 from hatchvm.db.models import VM, Route
 from hatchvm.errors import HatchError, NotFound
 from hatchvm.proxy.client import ClientConnection
@@ -124,9 +124,12 @@ class Proxy:
 
     async def _prepare(self, exchange: Exchange, route: Route) -> None:
         try:
-            vm = await self._awake_vm(route)
+            vm, woken_at = await self._awake_vm(route)
             key = pool_key(vm, route)
-            upstream = self.pool.take(key) or await self._connect(key)
+            if woken_at is None:
+                upstream = self.pool.take(key) or await self._connect(key)
+            else:
+                upstream = await self._connect_after_wake(key, woken_at)
         except ProxyError as exc:
             exchange.fail(exc.status, exc.message)
             return
@@ -152,38 +155,53 @@ class Proxy:
     async def _connect(self, key: PoolKey) -> Upstream:
         target = f"{key[2]}:{key[3]}"
         try:
-            return await self.pool.connect(key)
+            return await self.pool.connect(key, self.pool.connect_timeout)
         except TimeoutError:
             raise ProxyError(502, f"target {target} did not accept the connection") from None
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ProxyError(502, f"target {target} refused the connection: {reason}") from None
 
-    async def _awake_vm(self, route: Route) -> VM:
+    async def _connect_after_wake(self, key: PoolKey, woken_at: tuple[float, float]) -> Upstream:
+        """The first connection the woken guest accepts is the one the request uses."""
+        began, woke = woken_at
+        deadline = began + self._s.proxy_wake_timeout
+        upstream = await first_connection(lambda: self.pool.connect(key, timeout=None), deadline)
+        if upstream is None:
+            raise ProxyError(503, f"vm {key[0]} woke but port {key[3]} did not open")
+        log.info(
+            "request woke vm",
+            vm_id=key[0],
+            wake_ms=round((woke - began) * 1000, 1),
+            port_wait_ms=round((time.monotonic() - woke) * 1000, 1),
+        )
+        return upstream
+
+    async def _awake_vm(self, route: Route) -> tuple[VM, tuple[float, float] | None]:
+        """The route's VM, running: woken when it slept (then also when the wake began and
+        ended, for the connection that follows)."""
         cached = self.vms.cached(route.vm_id)
         if cached is not None and cached.state == State.RUNNING:
-            return cached
+            return cached, None
         try:
             vm = await self.vms.get(route.user_id, route.vm_id)
         except NotFound:
             raise ProxyError(404, f"route {route.subdomain} has no vm") from None
         if vm.state == State.RUNNING:
-            return vm
+            return vm, None
         if vm.state == State.ERROR:
             raise ProxyError(503, f"vm {vm.id} is in error: {vm.state_reason or 'unknown'}")
         if not route.auto_wake:
             raise ProxyError(503, f"vm {vm.id} is {vm.state} and route does not wake it")
         timeout = self._s.proxy_wake_timeout
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
         try:
             vm = await asyncio.wait_for(self.wake.ensure_running(vm), timeout)
         except TimeoutError:
             raise ProxyError(503, f"vm {vm.id} did not wake within {timeout:g}s") from None
         except HatchError as exc:
             raise ProxyError(503, f"waking vm {vm.id} failed: {exc.message}") from None
-        if not await port_open(vm.guest_ip or "", route.target_port, deadline):
-            raise ProxyError(503, f"vm {vm.id} woke but port {route.target_port} did not open")
-        return vm
+        return vm, (began, time.monotonic())
 
 
 def pool_key(vm: VM, route: Route) -> PoolKey:

@@ -174,11 +174,12 @@ class UpstreamPool:
                 return upstream
         return None
 
-    async def connect(self, key: PoolKey) -> Upstream:
+    async def connect(self, key: PoolKey, timeout: float | None) -> Upstream:
+        """A new connection to the key's guest port."""
         loop = asyncio.get_running_loop()
         _transport, upstream = await asyncio.wait_for(
             loop.create_connection(lambda: Upstream(self, key), key[2], key[3]),
-            self.connect_timeout,
+            timeout,
         )
         return upstream
 
