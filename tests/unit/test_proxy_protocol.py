@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,57 +15,9 @@ import pytest
 
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
-from hatchvm.core.states import State
 from hatchvm.proxy.server import Proxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class RunningVM:
-    id: str = "vm_raw"
-    user_id: str = "alice"
-    state: str = State.RUNNING.value
-    guest_ip: str = "127.0.0.1"
-    state_reason: str | None = None
-    updated_at: str = "boot-1"
-
-
-@dataclass
-class RawRoute:
-    target_port: int
-    vm_id: str = "vm_raw"
-    user_id: str = "alice"
-    subdomain: str = "raw"
-    auto_wake: bool = True
-
-
-class HotVMs:
-    """The VM is known to run: the proxy takes its synchronous path."""
-
-    def __init__(self) -> None:
-        self.vm = RunningVM()
-
-    async def get(self, user_id: str, vm_id: str) -> RunningVM:
-        return self.vm
-
-    def cached(self, vm_id: str) -> RunningVM:
-        return self.vm
-
-    async def touch_activity(self, vm_id: str) -> None:
-        pass
-
-
-class OneRoute:
-    def __init__(self, port: int) -> None:
-        self.route = RawRoute(port)
-
-    def lookup(self, subdomain: str) -> RawRoute | None:
-        return self.route if subdomain == "raw" else None
+from tests.support.daemon import free_port
+from tests.unit.proxy_fakes import FakeRoutes, FakeVMs
 
 
 @dataclass
@@ -146,14 +97,14 @@ async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> 
 
 
 @pytest.fixture
-async def raw(tmp_path: Path) -> AsyncIterator[tuple[int, ScriptedUpstream, Proxy, HotVMs]]:
+async def raw(tmp_path: Path) -> AsyncIterator[tuple[int, ScriptedUpstream, Proxy, FakeVMs]]:
     upstream = ScriptedUpstream()
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     up_port = server.sockets[0].getsockname()[1]
     proxy_port = free_port()
     settings = Settings(data_dir=tmp_path, proxy_addr=f"127.0.0.1:{proxy_port}")
-    vms = HotVMs()
-    proxy = Proxy(settings, vms, OneRoute(up_port), None, Activity(vms))  # type: ignore[arg-type]
+    vms = FakeVMs(hot=True)
+    proxy = Proxy(settings, vms, FakeRoutes(up_port, "raw"), None, Activity(vms))  # type: ignore[arg-type]
     await proxy.start()
     yield proxy_port, upstream, proxy, vms
     await proxy.close()

@@ -8,10 +8,8 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import tracemalloc
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -20,58 +18,11 @@ from aiohttp import web
 
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
-from hatchvm.core.states import State
 from hatchvm.proxy.server import Proxy
+from tests.support.daemon import free_port
+from tests.unit.proxy_fakes import FakeRoutes, FakeVMs
 
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class FakeVM:
-    id: str = "vm_stream"
-    user_id: str = "alice"
-    state: str = State.RUNNING.value
-    guest_ip: str = "127.0.0.1"
-    state_reason: str | None = None
-    updated_at: str = "incarnation-1"
-
-
-@dataclass
-class FakeRoute:
-    vm_id: str
-    user_id: str
-    subdomain: str
-    target_port: int
-    auto_wake: bool = True
-
-
-class FakeVMs:
-    def __init__(self) -> None:
-        self.vm = FakeVM()
-        self.touched = 0
-
-    async def get(self, user_id: str, vm_id: str) -> FakeVM:
-        return self.vm
-
-    def cached(self, vm_id: str) -> FakeVM | None:
-        return None  # always the full path
-
-    async def touch_activity(self, vm_id: str) -> None:
-        self.touched += 1
-
-
-class FakeRoutes:
-    def __init__(self, port: int) -> None:
-        self.route = FakeRoute("vm_stream", "alice", "app", port)
-
-    def lookup(self, subdomain: str) -> FakeRoute | None:
-        return self.route if subdomain == "app" else None
 
 
 async def upstream_app() -> web.Application:
@@ -121,8 +72,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[tuple[str, FakeVMs]]:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", up_port).start()
     settings = Settings(data_dir=tmp_path, proxy_addr=f"127.0.0.1:{proxy_port}")
-    vms = FakeVMs()
-    proxy = Proxy(settings, vms, FakeRoutes(up_port), None, Activity(vms))  # type: ignore[arg-type]
+    vms = FakeVMs(hot=False)
+    proxy = Proxy(settings, vms, FakeRoutes(up_port, "app"), None, Activity(vms))  # type: ignore[arg-type]
     await proxy.start()
     yield f"http://127.0.0.1:{proxy_port}", vms
     await proxy.close()
