@@ -40,8 +40,7 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel_activity: tuple[str, float] | None = None
         self._closed = False
         self._eof = False
-        self._bad_request: tuple[int, str] | None = None
-        self._refusal: tuple[int, str] | None = None  # why a parser callback stopped the parse
+        self._bad_request: tuple[int, str] | None = None  # answered once the queue drains
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -66,7 +65,7 @@ class ClientConnection(asyncio.Protocol):
         if self._peer is not None:
             self._peer.write(data)
             return
-        if self._upgrade_pending():
+        if "upgrade" in self._paused:  # an upgrade request awaits the guest's answer
             self._tunnel_early.append(data)
             self.pause_reading("upgrade")
             return
@@ -76,13 +75,13 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel_early.append(data[upgrade.args[0] :])
             self.pause_reading("upgrade")
         except httptools.HttpParserCallbackError as exc:
-            if self._refusal is None:  # a bug of ours, not the client's: say so, keep the trace
+            if self._bad_request is None:  # a bug of ours, not the client's: keep the trace
                 log.error("proxy request handling failed", exc_info=exc.__context__)
-                self._reject("internal error", status=500)
+                self._reject(500, "internal error")
             else:
-                self._reject(self._refusal[1], self._refusal[0])
+                self._reject(*self._bad_request)  # one of our callbacks refused the request
         except httptools.HttpParserError as exc:
-            self._reject(f"malformed request: {exc}")
+            self._reject(400, f"malformed request: {exc}")
 
     def eof_received(self) -> bool:
         if self._peer is not None and self._peer.transport is not None:
@@ -103,16 +102,19 @@ class ClientConnection(asyncio.Protocol):
             self._peer.close()
         self._end_tunnel_activity()
 
+    @property
+    def _feeder(self) -> Upstream | None:
+        """The guest connection whose bytes this client is being sent right now."""
+        return self._peer or (self._queue[0].upstream if self._queue else None)
+
     def pause_writing(self) -> None:
         self.write_paused = True
-        feeder = self._peer or (self._queue[0].upstream if self._queue else None)
-        if feeder is not None:
+        if (feeder := self._feeder) is not None:
             feeder.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        feeder = self._peer or (self._queue[0].upstream if self._queue else None)
-        if feeder is not None:
+        if (feeder := self._feeder) is not None:
             feeder.resume_reading()
 
     # ---- request parsing (httptools callbacks) -------------------------------------------
@@ -139,7 +141,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         if parser.get_method() == b"CONNECT":
-            self._refuse("CONNECT is not supported: this is a reverse proxy")
+            self._refuse(400, "CONNECT is not supported: this is a reverse proxy")
         exchange = Exchange(
             self,
             parser.get_method(),
@@ -173,10 +175,10 @@ class ClientConnection(asyncio.Protocol):
     def _count(self, size: int) -> None:
         self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse("request head larger than 64 KiB", 431)
+            self._refuse(431, "request head larger than 64 KiB")
 
-    def _refuse(self, message: str, status: int = 400) -> None:
-        self._refusal = (status, message)
+    def _refuse(self, status: int, message: str) -> None:
+        self._bad_request = (status, message)
         raise httptools.HttpParserError(message)  # stops the parse; data_received answers
 
     # ---- exchanges -------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class ClientConnection(asyncio.Protocol):
         elif self._eof:
             self.close()
 
-    def _reject(self, message: str, status: int = 400) -> None:
+    def _reject(self, status: int, message: str) -> None:
         """A request that cannot be served: the error once the earlier ones are answered,
         then close (the parser cannot find the next request's start)."""
         self._bad_request = (status, message)
@@ -211,9 +213,6 @@ class ClientConnection(asyncio.Protocol):
         status, message = self._bad_request or (400, "bad request")
         self.write(error_response(status, message, close=True))
         self.close()
-
-    def _upgrade_pending(self) -> bool:
-        return bool(self._tunnel_early) or "upgrade" in self._paused
 
     # ---- tunnel ------------------------------------------------------------------------
 

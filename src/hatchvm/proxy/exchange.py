@@ -88,7 +88,7 @@ class Exchange:
             )
         )
         for piece in self.body:
-            upstream.write(chunk(piece) if self.chunked else piece)
+            self._send_body(upstream, piece)
         self.body.clear()
         if self.body_done and self.chunked:
             upstream.write(LAST_CHUNK)
@@ -103,7 +103,10 @@ class Exchange:
             self.body.append(data)
             self.client.pause_reading("waiting")  # at most one read buffered per request
         else:
-            self.upstream.write(chunk(data) if self.chunked else data)
+            self._send_body(self.upstream, data)
+
+    def _send_body(self, upstream: Upstream, data: bytes) -> None:
+        upstream.write(chunk(data) if self.chunked else data)
 
     def request_done(self) -> None:
         self.body_done = True

@@ -5,6 +5,7 @@ Headers are (name, value) byte pairs exactly as httptools hands them over."""
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -112,9 +113,7 @@ def end_to_end(headers: Headers) -> tuple[Headers, bool, bool]:
 
 def error_response(status: int, message: str, *, close: bool) -> bytes:
     body = json.dumps({"error": message}).encode()
-    reasons = {400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large"}
-    reasons |= {500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable"}
     extra = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
     if close:
         extra += b"Connection: close\r\n"
-    return response_head(status, reasons.get(status, b"Error"), [], extra) + body
+    return response_head(status, HTTPStatus(status).phrase.encode(), [], extra) + body

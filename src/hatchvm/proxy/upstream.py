@@ -88,15 +88,18 @@ class Upstream(asyncio.Protocol):
         elif self.exchange is not None:
             self.exchange.upstream_lost(self, exc)
 
+    @property
+    def _sender(self) -> Tunnel | None:
+        """The client connection whose bytes are being written here right now."""
+        return self.tunnel or (self.exchange.client if self.exchange else None)
+
     def pause_writing(self) -> None:
-        owner = self.tunnel or (self.exchange.client if self.exchange else None)
-        if owner is not None:
-            owner.pause_reading("upstream")
+        if (sender := self._sender) is not None:
+            sender.pause_reading("upstream")
 
     def resume_writing(self) -> None:
-        owner = self.tunnel or (self.exchange.client if self.exchange else None)
-        if owner is not None:
-            owner.resume_reading("upstream")
+        if (sender := self._sender) is not None:
+            sender.resume_reading("upstream")
 
     # ---- response parsing (httptools callbacks) ------------------------------------------
 
