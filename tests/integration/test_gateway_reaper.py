@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ def ssh_key(tmp_path: Path) -> tuple[Path, str]:
 
 
 def ssh(
-    key: Path, port: int, command: str, timeout: float = 120
+    key: Path, port: int, command: str, timeout: float = 120, stdin: BinaryIO | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -39,6 +40,7 @@ def ssh(
             "root@127.0.0.1",
             command,
         ],
+        stdin=stdin,
         capture_output=True,
         text=True,
         timeout=timeout + 30,
@@ -109,14 +111,14 @@ def test_websocket_echo_through_the_proxy_wakes_a_snapshotted_vm(daemon_factory,
         # The guest's WebSocket server: websocketd (from the host's Debian package) runs
         # `cat`, so every message comes back as it went.
         with server.open("rb") as binary:
-            install = subprocess.run(
-                ["ssh", "-i", str(key), "-p", str(vm["ssh_port"]), "-o", "BatchMode=yes",
-                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                 "-o", "LogLevel=ERROR", "root@127.0.0.1",
-                 "cat > /root/websocketd && chmod +x /root/websocketd && "
-                 "(/root/websocketd --port 8081 cat </dev/null >/dev/null 2>&1 &)"],
-                stdin=binary, capture_output=True, timeout=300,
-            )  # fmt: skip
+            install = ssh(
+                key,
+                vm["ssh_port"],
+                "cat > /root/websocketd && chmod +x /root/websocketd && "
+                "(/root/websocketd --port 8081 cat </dev/null >/dev/null 2>&1 &)",
+                timeout=270,
+                stdin=binary,
+            )
         assert install.returncode == 0, install.stderr
         api.create_route(vm["id"], target_port=8081, subdomain="echo")
         wait_for(lambda: port_open(vm["guest_ip"], 8081), 60, "websocketd in the guest")
