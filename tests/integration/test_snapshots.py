@@ -20,6 +20,8 @@ pytestmark = pytest.mark.vm
 # A counter kept in the shell's memory, appended to a log on the VM's disk five times a
 # second, an HTTP server publishing both, and a TCP echo server. The counter starts from the
 # log's last line, so only a resumed guest (same boot_id) continues without a new boot.
+# Each value is synced to the disk before it is published, so a published value is on the
+# disk; an unsynced write lives only in the guest's page cache, which the memory artifact holds.
 COUNTER = """#!/bin/sh
 mkdir -p /srv/www
 cat /proc/sys/kernel/random/boot_id > /srv/www/boot_id
@@ -30,8 +32,8 @@ busybox httpd -p 8080 -h /srv/www
   while :; do
     i=$((i + 1))
     echo $i >> /srv/www/log
-    echo $i > /srv/www/count.new && mv /srv/www/count.new /srv/www/count
     sync
+    echo $i > /srv/www/count.new && mv /srv/www/count.new /srv/www/count
     sleep 0.2
   done
 ) >/dev/null 2>&1 &
