@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
+import httpx
 import pytest
 
 from hatchvm.client import HatchAPIError
 from hatchvm.net.alloc import tap_name
-from tests.support.host import link_exists, qemu_pids
-from tests.support.wait import wait_for, wait_http
+from tests.support.host import link_exists, pinned_addresses, qemu_pids
+from tests.support.wait import http_text, wait_for, wait_http
 
 pytestmark = pytest.mark.vm
 
@@ -129,6 +131,62 @@ echo $g > /srv/www/gateway
         server.shutdown()
 
 
+# Two guests that try to take over a victim's address: one claims its IP (and answers ARP for
+# it), the other also takes its MAC. Both keep announcing the stolen address.
+IP_THIEF = """#!/bin/sh
+mkdir -p /srv/www
+echo "hello from a thief" > /srv/www/index.html
+ip addr add {ip}/32 dev eth0
+busybox httpd -p 8080 -h /srv/www
+echo "thief armed"
+while :; do arping -U -c 1 -I eth0 -s {ip} {ip}; sleep 0.2; done >/dev/null 2>&1 &
+"""
+MAC_THIEF = """#!/bin/sh
+ip link set eth0 down
+ip link set eth0 address {mac}
+ip link set eth0 up
+""" + IP_THIEF.removeprefix("#!/bin/sh\n")
+
+
+def answer_at(ip: str) -> str | None:
+    """What answers on ip:8080 from the host, or None when nothing does."""
+    try:
+        return http_text(f"http://{ip}:8080/", timeout=3)
+    except httpx.TransportError:
+        return None
+
+
+def test_a_vm_cannot_take_over_another_vms_address(api, hatch) -> None:
+    victim = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+    hello = wait_http(f"http://{victim['guest_ip']}:8080/")
+    assert victim["id"].replace("_", "-") in hello
+    stolen = {"ip": victim["guest_ip"], "mac": victim["guest_mac"]}
+    thieves = [
+        api.create_vm(user_data=script.format(**stolen), mem_mib=256)
+        for script in (IP_THIEF, MAC_THIEF)
+    ]
+    for thief in thieves:
+        console = hatch.data_dir / "vms" / thief["id"] / "console.log"
+        wait_for(lambda c=console: "thief armed" in c.read_text(), 120, "the thief's script")
+    # The IP thief's own address still works: only the stolen one is refused.
+    assert "thief" in wait_http(f"http://{thieves[0]['guest_ip']}:8080/")
+
+    answers = []
+    for _ in range(10):
+        answers.append(answer_at(victim["guest_ip"]))
+        time.sleep(0.2)  # let the thieves announce between requests
+    assert answers == [hello] * 10
+
+    # Asleep, the victim's address answers nobody, rather than a thief.
+    api.stop_vm(victim["id"])
+    assert victim["guest_ip"] not in pinned_addresses(hatch.bridge)
+    assert [answer_at(victim["guest_ip"]) for _ in range(3)] == [None] * 3
+
+    api.start_vm(victim["id"])
+    assert wait_http(f"http://{victim['guest_ip']}:8080/") == hello
+    assert [answer_at(victim["guest_ip"]) for _ in range(5)] == [hello] * 5
+
+
 def test_delete_leaves_nothing_behind(api, hatch) -> None:
     vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
     wait_http(f"http://{vm['guest_ip']}:8080/")
@@ -175,6 +233,8 @@ def test_daemon_killed_and_restarted_keeps_running_vms(hatch) -> None:
         assert wait_http(f"http://{keep['guest_ip']}:8080/").startswith("hello")
         gone = api.get_vm(lost["id"])
         assert gone["state"] == "stopped" and "gone" in gone["state_reason"]
+        # The host's neighbour entries follow: pinned for the running VM only.
+        assert pinned_addresses(hatch.bridge) == {keep["guest_ip"]}
         assert api.start_vm(lost["id"])["state"] == "running"
         assert wait_http(f"http://{lost['guest_ip']}:8080/").startswith("hello")
         # The reattached VM is fully managed again: stop works through its QMP socket.

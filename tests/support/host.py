@@ -1,4 +1,4 @@
-"""What the host shows of a VM: its QEMU processes and its links."""
+"""What the host shows of a VM: its QEMU processes, its links and its neighbour entry."""
 
 from __future__ import annotations
 
@@ -13,3 +13,13 @@ def qemu_pids(vm_id: str) -> list[int]:
 def link_exists(name: str) -> bool:
     # Not /sys/class/net: sysfs still shows the namespace it was mounted in, not ours.
     return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+
+
+def pinned_addresses(bridge: str) -> set[str]:
+    """The guest addresses with a permanent neighbour entry on the bridge."""
+    out = subprocess.run(
+        ["ip", "-4", "neigh", "show", "dev", bridge, "nud", "permanent"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import structlog
 
 from hatchvm.config import Settings
+from hatchvm.db.models import VM
 from hatchvm.net import firewall, links
 
 log = structlog.get_logger("hatchvm.net")
+
+
+@dataclass(frozen=True)
+class GuestLink:
+    """A networked VM's place on the bridge."""
+
+    tap: str
+    mac: str
+    ip: str
+
+    @classmethod
+    def of(cls, vm: VM) -> GuestLink | None:
+        if vm.tap_name and vm.guest_mac and vm.guest_ip:
+            return cls(vm.tap_name, vm.guest_mac, vm.guest_ip)
+        return None
 
 
 class HostNetwork:
@@ -36,16 +53,34 @@ class HostNetwork:
         )
         log.info("network ready", bridge=s.bridge_name, cidr=s.bridge_cidr, table=s.nft_table)
 
-    async def add_tap(self, tap: str) -> None:
-        await asyncio.to_thread(links.ensure_tap, tap, self._s.bridge_name)
+    async def attach(self, link: GuestLink) -> None:
+        """The guest's TAP on the bridge, the only MAC and address it may send from, and the
+        host's permanent neighbour entry for it. Idempotent."""
+        s = self._s
+        await asyncio.to_thread(links.ensure_tap, link.tap, s.bridge_name)
+        await asyncio.to_thread(firewall.allow_guest, s.nft_table, link.tap, link.mac, link.ip)
+        await asyncio.to_thread(links.pin_neighbour, s.bridge_name, link.ip, link.mac)
 
-    async def remove_tap(self, tap: str) -> None:
-        await asyncio.to_thread(links.delete_link, tap)
+    async def detach(self, link: GuestLink) -> None:
+        """Undo attach (idempotent): a stopped guest's address is answered by nobody."""
+        s = self._s
+        await asyncio.to_thread(links.unpin_neighbour, s.bridge_name, link.ip)
+        await asyncio.to_thread(firewall.forget_guest, s.nft_table, link.tap, link.mac, link.ip)
+        await asyncio.to_thread(links.delete_link, link.tap)
 
-    async def prune_taps(self, keep: set[str]) -> list[str]:
-        """Delete TAPs with our prefix that no running VM owns; return their names."""
-        names = await asyncio.to_thread(links.list_links, self._s.tap_prefix)
-        stale = [n for n in names if n not in keep and n != self._s.bridge_name]
+    async def settle(self, running: list[GuestLink]) -> list[str]:
+        """At start-up: attach the running guests again (setup emptied the firewall's set) and
+        delete TAPs and neighbour pins that no running VM owns. Returns the deleted TAPs."""
+        s = self._s
+        for link in running:
+            await self.attach(link)
+        keep_taps = {link.tap for link in running}
+        names = await asyncio.to_thread(links.list_links, s.tap_prefix)
+        stale = [n for n in names if n not in keep_taps and n != s.bridge_name]
         for name in stale:
-            await self.remove_tap(name)
+            await asyncio.to_thread(links.delete_link, name)
+        keep_ips = {link.ip for link in running}
+        for ip in await asyncio.to_thread(links.pinned_neighbours, s.bridge_name):
+            if ip not in keep_ips:
+                await asyncio.to_thread(links.unpin_neighbour, s.bridge_name, ip)
         return stale

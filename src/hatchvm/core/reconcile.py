@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import structlog
 
+from hatchvm.core.network import GuestLink
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.states import State
 from hatchvm.core.vms import DISK_NAME, VMService
@@ -23,15 +24,15 @@ _LIVE_STATES = {State.RUNNING, State.STARTING, State.STOPPING}
 async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
     async with service.sessions() as session:
         vms = await repo.list_vms(session)
-    keep_taps: set[str] = set()
+    running: list[GuestLink] = []
     for vm in vms:
         vm_dir = service.vm_dir(vm.id)
         if vm.state in (State.SNAPSHOTTING, State.RESTORING):
             await snapshots.reconcile(vm)
             settled = await service.get(vm.user_id, vm.id)
             log.warning("interrupted snapshot or restore settled", vm_id=vm.id, state=settled.state)
-            if settled.state == State.RUNNING and vm.tap_name:
-                keep_taps.add(vm.tap_name)
+            if settled.state == State.RUNNING and (link := GuestLink.of(settled)):
+                running.append(link)
             continue
         if vm.state == State.SNAPSHOTTED:
             if await service.vmm.alive(vm.id, vm_dir) is not None:
@@ -41,10 +42,8 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             continue
         pid = await service.vmm.alive(vm.id, vm_dir)
         if pid is not None:
-            if vm.tap_name:
-                keep_taps.add(vm.tap_name)
-                if service.net is not None:
-                    await service.net.add_tap(vm.tap_name)  # idempotent; QEMU holds it open
+            if link := GuestLink.of(vm):
+                running.append(link)  # QEMU holds its TAP open; settle re-attaches it
             if vm.state != State.RUNNING:
                 await service.update(vm.id, state=State.RUNNING)
             log.info("vm reattached", vm_id=vm.id, pid=pid)
@@ -66,6 +65,6 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             await service.update(vm.id, state=State.STOPPED, state_reason=reason)
         log.warning("vm not running", vm_id=vm.id, reason=reason)
     if service.net is not None:
-        stale = await service.net.prune_taps(keep_taps)
+        stale = await service.net.settle(running)
         if stale:
             log.info("removed stale taps", taps=stale)

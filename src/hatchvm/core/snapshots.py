@@ -131,8 +131,7 @@ class SnapshotService:
             log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
             state = await self._after_failed_capture(vm, reason)
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
-        if vm.tap_name and self.vms.net is not None:
-            await self.vms.net.remove_tap(vm.tap_name)
+        await self.vms.detach_network(vm)
         try:
             manifest = await self._store_artifacts(vm, snap_id)
         except Exception as exc:
@@ -217,8 +216,7 @@ class SnapshotService:
                 await self.vms.update(vm.id, state=State.RUNNING, state_reason=None)
                 return State.RUNNING.value
         await self.vms.vmm.kill(vm.id, vm_dir)
-        if vm.tap_name and self.vms.net is not None:
-            await self.vms.net.remove_tap(vm.tap_name)
+        await self.vms.detach_network(vm)
         await asyncio.to_thread(self.vms.drop_memory, vm.id)
         await self.vms.update(
             vm.id, state=State.STOPPED, state_reason=f"snapshot failed, guest lost: {reason}"
@@ -231,15 +229,13 @@ class SnapshotService:
         state_file = self._resume_dir(vm.id) / STATE_NAME
         try:
             image = await self.vms.load_image(vm.image_id)
-            if vm.tap_name and self.vms.net is not None:
-                await self.vms.net.add_tap(vm.tap_name)
+            await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("resume after failed snapshot failed", vm_id=vm.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
-            if vm.tap_name and self.vms.net is not None:
-                await self.vms.net.remove_tap(vm.tap_name)
+            await self.vms.detach_network(vm)
             await asyncio.to_thread(self.vms.drop_memory, vm.id)
             await self.vms.update(
                 vm.id, state=State.STOPPED, state_reason=f"{why}; resuming failed: {reason}"
@@ -288,15 +284,13 @@ class SnapshotService:
         await asyncio.to_thread((resume / LATEST).unlink, True)
         try:
             image = await self.vms.load_image(vm.image_id)
-            if vm.tap_name and self.vms.net is not None:
-                await self.vms.net.add_tap(vm.tap_name)
+            await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
-            if vm.tap_name and self.vms.net is not None:
-                await self.vms.net.remove_tap(vm.tap_name)
+            await self.vms.detach_network(vm)
             await self.vms.update(vm.id, state=prior, state_reason=f"restore failed: {reason}")
             raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
         await asyncio.to_thread(shutil.rmtree, resume, True)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.config import Settings
 from hatchvm.core.locks import KeyedLocks
-from hatchvm.core.network import HostNetwork
+from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.core.states import Op, State, guard
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
@@ -225,8 +225,7 @@ class VMService:
     async def _boot(self, vm: VM, image: Image) -> None:
         """Cold boot: fresh memory, so no earlier snapshot's RAM can be resumed from here."""
         await asyncio.to_thread(self.drop_memory, vm.id)
-        if vm.tap_name and self.net is not None:
-            await self.net.add_tap(vm.tap_name)
+        await self.attach_network(vm)
         pid = await self.vmm.boot(self.boot_spec(vm, image))
         log.info("vm booted", vm_id=vm.id, pid=pid)
 
@@ -274,8 +273,7 @@ class VMService:
                 # The process may still be alive: make sure, then record what happened.
                 log.error("vm stop failed, killing", vm_id=vm_id, reason=reason_of(exc))
                 await self.vmm.kill(vm_id, self.vm_dir(vm_id))
-            if vm.tap_name and self.net is not None:
-                await self.net.remove_tap(vm.tap_name)
+            await self.detach_network(vm)
             await asyncio.to_thread(self.drop_memory, vm_id)
             log.info("vm stopped", vm_id=vm_id)
             return await self.update(vm_id, state=State.STOPPED, state_reason=None, touch=True)
@@ -297,8 +295,17 @@ class VMService:
 
     async def _stop_process(self, vm: VM) -> None:
         await self.vmm.kill(vm.id, self.vm_dir(vm.id))
-        if vm.tap_name and self.net is not None:
-            await self.net.remove_tap(vm.tap_name)
+        await self.detach_network(vm)
+
+    async def attach_network(self, vm: VM) -> None:
+        link = GuestLink.of(vm)
+        if link is not None and self.net is not None:
+            await self.net.attach(link)
+
+    async def detach_network(self, vm: VM) -> None:
+        link = GuestLink.of(vm)
+        if link is not None and self.net is not None:
+            await self.net.detach(link)
 
     async def teardown(self, vm: VM) -> None:
         """Idempotent: no process, no TAP, no files. Safe to re-run after a crash."""

@@ -2,7 +2,8 @@
 
 Everything is applied as one `nft -f` transaction that deletes and recreates our tables, so
 applying is idempotent and start-up reconciliation is a single call. Nothing outside our
-tables is touched.
+tables is touched. Each running guest then gets one element in the `guests` set: the only
+MAC and IPv4 address its TAP may send from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import ipaddress
 import subprocess
 
 from hatchvm.net.errors import NetworkError
+
+GUESTS_SET = "guests"
 
 
 def _nft(script: str) -> str:
@@ -43,19 +46,43 @@ table ip {table} {{
     }}
 }}
 table bridge {table} {{
+    set {GUESTS_SET} {{
+        type ifname . ether_addr . ipv4_addr
+    }}
+    chain prerouting {{
+        type filter hook prerouting priority filter; policy accept;
+        # No spoofing: a guest sends IPv4 and ARP only from its own MAC and address. Checked
+        # before the bridge learns the source MAC, so no guest can take over another's MAC or
+        # address, not even while that VM is asleep and a wake is reaching for it.
+        iifname != "{tap_prefix}*" accept
+        iifname . ether saddr . ip saddr @{GUESTS_SET} accept
+        iifname . ether saddr . arp saddr ip @{GUESTS_SET} \
+            iifname . arp saddr ether . arp saddr ip @{GUESTS_SET} accept
+        drop
+    }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         # Guests must not talk to each other: traffic between two VM ports is switched at
         # layer 2 and never reaches the ip tables above.
         iifname "{tap_prefix}*" oifname "{tap_prefix}*" drop
     }}
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        # No spoofing: a guest speaks IPv4 only from its own subnet (ARP is allowed).
-        iifname "{tap_prefix}*" ether type ip ip saddr != {subnet} ip saddr != 0.0.0.0 drop
-    }}
 }}
 """
+
+
+def _guest_element(table: str, tap: str, mac: str, ip: str) -> str:
+    return f'element bridge {table} {GUESTS_SET} {{ "{tap}" . {mac} . {ip} }}\n'
+
+
+def allow_guest(table: str, tap: str, mac: str, ip: str) -> None:
+    """Let the guest on `tap` send from its own MAC and address (idempotent)."""
+    _nft("add " + _guest_element(table, tap, mac, ip))
+
+
+def forget_guest(table: str, tap: str, mac: str, ip: str) -> None:
+    """Idempotent: adding first makes the deletion safe when the element is absent."""
+    element = _guest_element(table, tap, mac, ip)
+    _nft("add " + element + "delete " + element)
 
 
 def _delete_tables(table: str) -> str:

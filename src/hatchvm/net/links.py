@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import states as neighbour_states
 
 from hatchvm.net.errors import NetworkError
 
@@ -17,6 +18,15 @@ from hatchvm.net.errors import NetworkError
 def _index(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
+
+
+def bridge_mac(gateway: ipaddress.IPv4Address) -> str:
+    """A fixed, locally administered MAC for the bridge, made from its address.
+
+    Left alone, a bridge takes the lowest MAC among its ports, so it changes whenever a VM's
+    TAP comes or goes, and every guest's cached gateway entry goes stale: replies then go
+    to a MAC nobody has until the guest asks (ARP) again."""
+    return "02:00:" + ":".join(f"{b:02x}" for b in gateway.packed)
 
 
 def ensure_bridge(name: str, cidr: str) -> None:
@@ -35,7 +45,7 @@ def ensure_bridge(name: str, cidr: str) -> None:
             }
             if (str(iface.ip), iface.network.prefixlen) not in have:
                 ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-            ipr.link("set", index=idx, state="up")
+            ipr.link("set", index=idx, address=bridge_mac(iface.ip), state="up")
     except NetlinkError as exc:
         raise NetworkError(f"cannot set up bridge {name} ({cidr}): {exc.args[-1]}") from None
 
@@ -66,6 +76,43 @@ def delete_link(name: str) -> None:
     except NetlinkError as exc:
         if exc.code != errno.ENODEV:
             raise NetworkError(f"cannot delete link {name}: {exc.args[-1]}") from None
+
+
+def pin_neighbour(bridge: str, ip: str, mac: str) -> None:
+    """A permanent neighbour entry for a guest: the host never asks (ARP) who has its address,
+    so no other guest can answer, and the first packet after a wake goes out at once."""
+    try:
+        with IPRoute() as ipr:
+            br = _index(ipr, bridge)
+            if br is None:
+                raise NetworkError(f"bridge {bridge} does not exist")
+            ipr.neigh(
+                "replace", dst=ip, lladdr=mac, ifindex=br, state=neighbour_states["permanent"]
+            )
+    except NetlinkError as exc:
+        raise NetworkError(f"cannot pin {ip} to {mac} on {bridge}: {exc.args[-1]}") from None
+
+
+def unpin_neighbour(bridge: str, ip: str) -> None:
+    try:
+        with IPRoute() as ipr:
+            br = _index(ipr, bridge)
+            if br is not None:
+                ipr.neigh("del", dst=ip, ifindex=br)
+    except NetlinkError as exc:
+        if exc.code != errno.ENOENT:
+            raise NetworkError(f"cannot unpin {ip} on {bridge}: {exc.args[-1]}") from None
+
+
+def pinned_neighbours(bridge: str) -> list[str]:
+    """The addresses pinned on the bridge (by this daemon or an earlier one)."""
+    with IPRoute() as ipr:
+        br = _index(ipr, bridge)
+        if br is None:
+            return []
+        entries = ipr.get_neighbours(ifindex=br, family=2)
+    permanent = neighbour_states["permanent"]
+    return sorted(str(e.get_attr("NDA_DST")) for e in entries if e["state"] & permanent)
 
 
 def list_links(prefix: str) -> list[str]:
