@@ -1,0 +1,85 @@
+"""The host side of a guest's network, without a guest: attach, detach and start-up settling
+against the real kernel (inside the suite's namespace)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hatchvm.config import Settings
+from hatchvm.core.network import GuestLink, HostNetwork
+from hatchvm.net import firewall, links
+from tests.support.host import link_exists, pinned_addresses
+
+pytestmark = pytest.mark.vm
+
+BRIDGE, TABLE, PREFIX = "hbnet", "hatchnettest", "hbn"
+
+
+def guests_set() -> str:
+    out = subprocess.run(
+        ["nft", "list", "set", "bridge", TABLE, firewall.GUESTS_SET],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
+@pytest.fixture
+def net(tmp_path: Path) -> Iterator[HostNetwork]:
+    settings = Settings(
+        data_dir=tmp_path,
+        bridge_name=BRIDGE,
+        bridge_cidr="172.31.250.1/24",
+        tap_prefix=PREFIX,
+        nft_table=TABLE,
+    )
+    network = HostNetwork(settings)
+    asyncio.run(network.setup())
+    yield network
+    firewall.remove_rules(TABLE)
+    links.delete_link(BRIDGE)
+
+
+def bridge_mac() -> str:
+    out = subprocess.run(
+        ["ip", "-br", "link", "show", "dev", BRIDGE], capture_output=True, text=True
+    )
+    return out.stdout.split()[2]
+
+
+def test_attach_detach_and_settle(net: HostNetwork) -> None:
+    a = GuestLink(f"{PREFIX}a", "02:11:22:33:44:55", "172.31.250.2")
+    b = GuestLink(f"{PREFIX}b", "02:11:22:33:44:66", "172.31.250.3")
+    mac = bridge_mac()
+    assert mac == "02:00:ac:1f:fa:01"  # made from the gateway address, not from a port
+
+    for _ in range(2):  # idempotent
+        asyncio.run(net.attach(a))
+        asyncio.run(net.attach(b))
+    assert link_exists(a.tap) and link_exists(b.tap)
+    assert pinned_addresses(BRIDGE) == {a.ip, b.ip}
+    assert a.mac in guests_set() and b.ip in guests_set()
+    assert bridge_mac() == mac  # ports came, the bridge's MAC stayed
+
+    for _ in range(2):
+        asyncio.run(net.detach(a))
+    assert not link_exists(a.tap) and link_exists(b.tap)
+    assert pinned_addresses(BRIDGE) == {b.ip}
+    assert a.mac not in guests_set() and b.mac in guests_set()
+
+    # A daemon start-up: the rules are made afresh (the set is empty), then settled to what
+    # really runs. A leftover TAP and pin of a VM that no longer runs are cleared.
+    asyncio.run(net.attach(a))
+    asyncio.run(net.setup())
+    assert b.mac not in guests_set()
+    assert asyncio.run(net.settle([b])) == [a.tap]
+    assert not link_exists(a.tap) and link_exists(b.tap)
+    assert pinned_addresses(BRIDGE) == {b.ip}
+    assert b.mac in guests_set() and a.mac not in guests_set()
+    assert bridge_mac() == mac
