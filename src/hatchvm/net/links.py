@@ -20,6 +20,13 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
+def _bridge_index(ipr: IPRoute, bridge: str) -> int:
+    found = _index(ipr, bridge)
+    if found is None:
+        raise NetworkError(f"bridge {bridge} does not exist")
+    return found
+
+
 def bridge_mac(gateway: ipaddress.IPv4Address) -> str:
     """A fixed, locally administered MAC for the bridge, made from its address.
 
@@ -54,9 +61,7 @@ def ensure_tap(tap: str, bridge: str) -> None:
     """A persistent TAP enslaved to the bridge and up; QEMU opens it by name."""
     try:
         with IPRoute() as ipr:
-            br = _index(ipr, bridge)
-            if br is None:
-                raise NetworkError(f"bridge {bridge} does not exist")
+            br = _bridge_index(ipr, bridge)
             idx = _index(ipr, tap)
             if idx is None:
                 ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
@@ -83,11 +88,12 @@ def pin_neighbour(bridge: str, ip: str, mac: str) -> None:
     so no other guest can answer, and the first packet after a wake goes out at once."""
     try:
         with IPRoute() as ipr:
-            br = _index(ipr, bridge)
-            if br is None:
-                raise NetworkError(f"bridge {bridge} does not exist")
             ipr.neigh(
-                "replace", dst=ip, lladdr=mac, ifindex=br, state=neighbour_states["permanent"]
+                "replace",
+                dst=ip,
+                lladdr=mac,
+                ifindex=_bridge_index(ipr, bridge),
+                state=neighbour_states["permanent"],
             )
     except NetlinkError as exc:
         raise NetworkError(f"cannot pin {ip} to {mac} on {bridge}: {exc.args[-1]}") from None
