@@ -30,6 +30,7 @@ const DATABASE_PATH = path.resolve(process.env.DATABASE_PATH || "./better-auth.d
 const BASE_URL = process.env.BETTER_AUTH_URL || `http://${HOST.includes(":") ? `[${HOST}]` : HOST}:${PORT}`;
 const VERIFY_PATH = "/api/hatch/verify-key";
 const MAX_BODY = 16 * 1024;
+const PEER_HEADER = "x-hatch-peer-address";
 
 function log(message) {
   process.stderr.write(`better-auth: ${message}\n`);
@@ -88,6 +89,10 @@ const options = {
   emailAndPassword: { enabled: true },
   telemetry: { enabled: false },
   logger: { level: "debug", log: authLog },
+  // Better Auth takes the client's address only from headers. This server sets its own
+  // header to the TCP peer's address (whatever a client sent in it is overwritten), so the
+  // per-IP limiter and the sessions' ipAddress see the real peer, not one shared bucket.
+  advanced: { ipAddress: { ipAddressHeaders: [PEER_HEADER] } },
   rateLimit: {
     // Better Auth's own per-IP limiter (on when NODE_ENV=production) stays as it is for
     // sign-in/sign-up, but not for get-session: hatchd asks it from one address for all
@@ -164,7 +169,10 @@ const server = createServer((req, res) => {
   let handling;
   if (pathname === "/healthz") handling = Promise.resolve(sendJson(res, 200, { ok: true }));
   else if (pathname === VERIFY_PATH) handling = verifyKey(req, res);
-  else if (pathname === "/api/auth" || pathname.startsWith("/api/auth/")) handling = authHandler(req, res);
+  else if (pathname === "/api/auth" || pathname.startsWith("/api/auth/")) {
+    req.headers[PEER_HEADER] = req.socket.remoteAddress ?? "";
+    handling = authHandler(req, res);
+  }
   else handling = Promise.resolve(sendJson(res, 404, { error: "not found" }));
   handling.catch((error) => {
     log(`error on ${req.method} ${pathname}: ${error?.message ?? error}`);
