@@ -96,7 +96,7 @@ const options = {
   rateLimit: {
     // Better Auth's own per-IP limiter (on when NODE_ENV=production) stays as it is for
     // sign-in/sign-up, but not for get-session: hatchd asks it from one address for all
-    // its users, and an API key given there is already counted by the plugin below.
+    // its users, and what a key may do is the API-key plugin's business, below.
     customRules: { "/get-session": false },
   },
   plugins: [
@@ -106,8 +106,9 @@ const options = {
       // The plugin's default allows a key 10 verifications a day, after which every request
       // with it fails until the day is over: a key used for real work would stop working.
       // hatchd caches successful verifications, so it asks rarely, but a key must never be
-      // cut off because it is busy. Usage limits belong to hatchd, not to key verification;
-      // the per-key rate limit is off for new keys (rateLimitEnabled=false).
+      // cut off because it is busy. Usage limits belong to hatchd, not to key verification.
+      // Off here means off for every key (the plugin checks this before a key's own
+      // rateLimitEnabled/rateLimitMax), and new keys are stored with rateLimitEnabled=false.
       rateLimit: { enabled: false },
     }),
   ],
