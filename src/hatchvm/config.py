@@ -6,8 +6,10 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, HttpUrl, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_HTTP_URL = TypeAdapter(HttpUrl)
 
 
 def _parse_addr(value: str) -> tuple[str, int]:
@@ -23,58 +25,145 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HATCH_", env_file=".env", extra="ignore")
 
-    http_addr: str = ":8080"
-    data_dir: Path = Path("./data")
-    database_url: str = ""  # empty: SQLite file inside data_dir
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http_addr: str = Field(default=":8080", description="API listen address (HOST:PORT or :PORT)")
+    data_dir: Path = Field(
+        default=Path("./data"),
+        description="database, images, VM disks and consoles (made absolute at start-up)",
+    )
+    database_url: str = Field(
+        default="", description="empty: SQLite in the data dir; or postgresql://..."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe log level shown"
+    )
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto",
+        description="auto: readable lines on a terminal, JSON lines otherwise (always on stderr)",
+    )
 
-    vmm: Literal["auto", "qemu", "firecracker"] = "auto"
-    qemu_bin: str = "qemu-system-x86_64"
-    qemu_accel: Literal["auto", "kvm", "tcg"] = "auto"
-    firecracker_bin: str = "firecracker"
-    stop_timeout: float = Field(default=20.0, gt=0)
+    vmm: Literal["auto", "qemu", "firecracker"] = Field(
+        default="auto", description="which VMM runs the guests"
+    )
+    qemu_bin: str = Field(default="qemu-system-x86_64", description="the QEMU binary")
+    qemu_accel: Literal["auto", "kvm", "tcg"] = Field(
+        default="auto",
+        description="auto probes whether KVM really runs a guest and falls back to TCG",
+    )
+    firecracker_bin: str = Field(default="firecracker", description="the Firecracker binary")
+    stop_timeout: float = Field(
+        default=20.0, gt=0, description="seconds a guest gets to power off before it is killed"
+    )
 
-    bridge_name: str = Field(default="hatchbr0", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
-    bridge_cidr: str = "172.16.0.1/24"
-    tap_prefix: str = Field(default="hv", pattern=r"^[a-z]{1,4}$")
-    nft_table: str = Field(default="hatchvm", pattern=r"^[A-Za-z0-9_]{1,32}$")
-    guest_dns: str = "1.1.1.1"
+    bridge_name: str = Field(
+        default="hatchbr0", pattern=r"^[A-Za-z0-9_.-]{1,15}$", description="the VMs' bridge"
+    )
+    bridge_cidr: str = Field(
+        default="172.16.0.1/24", description="the bridge's address and the guests' network"
+    )
+    tap_prefix: str = Field(
+        default="hv", pattern=r"^[a-z]{1,4}$", description="name prefix of the VMs' TAP devices"
+    )
+    nft_table: str = Field(
+        default="hatchvm",
+        pattern=r"^[A-Za-z0-9_]{1,32}$",
+        description="name of hatchd's own nftables tables",
+    )
+    guest_dns: str = Field(default="1.1.1.1", description="DNS servers given to guests")
 
-    default_vcpu: int = Field(default=1, ge=1, le=32)
-    default_mem_mib: int = Field(default=512, ge=128, le=65536)
-    max_vms_per_user: int = Field(default=5, ge=0)
-    max_snapshots_per_vm: int = Field(default=10, ge=0)
-    vm_disk_mib: int = Field(default=1024, ge=64)
+    default_vcpu: int = Field(default=1, ge=1, le=32, description="vCPUs of a VM that names none")
+    default_mem_mib: int = Field(
+        default=512, ge=128, le=65536, description="memory (MiB) of a VM that names none"
+    )
+    max_vms_per_user: int = Field(default=5, ge=0, description="VM quota per user (403 beyond)")
+    max_snapshots_per_vm: int = Field(
+        default=10, ge=0, description="snapshot quota per VM (403 beyond)"
+    )
+    vm_disk_mib: int = Field(
+        default=1024, ge=64, description="size of each VM's writable disk in MiB (sparse)"
+    )
 
-    proxy_addr: str = ":9090"
-    proxy_base_domain: str = "hatch.local"
-    proxy_wake_timeout: float = Field(default=60.0, gt=0)
-    ssh_port_min: int = Field(default=16000, ge=1, le=65535)
-    ssh_port_max: int = Field(default=26000, ge=1, le=65535)
-    ssh_allowed_cidr: str = "0.0.0.0/0"  # one network or several, comma-separated
-    ssh_host: str = "0.0.0.0"  # where the SSH gateway's per-VM ports listen
-    idle_check_interval: float = Field(default=300.0, gt=0)
-    idle_timeout: float = Field(default=2700.0, gt=0)
+    proxy_addr: str = Field(default=":9090", description="the HTTP proxy's listen address")
+    proxy_base_domain: str = Field(
+        default="hatch.local", description="routes answer at <subdomain>.<this domain>"
+    )
+    proxy_wake_timeout: float = Field(
+        default=60.0, gt=0, description="seconds a request may wait for a sleeping VM to wake"
+    )
+    ssh_port_min: int = Field(
+        default=16000, ge=1, le=65535, description="lowest SSH gateway port given to a VM"
+    )
+    ssh_port_max: int = Field(
+        default=26000, ge=1, le=65535, description="highest SSH gateway port given to a VM"
+    )
+    ssh_allowed_cidr: str = Field(
+        default="0.0.0.0/0",
+        description="who may connect to the SSH gateway (networks, comma-separated)",
+    )
+    ssh_host: str = Field(
+        default="0.0.0.0", description="where the SSH gateway's per-VM ports listen"
+    )
+    idle_check_interval: float = Field(
+        default=300.0, gt=0, description="seconds between two looks for idle VMs"
+    )
+    idle_timeout: float = Field(
+        default=2700.0, gt=0, description="seconds without use after which a VM is snapshotted"
+    )
 
-    better_auth_url: str = ""
-    better_auth_verify_url: str = ""
-    auth_cache_ttl: float = Field(default=30.0, ge=0)
+    better_auth_url: str = Field(
+        default="", description="Better Auth server that verifies API keys (empty: local keys)"
+    )
+    better_auth_verify_url: str = Field(
+        default="", description="key verification route of that server (POST {key})"
+    )
+    auth_cache_ttl: float = Field(
+        default=30.0, ge=0, description="seconds a key verification is cached"
+    )
 
-    s3_endpoint: str = ""
-    s3_bucket: str = ""
-    s3_region: str = "us-east-1"
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    snapshot_zstd_level: int = Field(default=3, ge=1, le=19)
+    s3_endpoint: str = Field(default="", description="S3-compatible server (empty: AWS)")
+    s3_bucket: str = Field(
+        default="", description="store snapshots in this bucket (empty: the data dir)"
+    )
+    s3_region: str = Field(default="us-east-1", description="the bucket's region")
+    s3_access_key: str = Field(default="", description="S3 access key (empty: boto3's defaults)")
+    s3_secret_key: str = Field(default="", description="S3 secret key (empty: boto3's defaults)")
+    snapshot_zstd_level: int = Field(
+        default=3, ge=1, le=19, description="zstd level of snapshot artifacts"
+    )
 
-    # Where downloaded .deb files are kept between image builds.
-    cache_dir: Path = Path.home() / ".cache" / "hatchvm"
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "hatchvm",
+        description="where downloaded .deb files are kept between image builds",
+    )
+
+    @field_validator("data_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Resolved once, here: QEMU runs with -daemonize, which changes its directory to /,
+        # so a relative path handed to it (a migration's exec: command) would point elsewhere.
+        return value.expanduser().resolve()
 
     @field_validator("http_addr", "proxy_addr")
     @classmethod
     def _valid_addr(cls, value: str) -> str:
         _parse_addr(value)
         return value
+
+    @field_validator("better_auth_url", "better_auth_verify_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        if value:
+            try:
+                _HTTP_URL.validate_python(value)
+            except ValidationError as exc:
+                reason = exc.errors()[0]["msg"]
+                raise ValueError(f"{reason}: expected http(s)://host[:port][/path]") from None
+        return value
+
+    @model_validator(mode="after")
+    def _verify_url_needs_server(self) -> Settings:
+        if self.better_auth_verify_url and not self.better_auth_url:
+            raise ValueError("HATCH_BETTER_AUTH_VERIFY_URL is set but HATCH_BETTER_AUTH_URL is not")
+        return self
 
     @field_validator("bridge_cidr")
     @classmethod
@@ -116,11 +205,11 @@ class Settings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         url = self.database_url
         if not url:
-            return f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'hatchvm.db'}"
+            return f"sqlite+aiosqlite:///{self.data_dir / 'hatchvm.db'}"
         if url.startswith(("postgresql://", "postgres://")):
             return "postgresql+asyncpg://" + url.split("://", 1)[1]
         if url.startswith("sqlite:///"):
-            return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
+            return f"sqlite+aiosqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
         return url
 
     @property
@@ -147,6 +236,8 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = "HATCH_" + str(err["loc"][0]).upper() if err["loc"] else "HATCH_*"
-            lines.append(f"{name}: {err['msg']}")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["loc"]:
+                message = f"HATCH_{str(err['loc'][0]).upper()}: {message}"
+            lines.append(message)
         raise ConfigError("; ".join(lines)) from None

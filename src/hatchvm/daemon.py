@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
 
 import structlog
 import uvicorn
 import uvloop
 
+from hatchvm import __version__
 from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
 from hatchvm.auth.local import LocalKeyVerifier
@@ -124,13 +127,39 @@ async def serve(settings: Settings) -> None:
     # VMs keep running: the next hatchd reattaches them.
 
 
-def main() -> None:
+def _settings_help() -> str:
+    """Every setting with its default and meaning, read from the Settings class itself."""
+    lines = ["settings (environment variables, or a .env file in the working directory):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = (
+            f"./{default}" if isinstance(default, Path) and not default.is_absolute() else default
+        )
+        lines.append(f"  HATCH_{name.upper()}={shown}")
+        lines.append(f"      {field.description}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hatchd",
+        description="hatchd: the hatchvm daemon (REST API, HTTP proxy, SSH gateway, reaper). "
+        "It takes no arguments: every setting is a HATCH_* environment variable.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hatchd {__version__}")
+    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _parse_args(argv)  # --help and --version exit here, before anything is touched
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"hatchd: invalid configuration: {exc}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         uvloop.run(serve(settings))  # a faster event loop: the proxy is on it
     except (StartupError, NetworkError, VMMError) as exc:

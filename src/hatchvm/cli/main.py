@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from hatchvm import __version__
 from hatchvm.cli import images, keys, routes, snapshots, vms
 from hatchvm.cli.context import Connection
 
@@ -22,6 +23,12 @@ app.add_typer(images.app, name="image")
 app.add_typer(keys.app, name="keys")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"hatchvm {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     ctx: typer.Context,
@@ -32,6 +39,12 @@ def main(
     key: Annotated[
         str | None, typer.Option(envvar="HATCH_API_KEY", help="API key.", show_default=False)
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Connection(url, key)
 
