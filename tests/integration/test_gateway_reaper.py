@@ -5,46 +5,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import subprocess
 from pathlib import Path
-from typing import BinaryIO
 
 import aiohttp
 import pytest
 
 from tests.integration.test_routes_proxy import WEB_SERVER, via_proxy
+from tests.support.ssh import ssh, ssh_key
 from tests.support.wait import wait_for, wait_http
 
 pytestmark = pytest.mark.vm
-
-
-def ssh_key(tmp_path: Path) -> tuple[Path, str]:
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key, (tmp_path / "id_ed25519.pub").read_text().strip()
-
-
-def ssh(
-    key: Path, port: int, command: str, timeout: float = 120, stdin: BinaryIO | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "ssh",
-            "-i", str(key),
-            "-p", str(port),
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR",
-            "-o", f"ConnectTimeout={int(timeout)}",
-            "root@127.0.0.1",
-            command,
-        ],
-        stdin=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-    )  # fmt: skip
 
 
 def banner_from(port: int, source: str) -> bytes:

@@ -89,7 +89,14 @@ def connect_echo(vm: dict) -> socket.socket:
 
 
 def disk_file(disk: Path, path: str) -> str:
-    """A file of the VM's writable disk (its overlay upper layer), read without the guest."""
+    """A file of the VM's writable disk (its overlay upper layer), read without the guest.
+
+    The guest's ext4 journal is replayed first (on this copy): what the guest synced may so far
+    sit only in the journal, and debugfs reads the filesystem without replaying it."""
+    replay = subprocess.run(
+        ["e2fsck", "-E", "journal_only", "-y", str(disk)], capture_output=True, text=True
+    )
+    assert replay.returncode in (0, 1), f"e2fsck could not replay the journal: {replay.stdout}"
     out = subprocess.run(
         ["debugfs", "-R", f"cat /upper{path}", str(disk)],
         capture_output=True,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import httpx
@@ -53,7 +54,7 @@ def test_create_serves_http_from_user_data(api, hatch) -> None:
     vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
     assert vm["state"] == "running"
     assert vm["id"].startswith("vm_") and vm["image_id"] == "img_default"
-    assert vm["guest_ip"].startswith(f"172.16.{hatch.n % 250}.")
+    assert vm["guest_ip"].startswith(f"{hatch.subnet}.")
     settings = hatch.settings()
     assert vm["guest_mac"].startswith("02:")
     assert settings.ssh_port_min <= vm["ssh_port"] <= settings.ssh_port_max
@@ -103,7 +104,7 @@ class _Hits(BaseHTTPRequestHandler):
 
 
 def test_vms_cannot_reach_each_other(api, hatch) -> None:
-    gateway = f"172.16.{hatch.n % 250}.1"
+    gateway = f"{hatch.subnet}.1"
     server = ThreadingHTTPServer((gateway, 0), _Hits)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -139,13 +140,24 @@ echo "hello from a thief" > /srv/www/index.html
 ip addr add {ip}/32 dev eth0
 busybox httpd -p 8080 -h /srv/www
 echo "thief armed"
-while :; do arping -U -c 1 -I eth0 -s {ip} {ip}; sleep 0.2; done >/dev/null 2>&1 &
+n=0
+while :; do
+  arping -U -c 1 -I eth0 -s {ip} {ip} >/dev/null 2>&1
+  n=$((n + 1)); echo "thief announced $n" > /dev/console
+  sleep 0.2
+done &
 """
 MAC_THIEF = """#!/bin/sh
 ip link set eth0 down
 ip link set eth0 address {mac}
 ip link set eth0 up
 """ + IP_THIEF.removeprefix("#!/bin/sh\n")
+
+
+def announcements(console: Path) -> int:
+    """How often a thief has announced the stolen address so far."""
+    counts = re.findall(r"thief announced (\d+)", console.read_text(errors="replace"))
+    return int(counts[-1]) if counts else 0
 
 
 def answer_at(ip: str) -> str | None:
@@ -171,10 +183,17 @@ def test_a_vm_cannot_take_over_another_vms_address(api, hatch) -> None:
     # The IP thief's own address still works: only the stolen one is refused.
     assert "thief" in wait_http(f"http://{thieves[0]['guest_ip']}:8080/")
 
+    consoles = [hatch.data_dir / "vms" / thief["id"] / "console.log" for thief in thieves]
     answers = []
     for _ in range(10):
         answers.append(answer_at(victim["guest_ip"]))
-        time.sleep(0.2)  # let the thieves announce between requests
+        # Both thieves announce the stolen address again before the next request.
+        heard = [announcements(c) for c in consoles]
+        wait_for(
+            lambda h=heard: all(announcements(c) > n for c, n in zip(consoles, h, strict=True)),
+            60,
+            "a new announcement from each thief",
+        )
     assert answers == [hello] * 10
 
     # Asleep, the victim's address answers nobody, rather than a thief.

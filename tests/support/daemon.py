@@ -46,6 +46,8 @@ class HatchDaemon:
         self.bridge = f"hbt{n}"
         self.tap_prefix = "t" + "abcdefghijklmnopqrstuvwxyz"[n % 26]
         self.table = f"hatchtest{n}"
+        # Never 172.16.0.0/24: that is the default bridge, which the README-flow test uses.
+        self.subnet = f"172.16.{n % 250 + 1}"
         self.env = {
             "HATCH_DATA_DIR": str(self.data_dir),
             "HATCH_HTTP_ADDR": f"127.0.0.1:{self.port}",
@@ -54,7 +56,7 @@ class HatchDaemon:
             "HATCH_SSH_PORT_MIN": str(20000 + 100 * (n % 400)),
             "HATCH_SSH_PORT_MAX": str(20000 + 100 * (n % 400) + 99),
             "HATCH_BRIDGE_NAME": self.bridge,
-            "HATCH_BRIDGE_CIDR": f"172.16.{n % 250}.1/24",
+            "HATCH_BRIDGE_CIDR": f"{self.subnet}.1/24",
             "HATCH_TAP_PREFIX": self.tap_prefix,
             "HATCH_NFT_TABLE": self.table,
             "HATCH_QEMU_ACCEL": "auto",

@@ -8,14 +8,25 @@ from hatchvm.core.locks import KeyedLocks
 async def test_same_key_serialises_other_keys_do_not() -> None:
     locks = KeyedLocks()
     order: list[str] = []
+    b_ran = asyncio.Event()
 
-    async def work(key: str, name: str, delay: float) -> None:
-        async with locks.hold(key):
-            order.append(f"{name}+")
-            await asyncio.sleep(delay)
-            order.append(f"{name}-")
+    async def first() -> None:
+        async with locks.hold("a"):
+            order.append("1+")
+            await b_ran.wait()  # holds "a" until the other key got through
+            order.append("1-")
 
-    await asyncio.gather(work("a", "1", 0.05), work("a", "2", 0), work("b", "3", 0))
+    async def second() -> None:
+        async with locks.hold("a"):
+            order.append("2+")
+            order.append("2-")
+
+    async def other_key() -> None:
+        async with locks.hold("b"):
+            order.append("3+")
+        b_ran.set()
+
+    await asyncio.wait_for(asyncio.gather(first(), second(), other_key()), 5)
     assert order.index("1-") < order.index("2+")  # same key: strictly one after the other
     assert order.index("3+") < order.index("1-")  # other key: not held up
     assert not locks.busy("a") and locks._locks == {}

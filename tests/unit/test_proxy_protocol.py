@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,14 @@ from hatchvm.core.activity import Activity
 from hatchvm.proxy.server import Proxy
 from tests.support.daemon import free_port
 from tests.unit.proxy_fakes import FakeRoutes, FakeVMs
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for condition, polling the event loop, up to timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -247,14 +255,12 @@ async def test_client_leaving_mid_request_frees_everything(raw) -> None:
     port, _upstream, proxy, vms = raw
     reader, writer = await connect(port)
     writer.write(get("/upload", "POST", extra="Content-Length: 1000000\r\n") + b"partial")
-    await asyncio.sleep(0.2)
-    assert proxy.activity.busy(vms.vm.id)
+    await eventually(lambda: proxy.activity.busy(vms.vm.id), "the request to reach the vm")
     writer.close()
-    for _ in range(100):
-        if not proxy.activity.busy(vms.vm.id) and not proxy.connections:
-            break
-        await asyncio.sleep(0.02)
-    assert not proxy.activity.busy(vms.vm.id) and not proxy.connections
+    await eventually(
+        lambda: not proxy.activity.busy(vms.vm.id) and not proxy.connections,
+        "the abandoned request to be freed",
+    )
     reader, writer = await connect(port)  # and the proxy serves on
     writer.write(get("/next"))
     assert (await read_response(reader))[0] == 200
