@@ -14,7 +14,7 @@ import uvloop
 from hatchvm import __version__
 from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
-from hatchvm.auth.local import LocalKeyVerifier
+from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.network import HostNetwork
@@ -94,15 +94,18 @@ async def serve(settings: Settings) -> None:
     await routes.load()
     await reconcile(vms, snapshots)
 
-    app = create_app(
-        Services(settings, sessions, LocalKeyVerifier(sessions), vms, snapshots, routes)
-    )
+    verifier = build_verifier(settings, sessions)
+    app = create_app(Services(settings, sessions, verifier, vms, snapshots, routes))
     host, port = settings.http_host_port
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
     )
     log.info(
-        "hatchd listening", addr=f"{host}:{port}", accel=accel, data_dir=str(settings.data_dir)
+        "hatchd listening",
+        addr=f"{host}:{port}",
+        accel=accel,
+        data_dir=str(settings.data_dir),
+        auth=verifier.name,
     )
     activity = Activity(vms)
     wake = WakeService(vms, snapshots)
@@ -123,6 +126,7 @@ async def serve(settings: Settings) -> None:
         await reaper.close()
         await gateway.close()
         await proxy.close()
+        await verifier.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 

@@ -17,4 +17,10 @@ async def healthz(svc: Svc) -> dict[str, Any]:
     async with svc.sessions() as session:
         await session.execute(text("SELECT 1"))
     caps = await svc.vms.vmm.capabilities()
-    return {"status": "ok", "vmm": caps.name, "accel": caps.accel, "database": "ok"}
+    return {
+        "status": "ok",
+        "vmm": caps.name,
+        "accel": caps.accel,
+        "database": "ok",
+        "auth": svc.verifier.name,
+    }

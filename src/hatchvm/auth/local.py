@@ -23,8 +23,13 @@ def hash_key(key: str) -> str:
 
 
 class LocalKeyVerifier:
+    name = "local"
+
     def __init__(self, sessions: async_sessionmaker[Any]) -> None:
         self._sessions = sessions
+
+    async def close(self) -> None:
+        pass
 
     async def verify(self, key: str) -> str:
         async with self._sessions() as session:
