@@ -25,6 +25,7 @@ from hatchvm.db.models import ApiKey
 from hatchvm.errors import BadRequest
 from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.images import builder, registry
+from hatchvm.private import make_private_dir
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _info(row: ApiKey) -> KeyInfo:
 
 @asynccontextmanager
 async def _database(settings: Settings) -> AsyncIterator[async_sessionmaker[Any]]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)
     engine = make_engine(settings.sqlalchemy_url)
     try:
         await upgrade(engine)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from hatchvm.gateway.ssh import SSHGateway
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
 from hatchvm.net.errors import NetworkError
+from hatchvm.private import PRIVATE_UMASK, make_private_dir, tighten_tree
 from hatchvm.proxy.server import Proxy
 from hatchvm.reaper import IdleReaper
 from hatchvm.snapshots.errors import ArtifactError
@@ -72,7 +74,9 @@ async def _build_store(settings: Settings) -> ArtifactStore:
 
 
 async def serve(settings: Settings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)
+    if tightened := await asyncio.to_thread(tighten_tree, settings.data_dir):
+        log.info("made files in the data directory private", count=tightened)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
     await upgrade(engine)
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hatchd: invalid configuration: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    os.umask(PRIVATE_UMASK)  # every file hatchd or its QEMUs write is the daemon's alone
     try:
         uvloop.run(serve(settings))  # a faster event loop: the proxy is on it
     except (StartupError, NetworkError, VMMError) as exc:

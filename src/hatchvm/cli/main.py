@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from hatchvm import __version__
 from hatchvm.cli import images, keys, routes, snapshots, vms
 from hatchvm.cli.context import Connection
+from hatchvm.private import PRIVATE_UMASK
 
 app = typer.Typer(
     help="hatchvm: microVMs behind one API.",
@@ -46,6 +48,7 @@ def main(
         ),
     ] = False,
 ) -> None:
+    os.umask(PRIVATE_UMASK)  # what the CLI writes (database, images) is private
     ctx.obj = Connection(url, key)
 
 

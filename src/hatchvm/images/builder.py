@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from hatchvm import private
+
 BUILDER_VERSION = 4
 KERNEL_META = "linux-image-cloud-amd64"
 # What the root filesystem is made of; their Depends/Pre-Depends (libc6, libcrypt1,
@@ -422,47 +424,14 @@ def build_default_image(
     rootfs_pkgs = apt.runtime_closure(ROOTFS_ROOTS)
     debs = apt.download([kernel_pkg, *rootfs_pkgs], cache_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
-    staging.chmod(0o755)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            kernel_root = Path(tmp)
-            progress(f"unpacking {kernel_pkg}")
-            _unpack(debs[kernel_pkg], kernel_root)
-            vmlinuz = next(iter(glob.glob(str(kernel_root / "boot/vmlinuz-*"))), None)
-            if vmlinuz is None:
-                raise ImageBuildError(f"{kernel_pkg} contains no /boot/vmlinuz-*")
-            kver = Path(vmlinuz).name.removeprefix("vmlinuz-")
-            shutil.copy2(vmlinuz, staging / ARTIFACT_NAMES["kernel"])
-            progress("extracting the uncompressed vmlinux (LZ4 payload)")
-            extract_vmlinux(staging / ARTIFACT_NAMES["kernel"], staging / ARTIFACT_NAMES["vmlinux"])
-            progress("building the initramfs (virtio drivers, overlay root)")
-            busybox_root = kernel_root / "bb"
-            _unpack(debs["busybox-static"], busybox_root)
-            modules = _build_initramfs(
-                kernel_root, kver, busybox_root / "bin/busybox", staging / ARTIFACT_NAMES["initrd"]
-            )
-        progress("building the root filesystem (busybox, dropbear)")
-        _build_rootfs([debs[p] for p in rootfs_pkgs], staging / ARTIFACT_NAMES["rootfs"], progress)
-        (staging / ARTIFACT_NAMES["rootfs"]).chmod(0o444)
-        progress("writing the manifest")
-        files = {
-            role: {
-                "file": name,
-                "size": (staging / name).stat().st_size,
-                "sha256": _sha256(staging / name),
-            }
-            for role, name in ARTIFACT_NAMES.items()
-        }
-        manifest = {
-            "builder_version": BUILDER_VERSION,
-            "kernel_version": kver,
-            "kernel_package": kernel_pkg,
-            "packages": {p: debs[p].name for p in [kernel_pkg, *rootfs_pkgs]},
-            "modules": modules,
-            "boot_args": BOOT_ARGS,
-            "files": files,
-        }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        # Guest files get the modes a guest expects (0o022), whatever umask the caller runs
+        # with; what lands on the host is then made private explicitly.
+        with private.umask(0o022):
+            _build_into(staging, kernel_pkg, rootfs_pkgs, debs, progress)
+        for path in staging.iterdir():
+            path.chmod(0o400)  # read-only: VMs share these files
+        staging.chmod(0o700)
         _swap_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -471,6 +440,54 @@ def build_default_image(
     assert artifacts is not None
     progress(f"img_default ready in {out_dir}")
     return artifacts
+
+
+def _build_into(
+    staging: Path,
+    kernel_pkg: str,
+    rootfs_pkgs: list[str],
+    debs: dict[str, Path],
+    progress: Progress,
+) -> None:
+    """Everything of the image, into staging (guest files with guest modes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel_root = Path(tmp)
+        progress(f"unpacking {kernel_pkg}")
+        _unpack(debs[kernel_pkg], kernel_root)
+        vmlinuz = next(iter(glob.glob(str(kernel_root / "boot/vmlinuz-*"))), None)
+        if vmlinuz is None:
+            raise ImageBuildError(f"{kernel_pkg} contains no /boot/vmlinuz-*")
+        kver = Path(vmlinuz).name.removeprefix("vmlinuz-")
+        shutil.copy2(vmlinuz, staging / ARTIFACT_NAMES["kernel"])
+        progress("extracting the uncompressed vmlinux (LZ4 payload)")
+        extract_vmlinux(staging / ARTIFACT_NAMES["kernel"], staging / ARTIFACT_NAMES["vmlinux"])
+        progress("building the initramfs (virtio drivers, overlay root)")
+        busybox_root = kernel_root / "bb"
+        _unpack(debs["busybox-static"], busybox_root)
+        modules = _build_initramfs(
+            kernel_root, kver, busybox_root / "bin/busybox", staging / ARTIFACT_NAMES["initrd"]
+        )
+    progress("building the root filesystem (busybox, dropbear)")
+    _build_rootfs([debs[p] for p in rootfs_pkgs], staging / ARTIFACT_NAMES["rootfs"], progress)
+    progress("writing the manifest")
+    files = {
+        role: {
+            "file": name,
+            "size": (staging / name).stat().st_size,
+            "sha256": _sha256(staging / name),
+        }
+        for role, name in ARTIFACT_NAMES.items()
+    }
+    manifest = {
+        "builder_version": BUILDER_VERSION,
+        "kernel_version": kver,
+        "kernel_package": kernel_pkg,
+        "packages": {p: debs[p].name for p in [kernel_pkg, *rootfs_pkgs]},
+        "modules": modules,
+        "boot_args": BOOT_ARGS,
+        "files": files,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

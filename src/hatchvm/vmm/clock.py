@@ -1,47 +1,68 @@
-"""The host's TSC rate, which an emulated (TCG) guest needs on its kernel command line."""
+"""The host's TSC rate, which an emulated (TCG) guest needs on its kernel command line.
+
+Under TCG the guest's TSC runs at the host's rate. The guest kernel calibrates it against the
+PIT with a tight timing loop, which fails when the host is busy (several VMs booting at once);
+the kernel then marks the TSC unstable and hangs at "Calibrating delay loop". Telling it the
+rate (tsc_early_khz=) skips that calibration.
+
+The rate is read from the kernel, never measured by code of our own: the time conversion the
+kernel publishes for user-space readers of perf events (perf_event_mmap_page's time_mult and
+time_shift turn TSC cycles into nanoseconds) is exactly its TSC rate. Where perf events are
+unavailable, /proc/cpuinfo's "cpu MHz" (the TSC rate on hosts without frequency scaling).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import mmap
+import os
 import platform
-import time
+import struct
 from pathlib import Path
+
+_SYS_PERF_EVENT_OPEN = 298  # x86_64
+_PERF_TYPE_SOFTWARE = 1
+_PERF_COUNT_SW_DUMMY = 9
+_ATTR_SIZE = 128  # PERF_ATTR_SIZE_VER8: the kernel accepts any known size
+_EXCLUDE_KERNEL_AND_HV = (1 << 5) | (1 << 6)
+# perf_event_mmap_page: capabilities at 40 (bit 3: cap_user_time), time_shift (u16) at 50,
+# time_mult (u32) at 52.
+_CAPS = struct.Struct("<Q")
+_TIME = struct.Struct("<HI")
+_CAP_USER_TIME = 1 << 3
 
 
 @functools.cache
 def host_tsc_khz() -> int | None:
-    """The host's TSC rate in kHz, measured with rdtsc against CLOCK_MONOTONIC_RAW.
-
-    Under TCG the guest's TSC runs at the host's rate. The guest kernel calibrates it against
-    the PIT with a tight timing loop, which fails when the host is busy (several VMs booting
-    at once); the kernel then marks the TSC unstable and hangs at "Calibrating delay loop".
-    Telling it the rate (tsc_early_khz=) skips that calibration."""
+    """The host's TSC rate in kHz, or None when it cannot be known."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
+    khz = _perf_tsc_khz() or _cpuinfo_khz()
+    return khz if khz and 100_000 < khz < 10_000_000 else None
+
+
+def _perf_tsc_khz() -> int | None:
+    """ns = cycles * time_mult >> time_shift, so kHz = 10^6 * 2^time_shift / time_mult."""
+    attr = bytearray(_ATTR_SIZE)
+    struct.pack_into("<IIQ", attr, 0, _PERF_TYPE_SOFTWARE, _ATTR_SIZE, _PERF_COUNT_SW_DUMMY)
+    struct.pack_into("<Q", attr, 40, _EXCLUDE_KERNEL_AND_HV)
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = (ctypes.c_char * _ATTR_SIZE).from_buffer(attr)
+    fd = libc.syscall(_SYS_PERF_EVENT_OPEN, buf, 0, -1, -1, 0)
+    if fd < 0:
+        return None
     try:
-        code = bytes.fromhex("0f3148c1e2204809d0c3")  # rdtsc; shl rdx,32; or rax,rdx; ret
-        prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
-        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=prot)
+        with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ) as page:
+            (caps,) = _CAPS.unpack_from(page, 40)
+            shift, mult = _TIME.unpack_from(page, 50)
     except (OSError, ValueError):
-        return _cpuinfo_khz()
-    try:
-        buf.write(code)
-        func = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
-        samples = []
-        for _ in range(3):
-            t0, c0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW), func()
-            time.sleep(0.05)
-            t1, c1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW), func()
-            samples.append((c1 - c0) * 1_000_000 // (t1 - t0))
-        del func
-        khz = sorted(samples)[1]
+        return None
     finally:
-        with contextlib.suppress(BufferError):
-            buf.close()
-    return khz if 100_000 < khz < 10_000_000 else _cpuinfo_khz()
+        os.close(fd)
+    if not caps & _CAP_USER_TIME or not mult:
+        return None  # the clock source is not the TSC: the kernel publishes no conversion
+    return round(1_000_000 * (1 << shift) / mult)
 
 
 def _cpuinfo_khz() -> int | None:

@@ -144,6 +144,11 @@ class QemuVMM:
         zombie is left for the daemon to reap."""
         for name in (PID_FILE, QMP_SOCKET):
             (spec.vm_dir / name).unlink(missing_ok=True)
+        # -daemonize sets QEMU's umask to 027: files it would create are group-readable.
+        # Made here first, they keep their private mode.
+        for path in (spec.vm_dir / CONSOLE_LOG, spec.mem_file):
+            if path is not None:
+                _make_private_file(path)
         log_path = spec.vm_dir / QEMU_LOG
         with log_path.open("ab") as qlog:
             try:
@@ -165,6 +170,7 @@ class QemuVMM:
         if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
             await self.kill(spec.vm_id, spec.vm_dir)
             raise VMMError(f"qemu failed to start (exit {code}): {_tail(log_path)}")
+        (spec.vm_dir / QMP_SOCKET).chmod(0o600)
         status = await qmp_execute(spec.vm_dir / QMP_SOCKET, "query-status")
         if status.get("status") != ("inmigrate" if spec.incoming else "running"):
             await self.kill(spec.vm_id, spec.vm_dir)
@@ -212,7 +218,8 @@ class QemuVMM:
         async with qmp_session(vm_dir / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-            await qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(state_file))}"})
+            target = shlex.quote(str(state_file))
+            await qmp.execute("migrate", {"uri": f"exec:umask 077 && cat > {target}"})
             await qmp.wait_migration(MIGRATION_TIMEOUT)
         await self.kill(vm_id, vm_dir)
 
@@ -250,6 +257,11 @@ class QemuVMM:
 
     async def resume(self, vm_id: str, vm_dir: Path) -> None:
         await qmp_execute(vm_dir / QMP_SOCKET, "cont")
+
+
+def _make_private_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
 
 
 def _tail(path: Path, lines: int = 5) -> str:
