@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
+from hatchvm.core.console import Consoles
 from hatchvm.core.routes import RouteService
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
@@ -50,7 +51,8 @@ async def serve(data_dir: Path, proxy_port: int, upstream_port: int) -> None:
                 guest_ip="127.0.0.1",
             )
         )
-    vms = VMService(settings, sessions, QemuVMM("qemu-system-x86_64", "tcg"), None)
+    vmm = QemuVMM("qemu-system-x86_64", "tcg")
+    vms = VMService(settings, sessions, vmm, None, Consoles(settings.console_max_bytes))
     routes = RouteService(settings, vms)
     await routes.create("bench", "vm_bench", "bench", upstream_port, True)
     snapshots = SnapshotService(settings, vms, LocalStore(settings.snapshots_dir))

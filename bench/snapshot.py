@@ -82,8 +82,11 @@ def plain_command(hatch_cmd: list[str], memory: str, disk: Path, vm_dir: Path) -
             arg = memory
         elif arg.startswith("id=disk,file="):
             arg = f"id=disk,file={disk},format=raw,if=none,discard=unmap"
-        elif arg.startswith("file,id=con,path="):
+        elif arg.startswith("socket,id=con,path="):
             arg = f"file,id=con,path={vm_dir / 'console.log'}"
+        elif arg.startswith("unix:") and "qmp-events.sock" in arg:
+            out.pop()  # its "-qmp": hatchd's event monitor is not needed here
+            continue
         elif arg.startswith("unix:") and arg.endswith("server=on,wait=off"):
             arg = f"unix:{vm_dir / 'qmp.sock'},server=on,wait=off"
         out.append(arg)

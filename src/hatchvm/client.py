@@ -7,6 +7,7 @@ with HatchClient("http://127.0.0.1:8080", "hatch_...") as api:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -108,6 +109,7 @@ class HatchClient:
         enable_network: bool | None = None,
         user_data: str | None = None,
         boot_args: str | None = None,
+        restart: str | None = None,
     ) -> Any:
         return self._call(
             *_Routes.create_vm(
@@ -117,6 +119,7 @@ class HatchClient:
                 enable_network=enable_network,
                 user_data=user_data,
                 boot_args=boot_args,
+                restart=restart,
             )
         )
 
@@ -134,6 +137,25 @@ class HatchClient:
 
     def delete_vm(self, vm_id: str) -> Any:
         return self._call("DELETE", f"/vms/{vm_id}")
+
+    def console(self, vm_id: str, lines: int = 100) -> str:
+        """The last lines of the guest's console."""
+        response = self.request("GET", f"/vms/{vm_id}/console?lines={lines}")
+        if not response.is_success:
+            _result(response)
+        return response.text
+
+    def follow_console(self, vm_id: str, lines: int = 100) -> Iterator[bytes]:
+        """The console's last lines, then its new output until the VM's VMM ends."""
+        url = f"/vms/{vm_id}/console?lines={lines}&follow=true"
+        try:
+            with self._http.stream("GET", url, timeout=httpx.Timeout(None)) as response:
+                if not response.is_success:
+                    response.read()
+                    _result(response)
+                yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise HatchConnectionError(self.base_url, str(exc) or type(exc).__name__) from None
 
     def snapshot_vm(self, vm_id: str) -> Any:
         return self._call("POST", f"/vms/{vm_id}/snapshot")

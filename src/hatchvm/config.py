@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     max_snapshots_per_vm: int = Field(
         default=10, ge=0, description="snapshot quota per VM (403 beyond)"
     )
+    console_max_bytes: int = Field(
+        default=16 << 20,
+        ge=1 << 20,
+        description="bytes of each VM's console kept on disk (the newest output)",
+    )
     vm_disk_mib: int = Field(
         default=1024, ge=64, description="size of each VM's writable disk in MiB (sparse)"
     )
@@ -130,12 +135,16 @@ class Settings(BaseSettings):
         default=3, ge=1, le=19, description="zstd level of snapshot artifacts"
     )
 
+    run_dir: Path = Field(
+        default=Path("/run/hatchvm"),
+        description="VMMs' control and console sockets (short paths; a tmpfs is best)",
+    )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "hatchvm",
         description="where downloaded .deb files are kept between image builds",
     )
 
-    @field_validator("data_dir", "cache_dir")
+    @field_validator("data_dir", "cache_dir", "run_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Resolved once, here: QEMU runs with -daemonize, which changes its directory to /,

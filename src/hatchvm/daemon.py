@@ -18,6 +18,8 @@ from hatchvm.api.deps import Services
 from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
+from hatchvm.core.console import Consoles
+from hatchvm.core.liveness import Liveness
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.routes import RouteService
@@ -39,6 +41,7 @@ from hatchvm.snapshots.s3 import S3Store
 from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.vmm.accel import detect_accel
 from hatchvm.vmm.base import VMMError
+from hatchvm.vmm.process import become_subreaper
 from hatchvm.vmm.qemu import QemuVMM
 
 log = structlog.get_logger("hatchvm.daemon")
@@ -51,7 +54,8 @@ class StartupError(Exception):
 def _build_vmm(settings: Settings, accel: str) -> QemuVMM:
     if settings.vmm == "firecracker":
         raise StartupError("HATCH_VMM=firecracker: the Firecracker driver is not available yet")
-    return QemuVMM(settings.qemu_bin, accel)
+    make_private_dir(settings.run_dir)
+    return QemuVMM(settings.qemu_bin, accel, settings.run_dir)
 
 
 async def _build_store(settings: Settings) -> ArtifactStore:
@@ -84,6 +88,8 @@ async def serve(settings: Settings) -> None:
     await register_default(settings, sessions)
     store = await _build_store(settings)
 
+    if not become_subreaper():
+        log.warning("cannot become the subreaper of VMM processes: exit codes will be unknown")
     accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
     vmm = _build_vmm(settings, accel)
     network: HostNetwork | None = None
@@ -92,7 +98,9 @@ async def serve(settings: Settings) -> None:
         await network.setup()
     else:
         log.warning("not running as root: VMs can only be created with enable_network=false")
-    vms = VMService(settings, sessions, vmm, network)
+    consoles = Consoles(settings.console_max_bytes)
+    vms = VMService(settings, sessions, vmm, network, consoles)
+    liveness = Liveness(vms)
     snapshots = SnapshotService(settings, vms, store)
     routes = RouteService(settings, vms)
     await routes.load()
@@ -131,6 +139,8 @@ async def serve(settings: Settings) -> None:
         await gateway.close()
         await proxy.close()
         await verifier.close()
+        await liveness.close()
+        await consoles.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 

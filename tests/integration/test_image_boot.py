@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,9 +49,12 @@ class Guest:
 
     def __init__(self, workdir: Path, image: ImageArtifacts, disk: Path, append: str) -> None:
         self.console = workdir / "console.log"
-        self.qmp_path = workdir / "qmp.sock"
         self.console.unlink(missing_ok=True)
-        self.qmp_path.unlink(missing_ok=True)
+        # A short directory for the sockets: Unix socket paths are limited to 108 bytes.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="hvi-", dir="/tmp"))
+        vmm = QemuVMM("qemu-system-x86_64", "tcg", self.run_dir)
+        vmm.sockets(workdir).mkdir(parents=True)
+        self.qmp_path = vmm.sockets(workdir) / "qmp.sock"
         spec = BootSpec(
             vm_id="vm_imagetest",
             vm_dir=workdir,
@@ -62,9 +66,12 @@ class Guest:
             mem_mib=256,
             cmdline=f"{image.boot_args} {append}",
         )
-        # The driver's own command, run in the foreground so the test owns the process.
-        cmd = QemuVMM("qemu-system-x86_64", "tcg").build_command(spec)
+        # The driver's own command, run in the foreground so the test owns the process (and
+        # not paused), with the console in a file instead of hatchd's recorder's socket.
+        cmd = vmm.build_command(spec)
         cmd = cmd[: cmd.index("-pidfile")]
+        console = next(i for i, arg in enumerate(cmd) if arg.startswith("socket,id=con,"))
+        cmd[console] = f"file,id=con,path={self.console}"
         self.stderr = (workdir / "qemu.stderr").open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -114,6 +121,7 @@ class Guest:
             self.proc.kill()
             self.proc.wait(10)
         self.stderr.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ class HatchDaemon:
         self.subnet = f"172.16.{n % 250 + 1}"
         self.env = {
             "HATCH_DATA_DIR": str(self.data_dir),
+            "HATCH_RUN_DIR": str(self.data_dir / "run"),
             "HATCH_HTTP_ADDR": f"127.0.0.1:{self.port}",
             "HATCH_PROXY_ADDR": f"127.0.0.1:{self.proxy_port}",
             "HATCH_SSH_HOST": "127.0.0.1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from hatchvm.api import health, images, routes, snapshots, vms
+from hatchvm.api import console, health, images, routes, snapshots, vms
 from hatchvm.api.deps import Services
 from hatchvm.api.errors import install_error_handlers
 
@@ -13,6 +13,6 @@ def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="hatchvm", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.services = services
     install_error_handlers(app)
-    for module in (health, vms, snapshots, routes, images):
+    for module in (health, vms, snapshots, routes, images, console):
         app.include_router(module.router)
     return app

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -12,6 +12,7 @@ from hatchvm.core.subdomains import subdomain_problem
 from hatchvm.db.models import VM, Image, Route, Snapshot
 from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.snapshots.manifest import SnapshotManifest
+from hatchvm.timefmt import rfc3339
 
 _BOOT_ARG = re.compile(r"^[\x21-\x7e]+$")
 
@@ -27,6 +28,7 @@ class VMCreate(StrictInput):
     enable_network: bool = True
     user_data: str | None = Field(default=None, max_length=65536)
     boot_args: str | None = Field(default=None, max_length=1024)
+    restart: Literal["no", "on-failure"] = "no"
 
     @field_validator("boot_args")
     @classmethod
@@ -42,12 +44,6 @@ class VMCreate(StrictInput):
         return " ".join(words) or None
 
 
-def rfc3339(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def render_vm(vm: VM) -> dict[str, Any]:
     return {
         "id": vm.id,
@@ -61,6 +57,8 @@ def render_vm(vm: VM) -> dict[str, Any]:
         "enable_network": vm.enable_network,
         "boot_args": vm.boot_args,
         "state_reason": vm.state_reason,
+        "restart": vm.restart,
+        "last_exit": json.loads(vm.last_exit) if vm.last_exit else None,
         "created_at": rfc3339(vm.created_at),
         "updated_at": rfc3339(vm.updated_at),
     }

@@ -25,6 +25,7 @@ async def create_vm(request: Request, user: User, svc: Svc) -> JSONResponse:
         enable_network=body.enable_network,
         user_data=body.user_data,
         boot_args=body.boot_args,
+        restart=body.restart,
     )
     vm = await svc.vms.create(user, cfg)
     return JSONResponse(render_vm(vm), status_code=201)

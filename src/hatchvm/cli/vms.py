@@ -60,6 +60,10 @@ def create(
         typer.Option("--user-data", help="File with a script run at boot ('-' for stdin)."),
     ] = None,
     boot_args: Annotated[str | None, typer.Option(help="Extra kernel parameters.")] = None,
+    restart: Annotated[
+        str | None,
+        typer.Option(help="Restart policy: no (default) or on-failure (after a crash)."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a VM and wait until it is running."""
@@ -72,6 +76,7 @@ def create(
             enable_network=None if network else False,
             user_data=body,
             boot_args=boot_args,
+            restart=restart,
         )
     show(vm, as_json)
 
@@ -129,6 +134,26 @@ def restore(
     """Resume a snapshotted VM exactly where it was."""
     with connection(ctx).client() as api:
         show(api.restore_vm(vm_id, snapshot), as_json)
+
+
+@app.command("console")
+@reports_errors
+def console(
+    ctx: typer.Context,
+    vm_id: VmId,
+    lines: Annotated[int, typer.Option(help="How many of the last lines to show.")] = 100,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output as it comes.")
+    ] = False,
+) -> None:
+    """Show the guest's console (its last lines; --follow for new output too)."""
+    with connection(ctx).client() as api:
+        if not follow:
+            sys.stdout.write(api.console(vm_id, lines))
+            return
+        for chunk in api.follow_console(vm_id, lines):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
 
 
 @app.command("delete")

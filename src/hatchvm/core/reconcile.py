@@ -24,6 +24,7 @@ _LIVE_STATES = {State.RUNNING, State.STARTING, State.STOPPING}
 async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
     async with service.sessions() as session:
         vms = await repo.list_vms(session)
+    await _end_strays(service, {vm.id for vm in vms})
     running: list[GuestLink] = []
     for vm in vms:
         vm_dir = service.vm_dir(vm.id)
@@ -42,12 +43,16 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             continue
         pid = await service.vmm.alive(vm.id, vm_dir)
         if pid is not None:
-            if link := GuestLink.of(vm):
-                running.append(link)  # QEMU holds its TAP open; settle re-attaches it
-            if vm.state != State.RUNNING:
-                await service.update(vm.id, state=State.RUNNING)
-            log.info("vm reattached", vm_id=vm.id, pid=pid)
-            continue
+            await service.adopt(vm)  # its console recorded and its life watched again
+            # A boot the daemon did not live to let run is still paused: let it run now.
+            if await service.vmm.resume_if_paused(vm.id, vm_dir):
+                if link := GuestLink.of(vm):
+                    running.append(link)  # QEMU holds its TAP open; settle re-attaches it
+                if vm.state != State.RUNNING:
+                    await service.update(vm.id, state=State.RUNNING)
+                log.info("vm reattached", vm_id=vm.id, pid=pid)
+                continue
+            await service.vmm.kill(vm.id, vm_dir)
         if not (vm_dir / DISK_NAME).exists():
             reason = f"creation was interrupted while {vm.state}; the VM has no disk"
             await service.teardown(vm)
@@ -68,3 +73,12 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
         stale = await service.net.settle(running)
         if stale:
             log.info("removed stale taps", taps=stale)
+
+
+async def _end_strays(service: VMService, known: set[str]) -> None:
+    """VMM processes of this data directory that no row owns (a VM deleted while its boot
+    went on, a daemon killed in between) are ended: nothing would ever stop them."""
+    for vm_id, pid in (await service.vmm.processes(service.vms_dir)).items():
+        if vm_id not in known:
+            await service.vmm.kill(vm_id, service.vm_dir(vm_id))
+            log.warning("stray vmm process ended: no vm owns it", vm_id=vm_id, pid=pid)

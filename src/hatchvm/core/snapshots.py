@@ -26,7 +26,7 @@ from hatchvm.config import Settings
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
 from hatchvm.db import repo
-from hatchvm.db.models import VM, Snapshot, utcnow
+from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import new_id
 from hatchvm.snapshots import codec
@@ -154,16 +154,10 @@ class SnapshotService:
             automatic=automatic,
             created_at=datetime.now(UTC),
         )
-        async with self.vms.sessions() as session, session.begin():
-            session.add(snap)
-            row = await repo.get_vm(session, vm.id)
-            if row is not None:
-                row.state = State.SNAPSHOTTED.value
-                row.state_reason = None
-                row.updated_at = utcnow()
-                if not automatic:
-                    row.last_activity_at = row.updated_at
-        self.vms.invalidate(vm.id)
+        # The snapshot row and the VM's new state commit together.
+        await self.vms.update(
+            vm.id, state=State.SNAPSHOTTED, state_reason=None, touch=not automatic, add=[snap]
+        )
         await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
         log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
         return snap
@@ -231,6 +225,7 @@ class SnapshotService:
             image = await self.vms.load_image(vm.image_id)
             await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
+            await self.vms.run(vm)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("resume after failed snapshot failed", vm_id=vm.id, reason=reason)
@@ -286,6 +281,7 @@ class SnapshotService:
             image = await self.vms.load_image(vm.image_id)
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
+            await self.vms.run(vm)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
@@ -391,6 +387,7 @@ class SnapshotService:
         if vm.state == State.RESTORING:
             if await vmm.alive(vm.id, vm_dir) is not None:
                 with contextlib.suppress(Exception):
+                    await self.vms.adopt(vm)  # its console and watch, before it runs on
                     if await vmm.resume_if_paused(vm.id, vm_dir):
                         await asyncio.to_thread(shutil.rmtree, resume, True)
                         await self.vms.update(vm.id, state=State.RUNNING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.config import Settings
+from hatchvm.core.console import Consoles
 from hatchvm.core.locks import KeyedLocks
 from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.core.states import Op, State, guard
@@ -51,6 +52,7 @@ class VMConfig:
     enable_network: bool
     user_data: str | None
     boot_args: str | None
+    restart: str = "no"  # "no" | "on-failure"
 
 
 class VMService:
@@ -60,15 +62,19 @@ class VMService:
         sessions: async_sessionmaker[Any],
         vmm: VMM,
         network: HostNetwork | None,
+        consoles: Consoles,
     ) -> None:
         self._s = settings
         self.sessions = sessions
         self.vmm = vmm
         self.net = network
+        self.consoles = consoles
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
         self.create_hooks: list[VMHook] = []  # called with each VM once it runs
+        # Called with a VM whose VMM process just started or was reattached (core/liveness).
+        self.run_hooks: list[Callable[[VM], None]] = []
         self._cache: dict[str, VM] = {}
 
     # ---- reads -------------------------------------------------------------------------
@@ -89,9 +95,18 @@ class VMService:
     def invalidate(self, vm_id: str) -> None:
         self._cache.pop(vm_id, None)
 
+    async def load(self, vm_id: str) -> VM | None:
+        """The VM whoever owns it (internal use: liveness, reconciliation)."""
+        async with self.sessions() as session:
+            return await repo.get_vm(session, vm_id)
+
     async def list(self, user_id: str) -> list[VM]:
         async with self.sessions() as session:
             return await repo.list_vms(session, user_id)
+
+    @property
+    def vms_dir(self) -> Path:
+        return self._s.vms_dir
 
     def vm_dir(self, vm_id: str) -> Path:
         return self._s.vms_dir / vm_id
@@ -103,10 +118,13 @@ class VMService:
         image = await self.load_image(cfg.image_id)
         if cfg.enable_network and self.net is None:
             raise BackendUnavailable("networking is not available on this host")
-        async with self._user_locks.hold(user_id):
-            vm = await self._insert(user_id, cfg)
-        log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
-        async with self.locks.hold(vm.id):
+        vm_id = new_id("vm")
+        # The VM's lock is held before its row exists: a delete that finds the row waits for
+        # the boot to finish instead of racing it (which would leave a VMM with no row).
+        async with self.locks.hold(vm_id):
+            async with self._user_locks.hold(user_id):
+                vm = await self._insert(vm_id, user_id, cfg)
+            log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
             try:
                 await asyncio.to_thread(self._prepare_dir, vm)
                 await self._boot(vm, image)
@@ -140,7 +158,7 @@ class VMService:
             raise BadRequest(f"image_id: image {image_id} not found")
         return image
 
-    async def _insert(self, user_id: str, cfg: VMConfig) -> VM:
+    async def _insert(self, vm_id: str, user_id: str, cfg: VMConfig) -> VM:
         """Check the quota and persist the row with its allocations (retrying on a race)."""
         limit = self._s.max_vms_per_user
         for _attempt in range(5):
@@ -149,7 +167,7 @@ class VMService:
                 if count >= limit:
                     raise QuotaExceeded(f"vm limit reached ({count}/{limit})")
                 vm = VM(
-                    id=new_id("vm"),
+                    id=vm_id,
                     user_id=user_id,
                     image_id=cfg.image_id,
                     state=State.STARTING,
@@ -158,6 +176,7 @@ class VMService:
                     enable_network=cfg.enable_network,
                     user_data=cfg.user_data,
                     boot_args=cfg.boot_args,
+                    restart=cfg.restart,
                 )
                 if cfg.enable_network:
                     await self._allocate(session, vm)
@@ -227,7 +246,26 @@ class VMService:
         await asyncio.to_thread(self.drop_memory, vm.id)
         await self.attach_network(vm)
         pid = await self.vmm.boot(self.boot_spec(vm, image))
+        await self.run(vm)
         log.info("vm booted", vm_id=vm.id, pid=pid)
+
+    async def adopt(self, vm: VM) -> None:
+        """A VMM process of this VM runs (just started, or found at start-up): record its
+        console and watch its life."""
+        vm_dir = self.vm_dir(vm.id)
+        await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
+        for hook in self.run_hooks:
+            hook(vm)
+
+    async def run(self, vm: VM) -> None:
+        """The VM's VMM started paused: adopt it, then let the guest run (nothing it prints
+        is missed)."""
+        await self.adopt(vm)
+        try:
+            await self.vmm.resume(vm.id, self.vm_dir(vm.id))
+        except Exception:
+            await self.vmm.kill(vm.id, self.vm_dir(vm.id))
+            raise
 
     def drop_memory(self, vm_id: str) -> None:
         """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""
@@ -293,6 +331,15 @@ class VMService:
             self.invalidate(vm_id)
             log.info("vm deleted", vm_id=vm_id)
 
+    async def record_death(self, vm: VM, reason: str, last_exit: str) -> VM:
+        """Its VMM process ended behind hatchd's back (the caller holds the VM's lock): its
+        host resources go, and the VM is stopped, ready to be started or woken again."""
+        await self._stop_process(vm)
+        await asyncio.to_thread(self.drop_memory, vm.id)
+        return await self.update(
+            vm.id, state=State.STOPPED, state_reason=reason, last_exit=last_exit
+        )
+
     async def _stop_process(self, vm: VM) -> None:
         await self.vmm.kill(vm.id, self.vm_dir(vm.id))
         await self.detach_network(vm)
@@ -314,11 +361,16 @@ class VMService:
 
     # ---- persistence -------------------------------------------------------------------
 
-    async def update(self, vm_id: str, *, touch: bool = False, **fields: Any) -> VM:
+    async def update(
+        self, vm_id: str, *, touch: bool = False, add: Sequence[object] = (), **fields: Any
+    ) -> VM:
+        """The one writer of VM state. `add`: rows committed in the same transaction (the
+        snapshot a VM is now frozen in)."""
         async with self.sessions() as session, session.begin():
             vm = await repo.get_vm(session, vm_id)
             if vm is None:
                 raise NotFound(f"vm {vm_id} not found")
+            session.add_all(add)
             for name, value in fields.items():
                 setattr(vm, name, value.value if isinstance(value, State) else value)
             vm.updated_at = utcnow()

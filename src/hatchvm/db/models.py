@@ -84,6 +84,9 @@ class VM(Base):
     ssh_port: Mapped[int | None] = mapped_column(Integer, unique=True, nullable=True)
     # Why the VM last failed or was stopped behind the user's back; shown in the API.
     state_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    restart: Mapped[str] = mapped_column(String(16), default="no")  # "no" | "on-failure"
+    # How the VMM process last ended behind hatchd's back (JSON: when, why, console tail).
+    last_exit: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +35,44 @@ class BootSpec:
 
 
 @dataclass(frozen=True)
+class ExitInfo:
+    """How a VM's VMM process ended, as far as the driver could tell."""
+
+    at: datetime
+    # What the VMM reported before it ended: "guest-shutdown" (the guest powered off),
+    # "guest-reset" (it rebooted or panicked: VMs run with -no-reboot), "guest-panic",
+    # "host-signal", ...; None when it ended without a word (SIGKILL, a crash).
+    reason: str | None = None
+    exit_code: int | None = None  # None when unknown (the process was not hatchd's child)
+    signal: int | None = None
+
+    @property
+    def clean(self) -> bool:
+        """The guest asked to power off: not a failure."""
+        return self.reason == "guest-shutdown" and not self.signal
+
+    def describe(self) -> str:
+        what = {
+            "guest-shutdown": "the guest powered off",
+            "guest-reset": "the guest rebooted or panicked",
+            "guest-panic": "the guest's kernel panicked",
+            "host-signal": "its VMM was stopped by a signal",
+        }.get(self.reason or "", "its VMM process ended unexpectedly")
+        if self.signal is not None:
+            what += f" (signal {_signal_name(self.signal)})"
+        elif self.exit_code:
+            what += f" (exit code {self.exit_code})"
+        return what
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+@dataclass(frozen=True)
 class Capabilities:
     name: str
     accel: str  # "kvm", "tcg", ...
@@ -46,7 +86,20 @@ class VMM(Protocol):
     async def capabilities(self) -> Capabilities: ...
 
     async def boot(self, spec: BootSpec) -> int:
-        """Start the VM detached (it must outlive the daemon); return its pid once it runs."""
+        """Start the VM detached (it must outlive the daemon), paused before its first
+        instruction; return its pid. resume() lets it run (once its console is recorded)."""
+        ...
+
+    def console_socket(self, vm_dir: Path) -> Path:
+        """A Unix socket that streams the guest's console while its VMM runs."""
+        ...
+
+    async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
+        """Wait until this VM's VMM process (running now) ends, and say how it ended."""
+        ...
+
+    async def processes(self, vms_dir: Path) -> dict[str, int]:
+        """Every VMM process of VMs whose directories are under vms_dir, by VM id."""
         ...
 
     async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
@@ -67,13 +120,13 @@ class VMM(Protocol):
         ...
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
-        """Start the VM from spec.mem_file and state_file, resumed where it was; its pid."""
+        """Start the VM from spec.mem_file and state_file, paused where it was; its pid."""
         ...
 
     async def resume_if_paused(self, vm_id: str, vm_dir: Path) -> bool:
         """Let a guest left paused (an interrupted snapshot) run on; True if it runs."""
         ...
 
-    async def pause(self, vm_id: str, vm_dir: Path) -> None: ...
-
-    async def resume(self, vm_id: str, vm_dir: Path) -> None: ...
+    async def resume(self, vm_id: str, vm_dir: Path) -> None:
+        """Let a paused guest run (after boot or restore); raises unless it then runs."""
+        ...

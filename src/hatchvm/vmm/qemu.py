@@ -4,25 +4,34 @@ pid file, QMP socket, console and log live in the VM's directory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import os
 import shlex
+import shutil
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from hatchvm.vmm.base import BootSpec, Capabilities, VMMError
+from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, VMMError
 from hatchvm.vmm.clock import host_tsc_khz
+from hatchvm.vmm.process import watch_process
 from hatchvm.vmm.qmp import qmp_execute, qmp_session
 
 log = structlog.get_logger("hatchvm.vmm")
 
 PID_FILE = "qemu.pid"
 QMP_SOCKET = "qmp.sock"
-CONSOLE_LOG = "console.log"
+# A second QMP monitor, for events only: QEMU serves one client per monitor, and hatchd keeps
+# this one open for the VM's whole life to hear why it ends.
+EVENTS_SOCKET = "qmp-events.sock"
+CONSOLE_SOCKET = "console.sock"
 QEMU_LOG = "qemu.log"
+SOCKETS = (QMP_SOCKET, EVENTS_SOCKET, CONSOLE_SOCKET)
 BOOT_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 60.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -55,15 +64,24 @@ async def _wait_gone(pid: int, vm_id: str, timeout: float) -> bool:
 
 
 class QemuVMM:
-    def __init__(self, qemu_bin: str, accel: str) -> None:
+    def __init__(self, qemu_bin: str, accel: str, run_dir: Path) -> None:
         self.qemu_bin = qemu_bin
         self.accel = accel
+        self.run_dir = run_dir
+
+    def sockets(self, vm_dir: Path) -> Path:
+        """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
+        socket's path must stay under 108 bytes, whatever the data directory's length. One
+        directory per data directory (a hash of it) and VM."""
+        data = hashlib.sha256(os.fsencode(vm_dir.parent)).hexdigest()[:12]
+        return self.run_dir / data / vm_dir.name
 
     async def capabilities(self) -> Capabilities:
         return Capabilities(name="qemu", accel=self.accel, snapshots=True)
 
     def build_command(self, spec: BootSpec) -> list[str]:
         d = spec.vm_dir
+        sock = self.sockets(d)
         cmd = [
             self.qemu_bin,
             "-name",
@@ -124,31 +142,41 @@ class QemuVMM:
                 f"virtio-net-device,netdev=net0,mac={spec.guest_mac}",
             ]
         cmd += [
+            # The console is a socket hatchd records (bounded on disk): with nobody connected
+            # QEMU drops the output, so a guest can never fill the host's disk with it.
             "-chardev",
-            f"file,id=con,path={d / CONSOLE_LOG}",
+            f"socket,id=con,path={sock / CONSOLE_SOCKET},server=on,wait=off",
             "-serial",
             "chardev:con",
             "-qmp",
-            f"unix:{d / QMP_SOCKET},server=on,wait=off",
+            f"unix:{sock / QMP_SOCKET},server=on,wait=off",
+            "-qmp",
+            f"unix:{sock / EVENTS_SOCKET},server=on,wait=off",
             "-pidfile",
             str(d / PID_FILE),
             "-daemonize",
+            # Paused before the first instruction (or after an incoming migration): hatchd
+            # attaches its console recorder and its watch, then lets the guest run.
+            "-S",
         ]
         if spec.incoming:
             cmd += ["-incoming", "defer"]
         return cmd
 
+    def console_socket(self, vm_dir: Path) -> Path:
+        return self.sockets(vm_dir) / CONSOLE_SOCKET
+
     async def boot(self, spec: BootSpec) -> int:
         """-daemonize: QEMU forks, the child detaches (setsid, parent = init), and the parent
         exits only once start-up succeeded, so its status is the boot's verdict and no
         zombie is left for the daemon to reap."""
-        for name in (PID_FILE, QMP_SOCKET):
-            (spec.vm_dir / name).unlink(missing_ok=True)
+        self._forget(spec.vm_dir)
+        sock = self.sockets(spec.vm_dir)
+        sock.mkdir(mode=0o700, parents=True, exist_ok=True)
         # -daemonize sets QEMU's umask to 027: files it would create are group-readable.
         # Made here first, they keep their private mode.
-        for path in (spec.vm_dir / CONSOLE_LOG, spec.mem_file):
-            if path is not None:
-                _make_private_file(path)
+        if spec.mem_file is not None:
+            _make_private_file(spec.mem_file)
         log_path = spec.vm_dir / QEMU_LOG
         with log_path.open("ab") as qlog:
             try:
@@ -170,12 +198,33 @@ class QemuVMM:
         if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
             await self.kill(spec.vm_id, spec.vm_dir)
             raise VMMError(f"qemu failed to start (exit {code}): {_tail(log_path)}")
-        (spec.vm_dir / QMP_SOCKET).chmod(0o600)
-        status = await qmp_execute(spec.vm_dir / QMP_SOCKET, "query-status")
-        if status.get("status") != ("inmigrate" if spec.incoming else "running"):
+        for name in SOCKETS:
+            (sock / name).chmod(0o600)
+        status = await qmp_execute(sock / QMP_SOCKET, "query-status")
+        if status.get("status") != ("inmigrate" if spec.incoming else "prelaunch"):
             await self.kill(spec.vm_id, spec.vm_dir)
             raise VMMError(f"qemu started but the VM is {status.get('status')}")
         return pid
+
+    async def processes(self, vms_dir: Path) -> dict[str, int]:
+        """The QEMUs whose files live under vms_dir (this daemon's), by VM id: read from
+        their command lines, so another daemon's or a test's QEMUs are never counted."""
+        found: dict[str, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"-pidfile" not in args or args.index(b"-pidfile") + 1 >= len(args):
+                continue
+            pidfile = Path(os.fsdecode(args[args.index(b"-pidfile") + 1]))
+            if pidfile.name == PID_FILE and pidfile.parent.parent == vms_dir:
+                vm_id = pidfile.parent.name
+                if _is_ours(int(entry.name), vm_id):
+                    found[vm_id] = int(entry.name)
+        return found
 
     async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
         pid = _read_pid(vm_dir)
@@ -187,7 +236,7 @@ class QemuVMM:
             self._forget(vm_dir)
             return
         try:
-            await qmp_execute(vm_dir / QMP_SOCKET, "system_powerdown")
+            await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "system_powerdown")
         except VMMError as exc:
             log.warning("acpi power-off not delivered, killing", vm_id=vm_id, error=str(exc))
         if not await _wait_gone(pid, vm_id, timeout):
@@ -203,11 +252,12 @@ class QemuVMM:
                 pass
             if not await _wait_gone(pid, vm_id, 10):
                 raise VMMError(f"qemu pid {pid} of {vm_id} survived SIGKILL")
+            _reap(pid)
         self._forget(vm_dir)
 
     def _forget(self, vm_dir: Path) -> None:
-        for name in (PID_FILE, QMP_SOCKET):
-            (vm_dir / name).unlink(missing_ok=True)
+        (vm_dir / PID_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
         """With x-ignore-shared the file-backed RAM is skipped: only device state (about
@@ -215,7 +265,7 @@ class QemuVMM:
         if await self.alive(vm_id, vm_dir) is None:
             raise VMMError(f"{vm_id} has no running qemu to snapshot")
         state_file.unlink(missing_ok=True)
-        async with qmp_session(vm_dir / QMP_SOCKET) as qmp:
+        async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             target = shlex.quote(str(state_file))
@@ -228,35 +278,47 @@ class QemuVMM:
             raise VMMError(f"{spec.vm_id}: memory or device state file is missing")
         pid = await self.boot(dataclasses.replace(spec, incoming=True))
         try:
-            async with qmp_session(spec.vm_dir / QMP_SOCKET) as qmp:
+            async with qmp_session(self.sockets(spec.vm_dir) / QMP_SOCKET) as qmp:
                 await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
                 uri = f"exec:cat {shlex.quote(str(state_file))}"
                 await qmp.execute("migrate-incoming", {"uri": uri})
                 await qmp.wait_migration(MIGRATION_TIMEOUT)
-                await qmp.execute("cont")
-                status = (await qmp.execute("query-status")).get("status")
-                if status != "running":
-                    raise VMMError(f"restored VM is {status}, not running")
         except VMMError:
             await self.kill(spec.vm_id, spec.vm_dir)
             raise
         return pid
 
     async def resume_if_paused(self, vm_id: str, vm_dir: Path) -> bool:
-        """After an interrupted snapshot: let a paused guest run on. True if it runs."""
+        """After an interrupted operation: let a guest left paused run on (a snapshot that did
+        not finish, a boot or restore not yet let run). True if it runs."""
         if await self.alive(vm_id, vm_dir) is None:
             return False
-        status = (await qmp_execute(vm_dir / QMP_SOCKET, "query-status")).get("status")
-        if status in ("paused", "postmigrate", "finish-migrate"):
-            await qmp_execute(vm_dir / QMP_SOCKET, "cont")
-            status = (await qmp_execute(vm_dir / QMP_SOCKET, "query-status")).get("status")
+        qmp = self.sockets(vm_dir) / QMP_SOCKET
+        status = (await qmp_execute(qmp, "query-status")).get("status")
+        if status in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
+            await qmp_execute(qmp, "cont")
+            status = (await qmp_execute(qmp, "query-status")).get("status")
         return status == "running"
 
-    async def pause(self, vm_id: str, vm_dir: Path) -> None:
-        await qmp_execute(vm_dir / QMP_SOCKET, "stop")
-
     async def resume(self, vm_id: str, vm_dir: Path) -> None:
-        await qmp_execute(vm_dir / QMP_SOCKET, "cont")
+        async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
+            await qmp.execute("cont")
+            status = (await qmp.execute("query-status")).get("status")
+        if status != "running":
+            raise VMMError(f"{vm_id} is {status} after cont, not running")
+
+    async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
+        pid = await self.alive(vm_id, vm_dir)
+        if pid is None:
+            return ExitInfo(at=datetime.now(UTC), reason=None)
+        return await watch_process(pid, vm_id, self.sockets(vm_dir) / EVENTS_SOCKET)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a QEMU that is hatchd's child (hatchd is the subreaper of
+    daemonized QEMUs), so no zombie is left; its watch, if any, may have done so already."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _make_private_file(path: Path) -> None:

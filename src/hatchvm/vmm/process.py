@@ -1,0 +1,98 @@
+"""Watching one VMM process end: a pidfd says the moment it is gone (no polling), QEMU's
+event monitor says why, and when hatchd is the process's reaper (PR_SET_CHILD_SUBREAPER, see
+become_subreaper) waitid gives its exit code or signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from hatchvm.vmm.base import ExitInfo
+
+log = structlog.get_logger("hatchvm.vmm")
+
+_PR_SET_CHILD_SUBREAPER = 36
+EVENT_LINE_LIMIT = 64 << 10  # QMP event lines are small; a longer one is not read
+DRAIN_TIMEOUT = 2.0  # after the process is gone, its event socket reaches EOF at once
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants (QEMU after -daemonize) become hatchd's children, not init's, so
+    hatchd can read their exit status. True if the kernel agreed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+async def watch_process(pid: int, vm_id: str, events_socket: Path) -> ExitInfo:
+    """Return once process pid has ended, with what is known about how."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return ExitInfo(at=datetime.now(UTC))
+    reasons: list[str] = []
+    listener = asyncio.create_task(_listen(events_socket, reasons), name=f"qmp-events-{vm_id}")
+    try:
+        await _readable(pidfd)
+        at = datetime.now(UTC)
+        code, sig = _reap(pidfd)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(listener), DRAIN_TIMEOUT)
+    finally:
+        listener.cancel()
+        os.close(pidfd)
+    return ExitInfo(at=at, reason=reasons[-1] if reasons else None, exit_code=code, signal=sig)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+
+
+def _reap(pidfd: int) -> tuple[int | None, int | None]:
+    """(exit code, signal) if the process was hatchd's child, else (None, None)."""
+    try:
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        return None, None  # not ours to reap (hatchd restarted since it started)
+    if info is None:
+        return None, None
+    if info.si_code == os.CLD_EXITED:
+        return info.si_status, None
+    return None, info.si_status
+
+
+async def _listen(socket: Path, reasons: list[str]) -> None:
+    """Collect the reasons of SHUTDOWN events until the monitor closes (the process ended)."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socket), limit=EVENT_LINE_LIMIT)
+    except OSError as exc:
+        log.debug("no qmp event monitor", socket=str(socket), reason=str(exc))
+        return
+    try:
+        writer.write(b'{"execute": "qmp_capabilities"}\n')
+        while line := await reader.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and message.get("event") in ("SHUTDOWN", "GUEST_PANICKED"):
+                data = message.get("data") or {}
+                reason = data.get("reason") if message["event"] == "SHUTDOWN" else "guest-panic"
+                if isinstance(reason, str):
+                    reasons.append(reason)
+    except (OSError, asyncio.LimitOverrunError, ValueError):
+        pass
+    finally:
+        writer.close()
