@@ -13,6 +13,7 @@ from hatchvm.cli.errors import reports_errors
 from hatchvm.cli.output import show
 from hatchvm.cli.snapshots import show_snapshot
 from hatchvm.errors import BadRequest
+from hatchvm.net.egress import Egress
 
 app = typer.Typer(
     help="Create, inspect, stop, start, snapshot, restore and delete VMs.",
@@ -60,6 +61,13 @@ def create(
         typer.Option("--user-data", help="File with a script run at boot ('-' for stdin)."),
     ] = None,
     boot_args: Annotated[str | None, typer.Option(help="Extra kernel parameters.")] = None,
+    egress: Annotated[
+        Egress | None,
+        typer.Option(
+            help="What the VM may reach beyond the host: the internet (default) or nothing.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a VM and wait until it is running."""
@@ -72,6 +80,7 @@ def create(
             enable_network=None if network else False,
             user_data=body,
             boot_args=boot_args,
+            egress=egress.value if egress else None,
         )
     show(vm, as_json)
 
