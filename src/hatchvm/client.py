@@ -110,6 +110,7 @@ class HatchClient:
         user_data: str | None = None,
         boot_args: str | None = None,
         restart: str | None = None,
+        egress: str | None = None,
     ) -> Any:
         return self._call(
             *_Routes.create_vm(
@@ -117,6 +118,7 @@ class HatchClient:
                 vcpu_count=vcpu_count,
                 mem_mib=mem_mib,
                 enable_network=enable_network,
+                egress=egress,
                 user_data=user_data,
                 boot_args=boot_args,
                 restart=restart,

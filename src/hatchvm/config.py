@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, HttpUrl, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HTTP_URL = TypeAdapter(HttpUrl)
+_T = TypeVar("_T")
 
 
 def _parse_addr(value: str) -> tuple[str, int]:
@@ -18,6 +20,18 @@ def _parse_addr(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT or :PORT, got {value!r}")
     return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def _ipv4_list(value: str, parse: Callable[[str], _T]) -> list[_T]:
+    """'a, b,' -> [parse('a'), parse('b')]; guests have IPv4 only, so IPv6 is refused."""
+    items = []
+    for part in (p.strip() for p in value.split(",")):
+        if part:
+            try:
+                items.append(parse(part))
+            except ValueError as exc:
+                raise ValueError(f"{part!r}: {exc} (expected IPv4, comma-separated)") from None
+    return items
 
 
 class Settings(BaseSettings):
@@ -68,7 +82,20 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_]{1,32}$",
         description="name of hatchd's own nftables tables",
     )
-    guest_dns: str = Field(default="1.1.1.1", description="DNS servers given to guests")
+    guest_dns: str = Field(
+        default="1.1.1.1",
+        description="DNS servers given to guests (IPv4, comma-separated); reachable on port 53 "
+        "whatever the egress lists say",
+    )
+    egress_allow_cidrs: str = Field(
+        default="",
+        description="networks guests may reach although the default deny list holds them "
+        "(IPv4, comma-separated; e.g. a private package mirror)",
+    )
+    egress_deny_cidrs: str = Field(
+        default="",
+        description="more networks guests may not reach (IPv4, comma-separated; wins over allow)",
+    )
 
     default_vcpu: int = Field(default=1, ge=1, le=32, description="vCPUs of a VM that names none")
     default_mem_mib: int = Field(
@@ -185,6 +212,18 @@ class Settings(BaseSettings):
             raise ValueError("needs a host address inside a network of at least 8 addresses")
         return value
 
+    @field_validator("guest_dns")
+    @classmethod
+    def _valid_dns(cls, value: str) -> str:
+        _ipv4_list(value, ipaddress.IPv4Address)
+        return value
+
+    @field_validator("egress_allow_cidrs", "egress_deny_cidrs")
+    @classmethod
+    def _valid_egress(cls, value: str) -> str:
+        _ipv4_list(value, ipaddress.IPv4Network)  # strict: host bits set is a typo, refused
+        return value
+
     @field_validator("ssh_allowed_cidr")
     @classmethod
     def _valid_cidr(cls, value: str) -> str:
@@ -197,6 +236,18 @@ class Settings(BaseSettings):
         return [
             ipaddress.ip_network(p.strip(), strict=False) for p in self.ssh_allowed_cidr.split(",")
         ]
+
+    @property
+    def guest_dns_servers(self) -> list[ipaddress.IPv4Address]:
+        return _ipv4_list(self.guest_dns, ipaddress.IPv4Address)
+
+    @property
+    def egress_allow_networks(self) -> list[ipaddress.IPv4Network]:
+        return _ipv4_list(self.egress_allow_cidrs, ipaddress.IPv4Network)
+
+    @property
+    def egress_deny_networks(self) -> list[ipaddress.IPv4Network]:
+        return _ipv4_list(self.egress_deny_cidrs, ipaddress.IPv4Network)
 
     @property
     def http_host_port(self) -> tuple[str, int]:

@@ -51,6 +51,8 @@ def error_of(response: httpx.Response) -> str:
         ('{"user_data": 5}', "user_data", "valid string"),
         ('{"colour": "blue"}', "colour", "unknown field"),
         ('{"boot_args": "hatch.ip=1.2.3.4"}', "boot_args", "set by hatchd"),
+        ('{"egress": "off"}', "egress", "'internet' or 'none'"),
+        ('{"egress": "internet", "enable_network": false}', "egress", "needs a network"),
     ],
 )
 def test_bad_create_bodies_are_400_naming_the_field(hatch, key, body, field, fragment) -> None:

@@ -59,12 +59,13 @@ def test_vm_lifecycle_through_the_cli(hatch, tmp_path: Path) -> None:
     script.write_text("#!/bin/sh\necho hello > /root/hello\n")
 
     created = run(
-        hatch, "vm", "create", "--no-network", "--mem", "256", "--user-data", str(script),
-        "--json", key=key,
+        hatch, "vm", "create", "--no-network", "--egress", "none", "--mem", "256",
+        "--user-data", str(script), "--json", key=key,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     vm = json.loads(created.stdout)
     assert vm["state"] == "running" and vm["guest_ip"] is None and vm["mem_mib"] == 256
+    assert vm["egress"] == "none"
 
     table = run(hatch, "vm", "list", key=key)
     assert table.returncode == 0

@@ -4,8 +4,10 @@ against the real kernel (inside the suite's namespace)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,21 @@ pytestmark = pytest.mark.vm
 BRIDGE, TABLE, PREFIX = "hbnet", "hatchnettest", "hbn"
 
 
-def guests_set() -> str:
+def nft_set(family: str, name: str) -> str:
     out = subprocess.run(
-        ["nft", "list", "set", "bridge", TABLE, firewall.GUESTS_SET],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["nft", "list", "set", family, TABLE, name], capture_output=True, text=True, check=True
     )
     return out.stdout
+
+
+def guests_set() -> str:
+    return nft_set("bridge", firewall.GUESTS_SET)
+
+
+def online() -> set[str]:
+    """The guest addresses allowed out (egress "internet")."""
+    listing = nft_set("ip", firewall.INTERNET_SET)
+    return set(re.findall(r"\b172\.31\.250\.\d+\b", listing))
 
 
 @pytest.fixture
@@ -54,8 +63,8 @@ def bridge_mac() -> str:
 
 
 def test_attach_detach_and_settle(net: HostNetwork) -> None:
-    a = GuestLink(f"{PREFIX}a", "02:11:22:33:44:55", "172.31.250.2")
-    b = GuestLink(f"{PREFIX}b", "02:11:22:33:44:66", "172.31.250.3")
+    a = GuestLink(f"{PREFIX}a", "02:11:22:33:44:55", "172.31.250.2", internet=True)
+    b = GuestLink(f"{PREFIX}b", "02:11:22:33:44:66", "172.31.250.3", internet=False)
     mac = bridge_mac()
     assert mac == "02:00:ac:1f:fa:01"  # made from the gateway address, not from a port
 
@@ -65,21 +74,32 @@ def test_attach_detach_and_settle(net: HostNetwork) -> None:
     assert link_exists(a.tap) and link_exists(b.tap)
     assert pinned_addresses(BRIDGE) == {a.ip, b.ip}
     assert a.mac in guests_set() and b.ip in guests_set()
+    assert online() == {a.ip}  # b has egress "none"
     assert bridge_mac() == mac  # ports came, the bridge's MAC stayed
+
+    # Attaching again with another policy replaces it, both ways.
+    asyncio.run(net.attach(replace(b, internet=True)))
+    assert online() == {a.ip, b.ip}
+    asyncio.run(net.attach(b))
+    assert online() == {a.ip}
 
     for _ in range(2):
         asyncio.run(net.detach(a))
     assert not link_exists(a.tap) and link_exists(b.tap)
     assert pinned_addresses(BRIDGE) == {b.ip}
     assert a.mac not in guests_set() and b.mac in guests_set()
+    assert online() == set()
 
     # A daemon start-up: the rules are made afresh (the set is empty), then settled to what
     # really runs. A leftover TAP and pin of a VM that no longer runs are cleared.
     asyncio.run(net.attach(a))
+    b_online = replace(b, internet=True)
+    asyncio.run(net.attach(b_online))
     asyncio.run(net.setup())
-    assert b.mac not in guests_set()
-    assert asyncio.run(net.settle([b])) == [a.tap]
+    assert b.mac not in guests_set() and online() == set()
+    assert asyncio.run(net.settle([b_online])) == [a.tap]
     assert not link_exists(a.tap) and link_exists(b.tap)
     assert pinned_addresses(BRIDGE) == {b.ip}
     assert b.mac in guests_set() and a.mac not in guests_set()
+    assert online() == {b.ip}
     assert bridge_mac() == mac

@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import httpx
 import pytest
@@ -16,9 +13,12 @@ import pytest
 from hatchvm.client import HatchAPIError
 from hatchvm.net.alloc import tap_name
 from tests.support.host import link_exists, pinned_addresses, qemu_pids
+from tests.support.outside import HOST_UPLINK, outside_world
 from tests.support.wait import http_text, wait_for, wait_http
 
 pytestmark = pytest.mark.vm
+
+OUTSIDE = "203.0.113.10"  # a public-looking host beyond the host's uplink
 
 # Serves the guest's own files on port 8080; runs at every boot.
 WEB_SERVER = """#!/bin/sh
@@ -90,46 +90,27 @@ def vm_tap(hatch, vm) -> str:
     return tap_name(hatch.tap_prefix, vm["id"])
 
 
-class _Hits(BaseHTTPRequestHandler):
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        _Hits.hits.append(self.client_address[0])
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"host")
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_vms_cannot_reach_each_other(api, hatch) -> None:
-    gateway = f"{hatch.subnet}.1"
-    server = ThreadingHTTPServer((gateway, 0), _Hits)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with outside_world([OUTSIDE]):
         a = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
         wait_http(f"http://{a['guest_ip']}:8080/")
-        port = server.server_address[1]
-        # B tries A (must fail) and the host gateway (must work), and publishes the outcome.
+        # B tries A (must fail) and a host outside, through the egress path (must work), and
+        # publishes the outcome and what the outside host saw.
         # (`timeout`, not wget's -T: Debian 12's static busybox wget crashes on -T.)
         probe = f"""#!/bin/sh
 mkdir -p /srv/www
 busybox httpd -p 8080 -h /srv/www
 if timeout 5 wget -q -O /dev/null http://{a["guest_ip"]}:8080/; then r=reached; else r=blocked; fi
 echo $r > /srv/www/peer
-if timeout 5 wget -q -O /dev/null http://{gateway}:{port}/; then g=reached; else g=blocked; fi
-echo $g > /srv/www/gateway
+timeout 5 wget -q -O /srv/www/outside http://{OUTSIDE}/
 """
         b = api.create_vm(user_data=probe, mem_mib=256)
         assert b["guest_ip"] != a["guest_ip"] and b["guest_mac"] != a["guest_mac"]
         assert b["ssh_port"] != a["ssh_port"]
-        gw_result = wait_http(f"http://{b['guest_ip']}:8080/gateway", timeout=120)
-        assert gw_result.strip() == "reached"
+        outside = wait_http(f"http://{b['guest_ip']}:8080/outside", timeout=120)
+        # Reached, and masqueraded behind the host's own address on the way out.
+        assert outside.strip() == f"reached {OUTSIDE} from {HOST_UPLINK}"
         assert wait_http(f"http://{b['guest_ip']}:8080/peer").strip() == "blocked"
-        assert b["guest_ip"] in _Hits.hits
-    finally:
-        server.shutdown()
 
 
 # Two guests that try to take over a victim's address: one claims its IP (and answers ARP for

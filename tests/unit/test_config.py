@@ -15,6 +15,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         "data/hatchvm.db"
     )
     assert s.max_vms_per_user == 5 and s.max_snapshots_per_vm == 10
+    assert [str(a) for a in s.guest_dns_servers] == ["1.1.1.1"]
+    assert s.egress_allow_networks == [] and s.egress_deny_networks == []
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         ("HATCH_QEMU_ACCEL", "fast"),
         ("HATCH_MAX_VMS_PER_USER", "many"),
         ("HATCH_BRIDGE_NAME", "a-name-that-is-too-long"),
+        ("HATCH_EGRESS_ALLOW_CIDRS", "10.0.0.0/8,mirror"),
+        ("HATCH_EGRESS_DENY_CIDRS", "10.0.0.1/8"),  # host bits: which network was meant?
+        ("HATCH_EGRESS_DENY_CIDRS", "fd00::/8"),  # guests have no IPv6
+        ("HATCH_GUEST_DNS", "1.1.1.1 8.8.8.8"),
     ],
 )
 def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, var, value) -> None:
@@ -39,3 +45,20 @@ def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, var, va
 def test_postgres_url_uses_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HATCH_DATABASE_URL", "postgresql://u:p@localhost/hatch")
     assert load_settings().sqlalchemy_url == "postgresql+asyncpg://u:p@localhost/hatch"
+
+
+def test_egress_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATCH_EGRESS_ALLOW_CIDRS", " 10.1.0.0/16, 192.168.5.7/32,")
+    monkeypatch.setenv("HATCH_EGRESS_DENY_CIDRS", "203.0.113.0/24")
+    monkeypatch.setenv("HATCH_GUEST_DNS", "10.0.0.53,1.1.1.1")
+    s = load_settings()
+    assert [str(n) for n in s.egress_allow_networks] == ["10.1.0.0/16", "192.168.5.7/32"]
+    assert [str(n) for n in s.egress_deny_networks] == ["203.0.113.0/24"]
+    assert [str(a) for a in s.guest_dns_servers] == ["10.0.0.53", "1.1.1.1"]
+
+
+def test_malformed_egress_names_the_bad_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATCH_EGRESS_DENY_CIDRS", "203.0.113.0/24,10.0.0.1/8")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "'10.0.0.1/8'" in str(err.value) and "host bits" in str(err.value)

@@ -17,6 +17,16 @@ def test_defaults() -> None:
     body = VMCreate.model_validate({})
     assert body.image_id == "img_default" and body.enable_network is True
     assert body.vcpu_count is None and body.mem_mib is None
+    assert body.egress_or_default == "internet"
+
+
+def test_egress() -> None:
+    assert VMCreate.model_validate({"egress": "none"}).egress_or_default == "none"
+    assert VMCreate.model_validate({"enable_network": False}).egress_or_default == "none"
+    assert message_for({"egress": "off"}) == "egress: input should be 'internet' or 'none'"
+    assert message_for({"egress": "internet", "enable_network": False}) == (
+        "egress: internet needs a network (enable_network is false)"
+    )
 
 
 def test_messages_name_fields() -> None:

@@ -6,11 +6,12 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hatchvm.core.subdomains import subdomain_problem
 from hatchvm.db.models import VM, Image, Route, Snapshot
 from hatchvm.ids import DEFAULT_IMAGE_ID
+from hatchvm.net.egress import Egress
 from hatchvm.snapshots.manifest import SnapshotManifest
 from hatchvm.timefmt import rfc3339
 
@@ -26,6 +27,8 @@ class VMCreate(StrictInput):
     vcpu_count: int | None = Field(default=None, ge=1, le=32)
     mem_mib: int | None = Field(default=None, ge=128, le=65536)
     enable_network: bool = True
+    # Default: "internet" for a networked VM, "none" for one without a NIC.
+    egress: Literal["internet", "none"] | None = None
     user_data: str | None = Field(default=None, max_length=65536)
     boot_args: str | None = Field(default=None, max_length=1024)
     restart: Literal["no", "on-failure"] = "no"
@@ -43,6 +46,19 @@ class VMCreate(StrictInput):
                 raise ValueError(f"{word.split('=')[0]} is set by hatchd and cannot be given")
         return " ".join(words) or None
 
+    @field_validator("egress")
+    @classmethod
+    def _egress_needs_network(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == Egress.INTERNET and info.data.get("enable_network") is False:
+            raise ValueError("internet needs a network (enable_network is false)")
+        return value
+
+    @property
+    def egress_or_default(self) -> Egress:
+        if self.egress is not None:
+            return Egress(self.egress)
+        return Egress.INTERNET if self.enable_network else Egress.NONE
+
 
 def render_vm(vm: VM) -> dict[str, Any]:
     return {
@@ -55,6 +71,7 @@ def render_vm(vm: VM) -> dict[str, Any]:
         "guest_mac": vm.guest_mac,
         "ssh_port": vm.ssh_port,
         "enable_network": vm.enable_network,
+        "egress": vm.egress,
         "boot_args": vm.boot_args,
         "state_reason": vm.state_reason,
         "restart": vm.restart,

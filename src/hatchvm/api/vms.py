@@ -23,6 +23,7 @@ async def create_vm(request: Request, user: User, svc: Svc) -> JSONResponse:
         vcpu_count=body.vcpu_count or svc.settings.default_vcpu,
         mem_mib=body.mem_mib or svc.settings.default_mem_mib,
         enable_network=body.enable_network,
+        egress=body.egress_or_default,
         user_data=body.user_data,
         boot_args=body.boot_args,
         restart=body.restart,

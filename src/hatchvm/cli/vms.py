@@ -13,6 +13,7 @@ from hatchvm.cli.errors import reports_errors
 from hatchvm.cli.output import show
 from hatchvm.cli.snapshots import show_snapshot
 from hatchvm.errors import BadRequest
+from hatchvm.net.egress import Egress
 
 app = typer.Typer(
     help="Create, inspect, stop, start, snapshot, restore and delete VMs.",
@@ -64,6 +65,13 @@ def create(
         str | None,
         typer.Option(help="Restart policy: no (default) or on-failure (after a crash)."),
     ] = None,
+    egress: Annotated[
+        Egress | None,
+        typer.Option(
+            help="What the VM may reach beyond the host: the internet (default) or nothing.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a VM and wait until it is running."""
@@ -77,6 +85,7 @@ def create(
             user_data=body,
             boot_args=boot_args,
             restart=restart,
+            egress=egress.value if egress else None,
         )
     show(vm, as_json)
 

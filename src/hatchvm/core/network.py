@@ -10,22 +10,24 @@ import structlog
 from hatchvm.config import Settings
 from hatchvm.db.models import VM
 from hatchvm.net import firewall, links
+from hatchvm.net.egress import Egress, EgressPolicy
 
 log = structlog.get_logger("hatchvm.net")
 
 
 @dataclass(frozen=True)
 class GuestLink:
-    """A networked VM's place on the bridge."""
+    """A networked VM's place on the bridge, and whether its traffic may leave the host."""
 
     tap: str
     mac: str
     ip: str
+    internet: bool
 
     @classmethod
     def of(cls, vm: VM) -> GuestLink | None:
         if vm.tap_name and vm.guest_mac and vm.guest_ip:
-            return cls(vm.tap_name, vm.guest_mac, vm.guest_ip)
+            return cls(vm.tap_name, vm.guest_mac, vm.guest_ip, vm.egress == Egress.INTERNET)
         return None
 
 
@@ -48,17 +50,31 @@ class HostNetwork:
         s = self._s
         await asyncio.to_thread(links.ensure_bridge, s.bridge_name, s.bridge_cidr)
         await asyncio.to_thread(links.enable_ip_forwarding)
-        await asyncio.to_thread(
-            firewall.apply_rules, s.nft_table, s.bridge_name, s.bridge_cidr, s.tap_prefix
+        egress = EgressPolicy(
+            dns=tuple(s.guest_dns_servers),
+            allow=tuple(s.egress_allow_networks),
+            deny=tuple(s.egress_deny_networks),
         )
-        log.info("network ready", bridge=s.bridge_name, cidr=s.bridge_cidr, table=s.nft_table)
+        await asyncio.to_thread(
+            firewall.apply_rules, s.nft_table, s.bridge_name, s.bridge_cidr, s.tap_prefix, egress
+        )
+        log.info(
+            "network ready",
+            bridge=s.bridge_name,
+            cidr=s.bridge_cidr,
+            table=s.nft_table,
+            egress_allow=s.egress_allow_cidrs,
+            egress_deny=s.egress_deny_cidrs,
+        )
 
     async def attach(self, link: GuestLink) -> None:
-        """The guest's TAP on the bridge, the only MAC and address it may send from, and the
-        host's permanent neighbour entry for it. Idempotent."""
+        """The guest's TAP on the bridge, the only MAC and address it may send from, its egress,
+        and the host's permanent neighbour entry for it. Idempotent."""
         s = self._s
         await asyncio.to_thread(links.ensure_tap, link.tap, s.bridge_name)
-        await asyncio.to_thread(firewall.allow_guest, s.nft_table, link.tap, link.mac, link.ip)
+        await asyncio.to_thread(
+            firewall.allow_guest, s.nft_table, link.tap, link.mac, link.ip, link.internet
+        )
         await asyncio.to_thread(links.pin_neighbour, s.bridge_name, link.ip, link.mac)
 
     async def detach(self, link: GuestLink) -> None:
@@ -69,7 +85,7 @@ class HostNetwork:
         await asyncio.to_thread(links.delete_link, link.tap)
 
     async def settle(self, running: list[GuestLink]) -> list[str]:
-        """At start-up: attach the running guests again (setup emptied the firewall's set) and
+        """At start-up: attach the running guests again (setup emptied the firewall's sets) and
         delete TAPs and neighbour pins that no running VM owns. Returns the deleted TAPs."""
         s = self._s
         for link in running:

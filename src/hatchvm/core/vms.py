@@ -29,6 +29,7 @@ from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFou
 from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
+from hatchvm.net.egress import Egress
 from hatchvm.vmm.base import VMM, BootSpec
 
 log = structlog.get_logger("hatchvm.core")
@@ -50,6 +51,7 @@ class VMConfig:
     vcpu_count: int
     mem_mib: int
     enable_network: bool
+    egress: Egress
     user_data: str | None
     boot_args: str | None
     restart: str = "no"  # "no" | "on-failure"
@@ -174,6 +176,7 @@ class VMService:
                     vcpu_count=cfg.vcpu_count,
                     mem_mib=cfg.mem_mib,
                     enable_network=cfg.enable_network,
+                    egress=cfg.egress.value,
                     user_data=cfg.user_data,
                     boot_args=cfg.boot_args,
                     restart=cfg.restart,

@@ -76,6 +76,7 @@ class VM(Base):
     vcpu_count: Mapped[int] = mapped_column(Integer)
     mem_mib: Mapped[int] = mapped_column(Integer)
     enable_network: Mapped[bool] = mapped_column(Boolean)
+    egress: Mapped[str] = mapped_column(String(16), default="internet")  # core.network.Egress
     user_data: Mapped[str | None] = mapped_column(Text, nullable=True)
     boot_args: Mapped[str | None] = mapped_column(Text, nullable=True)
     guest_ip: Mapped[str | None] = mapped_column(String(45), unique=True, nullable=True)
