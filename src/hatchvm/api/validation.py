@@ -49,8 +49,11 @@ async def parse_body(request: Request, model: type[M]) -> M:
     else:
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # ValueError: bad syntax or encoding, and integers past Python's 4300-digit limit.
+        except ValueError as exc:
             raise BadRequest(f"invalid JSON body: {exc}") from None
+        except RecursionError:
+            raise BadRequest("invalid JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     try:
