@@ -121,3 +121,24 @@ def test_405_names_every_method_of_the_path() -> None:
     r = client.options("/vms/vm_x")
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
     assert client.get("/vms/vm_x/stop").headers["allow"] == "POST"
+
+
+def test_links_lead_to_real_operations(doc) -> None:
+    ops = {op["operationId"]: op for _, _, op in operations(doc)}
+    seen = 0
+    for _, _, op in operations(doc):
+        for response in op["responses"].values():
+            for link in response.get("links", {}).values():
+                target = ops[link["operationId"]]
+                params = {p["name"] for p in target.get("parameters", [])}
+                assert set(link["parameters"]) == params, link
+                assert ("requestBody" in link) <= ("requestBody" in target), link
+                seen += 1
+    assert seen >= 30
+    created = ops["create_vm"]["responses"]["201"]["links"]
+    assert created["stop_vm"] == {
+        "operationId": "stop_vm",
+        "parameters": {"vm_id": "$response.body#/id"},
+    }
+    restore = ops["snapshot_vm"]["responses"]["201"]["links"]["restore_vm"]
+    assert restore["requestBody"] == {"snapshot_id": "$response.body#/id"}

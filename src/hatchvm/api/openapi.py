@@ -51,6 +51,33 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": Error, "description": ERRORS[s]} for s in sorted(statuses)}
 
 
+def links(status: int, **targets: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entry: OpenAPI links from this answer to the operations that take its ids
+    (clients and stateful test tools follow them: create a VM, then stop it, snapshot it...).
+    Each target is an operationId with its parameters, and `requestBody` if it has one."""
+    out = {}
+    for op, values in targets.items():
+        link: dict[str, Any] = {"operationId": op}
+        if params := {k: v for k, v in values.items() if k != "requestBody"}:
+            link["parameters"] = params
+        if "requestBody" in values:
+            link["requestBody"] = values["requestBody"]
+        out[op] = link
+    return {status: {"links": out}}
+
+
+# Where an answer's ids are, for links().
+VM_ID = {"vm_id": "$response.body#/id"}
+SNAPSHOT_ID = {"snapshot_id": "$response.body#/id"}
+ROUTE_ID = {"route_id": "$response.body#/id"}
+# Everything that can be done with the VM an answer describes.
+VM_LINKS: dict[str, dict[str, Any]] = {
+    op: VM_ID
+    for op in """get_vm stop_vm start_vm delete_vm snapshot_vm restore_vm list_snapshots
+    create_route list_routes""".split()
+}
+
+
 def json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
     """`openapi_extra=` for a handler that parses model from its body with parse_body.
     An empty body counts as {} there, so a model with no required field needs no body."""

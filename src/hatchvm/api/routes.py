@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from hatchvm.api.deps import Svc, User
-from hatchvm.api.openapi import AUTHENTICATED, errors, json_body
+from hatchvm.api.openapi import AUTHENTICATED, ROUTE_ID, errors, json_body, links
 from hatchvm.api.outputs import Deleted, Route, render_route
 from hatchvm.api.schemas import RouteCreate
 from hatchvm.api.validation import parse_body
@@ -16,7 +16,10 @@ router = APIRouter(tags=["routes"], responses=errors(*AUTHENTICATED))
 @router.post(
     "/vms/{vm_id}/routes",
     status_code=201,
-    responses=errors(400, 404, 409, 500),
+    responses={
+        **errors(400, 404, 409, 500),
+        **links(201, delete_route=ROUTE_ID, list_routes={"vm_id": "$response.body#/vm_id"}),
+    },
     openapi_extra=json_body(RouteCreate, required=True),
 )
 async def create_route(vm_id: str, request: Request, user: User, svc: Svc) -> Route:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from hatchvm.api.deps import Svc, User
-from hatchvm.api.openapi import AUTHENTICATED, errors, json_body
+from hatchvm.api.openapi import AUTHENTICATED, SNAPSHOT_ID, VM_LINKS, errors, json_body, links
 from hatchvm.api.outputs import VM, Deleted, Snapshot, render_snapshot, render_vm
 from hatchvm.api.schemas import RestoreRequest
 from hatchvm.api.validation import parse_body
@@ -13,14 +13,31 @@ from hatchvm.api.validation import parse_body
 router = APIRouter(tags=["snapshots"], responses=errors(*AUTHENTICATED))
 
 
-@router.post("/vms/{vm_id}/snapshot", status_code=201, responses=errors(403, 404, 409, 500))
+# A snapshot's answer leads to itself and back to its VM (restore it from this snapshot).
+SNAPSHOT_LINKS = links(
+    201,
+    get_snapshot=SNAPSHOT_ID,
+    delete_snapshot=SNAPSHOT_ID,
+    restore_vm={
+        "vm_id": "$response.body#/vm_id",
+        "requestBody": {"snapshot_id": "$response.body#/id"},
+    },
+    list_snapshots={"vm_id": "$response.body#/vm_id"},
+)
+
+
+@router.post(
+    "/vms/{vm_id}/snapshot",
+    status_code=201,
+    responses={**errors(403, 404, 409, 500), **SNAPSHOT_LINKS},
+)
 async def snapshot_vm(vm_id: str, user: User, svc: Svc) -> Snapshot:
     return render_snapshot(await svc.snapshots.snapshot(user, vm_id))
 
 
 @router.post(
     "/vms/{vm_id}/restore",
-    responses=errors(400, 404, 409, 500),
+    responses={**errors(400, 404, 409, 500), **links(200, **VM_LINKS)},
     openapi_extra=json_body(RestoreRequest, required=False),
 )
 async def restore_vm(vm_id: str, request: Request, user: User, svc: Svc) -> VM:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from hatchvm.api.deps import Svc, User
-from hatchvm.api.openapi import AUTHENTICATED, errors, json_body
+from hatchvm.api.openapi import AUTHENTICATED, VM_LINKS, errors, json_body, links
 from hatchvm.api.outputs import VM, Deleted, render_vm
 from hatchvm.api.schemas import VMCreate
 from hatchvm.api.validation import parse_body
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/vms", tags=["vms"], responses=errors(*AUTHENTICATED)
 @router.post(
     "",
     status_code=201,
-    responses=errors(400, 403, 500),
+    responses={**errors(400, 403, 500), **links(201, **VM_LINKS)},
     openapi_extra=json_body(VMCreate, required=False),
 )
 async def create_vm(request: Request, user: User, svc: Svc) -> VM:
@@ -43,12 +43,12 @@ async def get_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.get(user, vm_id))
 
 
-@router.post("/{vm_id}/stop", responses=errors(404, 409, 500))
+@router.post("/{vm_id}/stop", responses={**errors(404, 409, 500), **links(200, **VM_LINKS)})
 async def stop_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.stop(user, vm_id))
 
 
-@router.post("/{vm_id}/start", responses=errors(404, 409, 500))
+@router.post("/{vm_id}/start", responses={**errors(404, 409, 500), **links(200, **VM_LINKS)})
 async def start_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.start(user, vm_id))
 
