@@ -48,13 +48,14 @@ CHECKS = [
     "ignored_auth",
 ]
 
-# Positive control: the run reached real resources, not only 404s for made-up ids.
+# Positive control: the run reached real resources, not only 404s for made-up ids. (Whether a
+# stop, start or restore also succeeds depends on the path a seed takes: with a quota of 2, the
+# VMs are often asleep when those come.)
 MUST_SUCCEED = {
     ("POST", "/vms"),
     ("GET", "/vms/{id}"),
-    ("POST", "/vms/{id}/stop"),
     ("POST", "/vms/{id}/snapshot"),
-    ("POST", "/vms/{id}/restore"),
+    ("GET", "/snapshots/{id}"),
     ("POST", "/vms/{id}/routes"),
     ("DELETE", "/vms/{id}"),
 }
