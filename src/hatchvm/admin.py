@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from hatchvm.api.schemas import render_image
+from hatchvm.api.outputs import render_image
 from hatchvm.auth import local
 from hatchvm.config import Settings
 from hatchvm.db import repo
@@ -87,4 +87,4 @@ async def build_image(
         progress(f"img_default is already built in {out_dir} (use --force to rebuild)")
     async with _database(settings) as sessions:
         image = await registry.register(sessions, DEFAULT_IMAGE_ID, artifacts)
-    return render_image(image)
+    return render_image(image).model_dump(mode="json")

@@ -29,6 +29,10 @@ class Conflict(HatchError):
     status = 409
 
 
+class PayloadTooLarge(HatchError):
+    status = 413
+
+
 class InternalError(HatchError):
     status = 500
 

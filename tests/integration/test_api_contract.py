@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 
 import httpx
@@ -67,6 +68,24 @@ def test_invalid_json_and_non_object(hatch, key) -> None:
     assert r.status_code == 400 and error_of(r).startswith("invalid JSON body")
     r = call(hatch, "POST", "/vms", key, content="[1, 2]")
     assert r.status_code == 400 and error_of(r) == "body must be a JSON object"
+
+
+def test_hostile_bodies_are_400_and_make_nothing(hatch, key) -> None:
+    """Regressions: each of these was a 500 (the last two after creating a VM in error)."""
+    bomb = "#cloud-config\nruncmd:\n - &a " + "y" * 50_000 + "\n" + " - *a\n" * 1000
+    cases = [
+        ('{"vcpu_count": 1' + "0" * 5000 + "}", "invalid JSON body: Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON body: nested too deeply"),
+        (  # a YAML escape: JSON itself cannot carry a lone surrogate past pydantic
+            json.dumps({"user_data": '#cloud-config\nruncmd: ["\\ud800"]'}),
+            "user_data: must not contain lone surrogates",
+        ),
+        (json.dumps({"user_data": bomb}), "user_data: runcmd expands to over 256 KiB"),
+    ]
+    for body, message in cases:
+        r = call(hatch, "POST", "/vms", key, content=body)
+        assert r.status_code == 400 and error_of(r).startswith(message), r.text[:300]
+    assert call(hatch, "GET", "/vms", key).json() == []
 
 
 def test_bad_user_data_is_400(hatch, key) -> None:

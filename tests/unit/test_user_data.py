@@ -109,3 +109,36 @@ def test_size_limit_counts_bytes_not_characters() -> None:
 def test_nul_bytes_are_refused() -> None:
     with pytest.raises(BadRequest, match="NUL"):
         parse_user_data("#!/bin/sh\necho \x00\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # YAML escapes spell what the JSON body could not carry: a NUL, a lone surrogate.
+        ('#cloud-config\nruncmd: ["echo \\0"]\n', "user_data: must not contain NUL bytes"),
+        ('#cloud-config\nruncmd: ["\\ud800"]\n', "user_data: must not contain lone surrogates"),
+        # Aliases repeat a 50 KB entry 1000 times: 50 MB from 64 KiB of YAML.
+        (
+            "#cloud-config\nruncmd:\n - &a " + "y" * 50_000 + "\n" + " - *a\n" * 1000,
+            "user_data: runcmd expands to over 256 KiB",
+        ),
+        (
+            "#cloud-config\nssh_authorized_keys:\n - &k ssh-ed25519 " + "A" * 50_000 + "\n"
+            + " - *k\n" * 1000,
+            "user_data: ssh_authorized_keys expand to over 256 KiB",
+        ),
+    ],
+)  # fmt: skip
+def test_what_yaml_makes_of_cloud_config_is_checked(text: str, message: str) -> None:
+    """Regressions: each of these used to pass validation and fail later, creating the VM
+    (a 500 and a VM in error: the disk could not hold the file, or no file the surrogate)."""
+    assert len(text.encode()) <= MAX_USER_DATA
+    with pytest.raises(BadRequest, match=message):
+        parse_user_data(text)
+
+
+def test_large_cloud_config_within_the_limit_is_fine() -> None:
+    words = ["echo", "it's"] * 4000  # shlex quoting makes it longer than the YAML
+    text = "#cloud-config\nruncmd:\n - [" + ", ".join(f'"{w}"' for w in words) + "]\n"
+    assert len(text.encode()) <= MAX_USER_DATA
+    assert parse_user_data(text).script.startswith("#!/bin/sh\necho 'it'\"'\"'s' echo")

@@ -8,15 +8,38 @@ from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from hatchvm.api.deps import Svc, User
+from hatchvm.api.openapi import AUTHENTICATED, ERRORS, REF
 from hatchvm.core.console import Consoles
 
-router = APIRouter()
+router = APIRouter(tags=["vms"])
+
+# Errors stay JSON on a route whose answer is text: stated per status, not by model (FastAPI
+# would give a model the route's text media type).
+_JSON_ERRORS = {
+    status: {
+        "description": ERRORS[status],
+        "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
+    }
+    for status in (*AUTHENTICATED, 404)
+}
 
 TAIL_READ = 1 << 20  # the tail is cut from at most this much of the console
 
 
-@router.get("/vms/{vm_id}/console", response_model=None)
-async def console(
+@router.get(
+    "/vms/{vm_id}/console",
+    response_model=None,
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "The console's last lines; with follow=true, then its new output "
+            "as it comes, until the VM's VMM ends",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **_JSON_ERRORS,
+    },
+)
+async def get_console(
     vm_id: str,
     user: User,
     svc: Svc,

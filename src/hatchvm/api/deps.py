@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.auth.base import Verifier, key_from_request
@@ -31,7 +32,19 @@ def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-async def current_user(request: Request) -> str:
+# The two ways to pass a key, declared for the OpenAPI document only (auto_error off: they
+# never answer); key_from_request reads the key and words the 401.
+_bearer = HTTPBearer(
+    scheme_name="bearer", auto_error=False, description="Authorization: Bearer <key>"
+)
+_api_key = APIKeyHeader(name="X-API-Key", scheme_name="apiKey", auto_error=False)
+
+
+async def current_user(
+    request: Request,
+    _bearer_key: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    _header_key: Annotated[str | None, Security(_api_key)],
+) -> str:
     return await services(request).verifier.verify(key_from_request(request))
 
 

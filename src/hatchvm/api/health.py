@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from sqlalchemy import text
 
 from hatchvm.api.deps import Svc
+from hatchvm.api.openapi import errors
+from hatchvm.api.outputs import Health
 
-router = APIRouter()
+router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-async def healthz(svc: Svc) -> dict[str, Any]:
+@router.get("/healthz", responses=errors(413, 500))
+async def healthz(svc: Svc) -> Health:
     async with svc.sessions() as session:
         await session.execute(text("SELECT 1"))
     caps = await svc.vms.vmm.capabilities()
-    return {
-        "status": "ok",
-        "vmm": caps.name,
-        "accel": caps.accel,
-        "database": "ok",
-        "auth": svc.verifier.name,
-    }
+    return Health(
+        status="ok", vmm=caps.name, accel=caps.accel, database="ok", auth=svc.verifier.name
+    )

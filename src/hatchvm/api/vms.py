@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from hatchvm.api.deps import Svc, User
-from hatchvm.api.schemas import VMCreate, render_vm
+from hatchvm.api.openapi import AUTHENTICATED, VM_LINKS, errors, json_body, links
+from hatchvm.api.outputs import VM, Deleted, render_vm
+from hatchvm.api.schemas import VMCreate
 from hatchvm.api.validation import parse_body
 from hatchvm.core.vms import VMConfig
 
-router = APIRouter(prefix="/vms")
+router = APIRouter(prefix="/vms", tags=["vms"], responses=errors(*AUTHENTICATED))
 
 
-@router.post("", status_code=201)
-async def create_vm(request: Request, user: User, svc: Svc) -> JSONResponse:
+@router.post(
+    "",
+    status_code=201,
+    responses={**errors(400, 403, 500), **links(201, **VM_LINKS)},
+    openapi_extra=json_body(VMCreate, required=False),
+)
+async def create_vm(request: Request, user: User, svc: Svc) -> VM:
     body = await parse_body(request, VMCreate)
     cfg = VMConfig(
         image_id=body.image_id,
@@ -28,31 +32,30 @@ async def create_vm(request: Request, user: User, svc: Svc) -> JSONResponse:
         boot_args=body.boot_args,
         restart=body.restart,
     )
-    vm = await svc.vms.create(user, cfg)
-    return JSONResponse(render_vm(vm), status_code=201)
+    return render_vm(await svc.vms.create(user, cfg))
 
 
 @router.get("")
-async def list_vms(user: User, svc: Svc) -> list[dict[str, Any]]:
+async def list_vms(user: User, svc: Svc) -> list[VM]:
     return [render_vm(vm) for vm in await svc.vms.list(user)]
 
 
-@router.get("/{vm_id}")
-async def get_vm(vm_id: str, user: User, svc: Svc) -> dict[str, Any]:
+@router.get("/{vm_id}", responses=errors(404))
+async def get_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.get(user, vm_id))
 
 
-@router.post("/{vm_id}/stop")
-async def stop_vm(vm_id: str, user: User, svc: Svc) -> dict[str, Any]:
+@router.post("/{vm_id}/stop", responses={**errors(404, 409, 500), **links(200, **VM_LINKS)})
+async def stop_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.stop(user, vm_id))
 
 
-@router.post("/{vm_id}/start")
-async def start_vm(vm_id: str, user: User, svc: Svc) -> dict[str, Any]:
+@router.post("/{vm_id}/start", responses={**errors(404, 409, 500), **links(200, **VM_LINKS)})
+async def start_vm(vm_id: str, user: User, svc: Svc) -> VM:
     return render_vm(await svc.vms.start(user, vm_id))
 
 
-@router.delete("/{vm_id}")
-async def delete_vm(vm_id: str, user: User, svc: Svc) -> dict[str, str]:
+@router.delete("/{vm_id}", responses=errors(404, 500))
+async def delete_vm(vm_id: str, user: User, svc: Svc) -> Deleted:
     await svc.vms.delete(user, vm_id)
-    return {"status": "deleted"}
+    return Deleted()

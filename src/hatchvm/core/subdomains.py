@@ -25,7 +25,7 @@ def subdomain_problem(name: str) -> str | None:
         return "must be lowercase"
     if name.startswith("-") or name.endswith("-"):
         return "must not start or end with a hyphen"
-    if not SUBDOMAIN.match(name):
+    if not SUBDOMAIN.fullmatch(name):  # match() would let "name\n" through: $ allows it
         return "may only contain lowercase letters, digits and hyphens"
     if name in RESERVED:
         return f"{name!r} is reserved"

@@ -26,6 +26,9 @@ import yaml
 from hatchvm.errors import BadRequest, InternalError
 
 MAX_USER_DATA = 64 * 1024
+# What a cloud-config may expand to (shlex quoting adds a little; YAML aliases could add
+# gigabytes: `- &a <60 KiB>` then `- *a` a thousand times).
+MAX_SEED = 4 * MAX_USER_DATA
 MIN_DISK_MIB = 16
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519", "sk-ecdsa-sha2-")
 _KEY_MARKER = "# ssh-authorized-key:"
@@ -49,13 +52,18 @@ def _runcmd_script(commands: object) -> str:
     if not isinstance(commands, list):
         raise BadRequest("user_data: runcmd must be a list")
     lines = ["#!/bin/sh"]
+    size = 0
     for cmd in commands:
         if isinstance(cmd, str):
-            lines.append(cmd)
+            line = cmd
         elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
-            lines.append(shlex.join(cmd))
+            line = shlex.join(cmd)
         else:
             raise BadRequest("user_data: runcmd entries must be strings or lists of strings")
+        size += len(line) + 1
+        if size > MAX_SEED:  # checked as it grows: aliases repeat one entry without limit
+            raise BadRequest(f"user_data: runcmd expands to over {MAX_SEED // 1024} KiB")
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -77,8 +85,25 @@ def _parse_cloud_config(text: str) -> GuestSeed:
     keys = data.get("ssh_authorized_keys") or []
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise BadRequest("user_data: ssh_authorized_keys must be a list of strings")
+    if sum(len(k) for k in keys) > MAX_SEED:
+        raise BadRequest(f"user_data: ssh_authorized_keys expand to over {MAX_SEED // 1024} KiB")
     script = _runcmd_script(data["runcmd"]) if data.get("runcmd") else None
-    return GuestSeed(script=script, ssh_keys=[_check_key(k) for k in keys])
+    return _checked_seed(GuestSeed(script=script, ssh_keys=[_check_key(k) for k in keys]))
+
+
+def _checked_seed(seed: GuestSeed) -> GuestSeed:
+    """What YAML made of user_data: its escapes can spell NULs and lone surrogates (which no
+    file can hold), its aliases can multiply the text."""
+    text = "\n".join([seed.script or "", *seed.ssh_keys])
+    if "\x00" in text:
+        raise BadRequest("user_data: must not contain NUL bytes")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise BadRequest("user_data: must not contain lone surrogates (\\ud800-\\udfff)") from None
+    if size > MAX_SEED:
+        raise BadRequest(f"user_data: cloud-config expands to over {MAX_SEED // 1024} KiB")
+    return seed
 
 
 def parse_user_data(user_data: str | None) -> GuestSeed:
