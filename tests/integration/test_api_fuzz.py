@@ -28,7 +28,7 @@ pytestmark = pytest.mark.vm
 SEED = int(os.environ.get("HATCH_FUZZ_SEED", "20260306"))
 EXAMPLES = int(os.environ.get("HATCH_FUZZ_EXAMPLES", "40"))  # per operation and phase
 MIN_CASES = int(os.environ.get("HATCH_FUZZ_MIN_CASES", "500"))
-OPERATIONS = 17  # every operation in the document
+OPERATIONS = 18  # every operation in the document
 
 # Everything schemathesis checks except positive_data_acceptance: the document cannot promise
 # that a well-formed request succeeds (a random id is 404, the quota 403, user_data must be a

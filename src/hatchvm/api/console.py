@@ -20,7 +20,7 @@ _JSON_ERRORS = {
         "description": ERRORS[status],
         "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
     }
-    for status in (*AUTHENTICATED, 404)
+    for status in (*AUTHENTICATED, 400, 404)
 }
 
 TAIL_READ = 1 << 20  # the tail is cut from at most this much of the console
