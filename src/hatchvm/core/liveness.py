@@ -42,7 +42,11 @@ class Liveness:
         vms.delete_hooks.append(self._forget)
 
     def watch(self, vm: VM) -> None:
-        """Watch the VM's VMM process that runs now (called after each start and reattach)."""
+        """Watch the VM's VMM process that runs now (called after each start and reattach;
+        a watch of the same process that goes on already is enough)."""
+        current = self._watches.get(vm.id)
+        if current is not None and not current.done():
+            return
         self._crashes.setdefault(vm.id, (0, time.monotonic()))
         self._crashes[vm.id] = (self._crashes[vm.id][0], time.monotonic())
         task = asyncio.create_task(self._watch(vm.id), name=f"liveness-{vm.id}")

@@ -38,6 +38,7 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
         if vm.state == State.SNAPSHOTTED:
             if await service.vmm.alive(vm.id, vm_dir) is not None:
                 await service.vmm.kill(vm.id, vm_dir)  # its state is saved; the process is stray
+            await snapshots.reconcile(vm)
             continue
         if vm.state not in _LIVE_STATES:
             continue
@@ -54,7 +55,9 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
                 continue
             await service.vmm.kill(vm.id, vm_dir)
         if not (vm_dir / DISK_NAME).exists():
-            reason = f"creation was interrupted while {vm.state}; the VM has no disk"
+            reason = (
+                f"the vm has no disk (its creation or deletion was interrupted while {vm.state})"
+            )
             await service.teardown(vm)
             await service.update(
                 vm.id,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ import structlog
 from hatchvm.config import Settings
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
+from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
@@ -40,6 +42,8 @@ STATE_NAME = "state"  # device state inside the resume dir
 LATEST = "snapshot_id"  # resume/LATEST: the stored snapshot the VM's files equal
 PENDING = "pending"  # resume/PENDING: the snapshot being stored (for crash recovery)
 WORK_DIR = "snapshot-work"
+PREVIOUS_DIR = "restore-previous"  # the VM's files, put aside while a restore replaces them
+JOURNAL = "journal.json"  # in PREVIOUS_DIR: the VM's state before, and which files it had
 
 
 def _read(path: Path) -> str | None:
@@ -47,6 +51,29 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+def host_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _reset_dir(path: Path) -> None:
@@ -87,13 +114,13 @@ class SnapshotService:
     async def snapshot(self, user_id: str, vm_id: str, automatic: bool = False) -> Snapshot:
         """Freeze a running VM into a new snapshot; the VM ends `snapshotted`.
 
-        automatic (the idle reaper): at the quota, the oldest automatic snapshot makes room."""
+        automatic (the idle reaper): at the quota, the oldest automatic snapshot makes room,
+        once the new one is safely stored."""
         await self.vms.get(user_id, vm_id)
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             guard(Op.SNAPSHOT, vm.state)
-            await self._make_room(vm, automatic)
-            return await self._take(vm, automatic)
+            return await self._take_within_quota(vm, automatic)
 
     async def snapshot_if_idle(self, user_id: str, vm_id: str, cutoff: datetime) -> Snapshot | None:
         """The reaper's snapshot: automatic, and only if the VM is still running and still
@@ -102,19 +129,22 @@ class SnapshotService:
             vm = await self.vms.get(user_id, vm_id)
             if vm.state != State.RUNNING or vm.last_activity_at >= cutoff:
                 return None
-            await self._make_room(vm, automatic=True)
-            return await self._take(vm, automatic=True)
+            return await self._take_within_quota(vm, automatic=True)
 
-    async def _make_room(self, vm: VM, automatic: bool) -> None:
+    async def _take_within_quota(self, vm: VM, automatic: bool) -> Snapshot:
         limit = self._s.max_snapshots_per_vm
         async with self.vms.sessions() as session:
             snaps = await repo.list_snapshots(session, vm.id)  # newest first
-        while len(snaps) >= limit:
-            autos = [s for s in snaps if s.automatic]
-            if not automatic or not autos:
-                raise QuotaExceeded(f"snapshot limit reached ({len(snaps)}/{limit})")
-            await self._delete(vm, autos[-1])
-            snaps.remove(autos[-1])
+        autos = [s for s in snaps if s.automatic]
+        if len(snaps) >= limit and not (automatic and autos and limit > 0):
+            raise QuotaExceeded(f"snapshot limit reached ({len(snaps)}/{limit})")
+        snap = await self._take(vm, automatic)
+        # Room is made only now: a capture that fails must not have cost an older snapshot.
+        while len(snaps) + 1 > limit and autos:
+            oldest = autos.pop()
+            await self._delete(vm, oldest)
+            snaps.remove(oldest)
+        return snap
 
     async def _take(self, vm: VM, automatic: bool) -> Snapshot:
         snap_id = new_id("snap")
@@ -124,6 +154,7 @@ class SnapshotService:
         await asyncio.to_thread(_reset_dir, resume)
         # Written first: a daemon that dies from here on finds which snapshot was under way.
         await asyncio.to_thread((resume / PENDING).write_text, snap_id)
+        crashpoint("snapshot.begun")
         try:
             await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
         except Exception as exc:
@@ -131,6 +162,7 @@ class SnapshotService:
             log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
             state = await self._after_failed_capture(vm, reason)
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
+        crashpoint("snapshot.captured")
         await self.vms.detach_network(vm)
         try:
             manifest = await self._store_artifacts(vm, snap_id)
@@ -143,6 +175,7 @@ class SnapshotService:
             raise InternalError(
                 f"storing snapshot of {vm.id} failed: {reason} (vm is {state})"
             ) from exc
+        crashpoint("snapshot.stored")
         snap = Snapshot(
             id=snap_id,
             vm_id=vm.id,
@@ -158,14 +191,23 @@ class SnapshotService:
         await self.vms.update(
             vm.id, state=State.SNAPSHOTTED, state_reason=None, touch=not automatic, add=[snap]
         )
+        crashpoint("snapshot.recorded")
         await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
         log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
         return snap
 
     def _mark_latest(self, vm_id: str, snap_id: str) -> None:
+        """The VM's own files equal snap_id, as long as this host has not rebooted: the RAM
+        file was never flushed to disk (that would cost a second per GiB on every snapshot),
+        so after a power loss it may hold stale pages, and a restore then reads the store."""
         resume = self._resume_dir(vm_id)
-        (resume / LATEST).write_text(snap_id)
+        _write_synced(resume / LATEST, f"{snap_id} {host_boot_id()}")
         (resume / PENDING).unlink(missing_ok=True)
+
+    def _latest(self, vm_id: str) -> str | None:
+        """The snapshot the VM's own files equal, if they can be trusted (same host boot)."""
+        snap_id, _, boot = (_read(self._resume_dir(vm_id) / LATEST) or "").partition(" ")
+        return snap_id if snap_id and boot == host_boot_id() else None
 
     async def _store_artifacts(self, vm: VM, snap_id: str) -> SnapshotManifest:
         vm_dir = self.vms.vm_dir(vm.id)
@@ -207,6 +249,7 @@ class SnapshotService:
         vm_dir = self.vms.vm_dir(vm.id)
         with contextlib.suppress(Exception):
             if await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
+                await asyncio.to_thread(shutil.rmtree, self._resume_dir(vm.id), True)
                 await self.vms.update(vm.id, state=State.RUNNING, state_reason=None)
                 return State.RUNNING.value
         await self.vms.vmm.kill(vm.id, vm_dir)
@@ -263,38 +306,47 @@ class SnapshotService:
             return await self.restore_locked(vm, snap)
 
     async def restore_locked(self, vm: VM, snap: Snapshot) -> VM:
-        """Resume vm from snap; the caller holds the VM's lock (the API, or a wake)."""
+        """Resume vm from snap; the caller holds the VM's lock (the API, or a wake).
+
+        A restore that fails, or a daemon killed during one, leaves the VM's files exactly as
+        they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
         prior = vm.state
         resume = self._resume_dir(vm.id)
         await self.vms.update(vm.id, state=State.RESTORING)
-        hot = await asyncio.to_thread(_read, resume / LATEST) == snap.id
-        try:
-            if not hot:
-                await self._unpack(vm, snap)
-        except ArtifactError as exc:
-            await self.vms.update(vm.id, state=prior)
-            log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
-            raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
+        hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
+        crashpoint("restore.begun")
+        if not hot:
+            try:
+                await self._unpack(vm, snap, prior)
+            except ArtifactError as exc:
+                await self.vms.update(vm.id, state=prior)
+                log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
+                raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
+        crashpoint("restore.files-ready")
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
         try:
             image = await self.vms.load_image(vm.image_id)
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
+            crashpoint("restore.vmm-started")
             await self.vms.run(vm)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
             await self.vms.detach_network(vm)
+            await asyncio.to_thread(self._put_back, vm.id)
             await self.vms.update(vm.id, state=prior, state_reason=f"restore failed: {reason}")
             raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
-        await asyncio.to_thread(shutil.rmtree, resume, True)
+        crashpoint("restore.running")
+        await asyncio.to_thread(self._forget_previous, vm.id)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=None, touch=True)
 
-    async def _unpack(self, vm: VM, snap: Snapshot) -> None:
-        """Fetch, verify and unpack every artifact, then move them over the VM's files."""
+    async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
+        """Fetch, verify and unpack every artifact; only then put the VM's files aside and
+        move the snapshot's in."""
         manifest = SnapshotManifest.parse(snap.manifest)
         vm_dir = self.vms.vm_dir(vm.id)
         work = vm_dir / WORK_DIR
@@ -306,18 +358,53 @@ class SnapshotService:
                 await asyncio.to_thread(codec.decode, packed, work / name, record.info())
                 if packed.is_relative_to(work):
                     await asyncio.to_thread(packed.unlink)
-            await asyncio.to_thread(self._install, vm.id, work)
+            await asyncio.to_thread(self._swap_in, vm.id, work, prior)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 
-    def _install(self, vm_id: str, work: Path) -> None:
+    def _kept_files(self, vm_id: str) -> dict[str, Path]:
+        """What a restore replaces, by the name it is kept under in PREVIOUS_DIR."""
         vm_dir = self.vms.vm_dir(vm_id)
+        return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "resume": vm_dir / RESUME_DIR}
+
+    def _swap_in(self, vm_id: str, work: Path, prior: str) -> None:
+        vm_dir = self.vms.vm_dir(vm_id)
+        previous = vm_dir / PREVIOUS_DIR
+        _reset_dir(previous)
+        kept = self._kept_files(vm_id)
+        had = [name for name, path in kept.items() if path.exists()]
+        # The journal first: a daemon killed from here on knows what to put back.
+        (previous / JOURNAL).write_text(json.dumps({"state": prior, "had": had}))
+        for name in had:
+            os.replace(kept[name], previous / name)
         resume = self._resume_dir(vm_id)
-        (resume / LATEST).unlink(missing_ok=True)
-        resume.mkdir(exist_ok=True)
+        resume.mkdir()
         os.replace(work / "mem", vm_dir / MEM_NAME)
         os.replace(work / "disk", vm_dir / DISK_NAME)
         os.replace(work / "state", resume / STATE_NAME)
+
+    def _put_back(self, vm_id: str) -> str | None:
+        """Undo _swap_in (after a failed restore, or at start-up after a crash during one);
+        returns the VM's state before the restore, or None if nothing was put aside."""
+        previous = self.vms.vm_dir(vm_id) / PREVIOUS_DIR
+        journal = _read(previous / JOURNAL)
+        if journal is None:
+            shutil.rmtree(previous, ignore_errors=True)
+            return None
+        record = json.loads(journal)
+        for name, path in self._kept_files(vm_id).items():
+            aside = previous / name
+            if name in record["had"] and not aside.exists():
+                continue  # never moved aside: it is still the VM's own
+            _remove(path)
+            if aside.exists():
+                os.replace(aside, path)
+        shutil.rmtree(previous)
+        return str(record["state"])
+
+    def _forget_previous(self, vm_id: str) -> None:
+        shutil.rmtree(self.vms.vm_dir(vm_id) / PREVIOUS_DIR, ignore_errors=True)
+        shutil.rmtree(self._resume_dir(vm_id), ignore_errors=True)
 
     # ---- delete ------------------------------------------------------------------------
 
@@ -342,7 +429,7 @@ class SnapshotService:
             if row is not None:
                 await session.delete(row)
         latest = self._resume_dir(vm.id) / LATEST
-        if await asyncio.to_thread(_read, latest) == snap.id:
+        if (await asyncio.to_thread(_read, latest) or "").split(" ")[0] == snap.id:
             await asyncio.to_thread(latest.unlink, True)
         try:
             await self.store.delete_prefix(self._prefix(vm.id, snap.id))
@@ -363,16 +450,23 @@ class SnapshotService:
     # ---- start-up ----------------------------------------------------------------------
 
     async def reconcile(self, vm: VM) -> None:
-        """Settle a VM the daemon left `snapshotting` or `restoring` when it died."""
+        """Settle a VM the daemon left `snapshotting` or `restoring` when it died, or
+        `snapshotted` just before it marked the snapshot complete."""
         vm_dir = self.vms.vm_dir(vm.id)
         resume = self._resume_dir(vm.id)
         vmm = self.vms.vmm
+        if vm.state == State.SNAPSHOTTED:
+            # Its row is committed: the snapshot is complete; only the hot-copy mark is missing
+            # (so the next restore reads the store, which is always safe).
+            await asyncio.to_thread((resume / PENDING).unlink, True)
+            return
         if vm.state == State.SNAPSHOTTING:
             pending = await asyncio.to_thread(_read, resume / PENDING)
             if pending:
                 with contextlib.suppress(ArtifactError):
                     await self.store.delete_prefix(self._prefix(vm.id, pending))
             if await vmm.alive(vm.id, vm_dir) is not None:
+                await self.vms.adopt(vm)  # its console and watch again
                 await self._after_failed_capture(vm, "daemon restarted during a snapshot")
             elif pending and (resume / STATE_NAME).exists():
                 await self.resume_local(vm, "daemon restarted while storing a snapshot")
@@ -389,14 +483,18 @@ class SnapshotService:
                 with contextlib.suppress(Exception):
                     await self.vms.adopt(vm)  # its console and watch, before it runs on
                     if await vmm.resume_if_paused(vm.id, vm_dir):
-                        await asyncio.to_thread(shutil.rmtree, resume, True)
+                        await asyncio.to_thread(self._forget_previous, vm.id)
                         await self.vms.update(vm.id, state=State.RUNNING)
                         return
                 await vmm.kill(vm.id, vm_dir)
-            async with self.vms.sessions() as session:
-                has_snapshots = await repo.count_snapshots(session, vm.id) > 0
+            await self.vms.detach_network(vm)
+            prior = await asyncio.to_thread(self._put_back, vm.id)
+            if prior is None:  # a restore of the VM's own files: they are still the snapshot
+                async with self.vms.sessions() as session:
+                    has_snapshots = await repo.count_snapshots(session, vm.id) > 0
+                prior = State.SNAPSHOTTED if has_snapshots else State.STOPPED
             await self.vms.update(
                 vm.id,
-                state=State.SNAPSHOTTED if has_snapshots else State.STOPPED,
-                state_reason="daemon restarted during a restore",
+                state=prior,
+                state_reason="daemon restarted during a restore; the vm is as it was before",
             )

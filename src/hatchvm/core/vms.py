@@ -23,6 +23,7 @@ from hatchvm.core.console import Consoles
 from hatchvm.core.locks import KeyedLocks
 from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.core.states import Op, State, guard
+from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
 from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
@@ -127,8 +128,10 @@ class VMService:
             async with self._user_locks.hold(user_id):
                 vm = await self._insert(vm_id, user_id, cfg)
             log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
+            crashpoint("create.inserted")
             try:
                 await asyncio.to_thread(self._prepare_dir, vm)
+                crashpoint("create.prepared")
                 await self._boot(vm, image)
             except Exception as exc:
                 reason = reason_of(exc)
@@ -249,7 +252,9 @@ class VMService:
         await asyncio.to_thread(self.drop_memory, vm.id)
         await self.attach_network(vm)
         pid = await self.vmm.boot(self.boot_spec(vm, image))
+        crashpoint("boot.vmm-started")
         await self.run(vm)
+        crashpoint("boot.resumed")
         log.info("vm booted", vm_id=vm.id, pid=pid)
 
     async def adopt(self, vm: VM) -> None:
@@ -290,6 +295,7 @@ class VMService:
             raise InternalError(f"cannot start {vm_id}: its disk is missing")
         image = await self.load_image(vm.image_id)
         await self.update(vm_id, state=State.STARTING, state_reason=None)
+        crashpoint("start.begun")
         try:
             await self._boot(vm, image)
         except Exception as exc:
@@ -308,12 +314,14 @@ class VMService:
             vm = await self.get(user_id, vm_id)
             guard(Op.STOP, vm.state)
             await self.update(vm_id, state=State.STOPPING)
+            crashpoint("stop.begun")
             try:
                 await self.vmm.stop(vm_id, self.vm_dir(vm_id), self._s.stop_timeout)
             except Exception as exc:
                 # The process may still be alive: make sure, then record what happened.
                 log.error("vm stop failed, killing", vm_id=vm_id, reason=reason_of(exc))
                 await self.vmm.kill(vm_id, self.vm_dir(vm_id))
+            crashpoint("stop.vmm-ended")
             await self.detach_network(vm)
             await asyncio.to_thread(self.drop_memory, vm_id)
             log.info("vm stopped", vm_id=vm_id)
@@ -325,6 +333,7 @@ class VMService:
             vm = await self.get(user_id, vm_id)
             guard(Op.DELETE, vm.state)
             await self.teardown(vm)
+            crashpoint("delete.torn-down")
             for hook in self.delete_hooks:
                 await hook(vm)
             async with self.sessions() as session, session.begin():
