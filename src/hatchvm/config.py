@@ -49,6 +49,22 @@ class Settings(BaseSettings):
         default="auto",
         description="auto probes whether KVM really runs a guest and falls back to TCG",
     )
+    qemu_tb_size_mib: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="TCG translation cache per VM in MiB (QEMU's own default is 1 GiB)",
+    )
+    cgroups: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description="a cgroup per VM limiting memory and CPU: auto uses them when the host "
+        "allows (warns otherwise), required refuses to start without",
+    )
+    cgroup_parent: str = Field(
+        default="hatchvm",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
+        description="the VMs' cgroups are <this>/<vm_id>, below the cgroup root",
+    )
     firecracker_bin: str = Field(default="firecracker", description="the Firecracker binary")
     stop_timeout: float = Field(
         default=20.0, gt=0, description="seconds a guest gets to power off before it is killed"

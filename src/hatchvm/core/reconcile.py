@@ -15,6 +15,8 @@ from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.states import State
 from hatchvm.core.vms import DISK_NAME, VMService
 from hatchvm.db import repo
+from hatchvm.db.models import VM
+from hatchvm.vmm.base import RunningVM
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -25,14 +27,17 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
     async with service.sessions() as session:
         vms = await repo.list_vms(session)
     running: list[GuestLink] = []
+    alive: list[RunningVM] = []  # their cgroups are kept, all others' removed
     for vm in vms:
         vm_dir = service.vm_dir(vm.id)
         if vm.state in (State.SNAPSHOTTING, State.RESTORING):
             await snapshots.reconcile(vm)
             settled = await service.get(vm.user_id, vm.id)
             log.warning("interrupted snapshot or restore settled", vm_id=vm.id, state=settled.state)
-            if settled.state == State.RUNNING and (link := GuestLink.of(settled)):
-                running.append(link)
+            if settled.state == State.RUNNING:
+                alive.append(_running(service, settled))
+                if link := GuestLink.of(settled):
+                    running.append(link)
             continue
         if vm.state == State.SNAPSHOTTED:
             if await service.vmm.alive(vm.id, vm_dir) is not None:
@@ -42,6 +47,7 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             continue
         pid = await service.vmm.alive(vm.id, vm_dir)
         if pid is not None:
+            alive.append(_running(service, vm))
             if link := GuestLink.of(vm):
                 running.append(link)  # QEMU holds its TAP open; settle re-attaches it
             if vm.state != State.RUNNING:
@@ -64,7 +70,12 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             reason = f"vmm process gone at daemon start-up (was {vm.state})"
             await service.update(vm.id, state=State.STOPPED, state_reason=reason)
         log.warning("vm not running", vm_id=vm.id, reason=reason)
+    await service.vmm.settle(alive)
     if service.net is not None:
         stale = await service.net.settle(running)
         if stale:
             log.info("removed stale taps", taps=stale)
+
+
+def _running(service: VMService, vm: VM) -> RunningVM:
+    return RunningVM(vm.id, service.vm_dir(vm.id), vm.vcpu_count, vm.mem_mib)
