@@ -97,6 +97,22 @@ class Settings(BaseSettings):
     vm_disk_mib: int = Field(
         default=1024, ge=64, description="size of each VM's writable disk in MiB (sparse)"
     )
+    max_vcpus_per_user: int = Field(
+        default=8, ge=0, description="total vCPUs of one user's VMs (403 beyond)"
+    )
+    max_mem_mib_per_user: int = Field(
+        default=8192, ge=0, description="total memory (MiB) of one user's VMs (403 beyond)"
+    )
+    max_disk_mib_per_user: int = Field(
+        default=10240,
+        ge=0,
+        description="total size (MiB) of one user's writable VM disks (403 beyond)",
+    )
+    max_snapshot_mib_per_user: int = Field(
+        default=20480,
+        ge=0,
+        description="stored snapshots (MiB) of one user; no new snapshot once reached (403)",
+    )
 
     proxy_addr: str = Field(default=":9090", description="the HTTP proxy's listen address")
     proxy_base_domain: str = Field(

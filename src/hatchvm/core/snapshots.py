@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from hatchvm.config import Settings
+from hatchvm.core import quotas
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
 from hatchvm.db import repo
@@ -92,6 +93,7 @@ class SnapshotService:
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             guard(Op.SNAPSHOT, vm.state)
+            await self._check_storage(vm)
             await self._make_room(vm, automatic)
             return await self._take(vm, automatic)
 
@@ -102,8 +104,18 @@ class SnapshotService:
             vm = await self.vms.get(user_id, vm_id)
             if vm.state != State.RUNNING or vm.last_activity_at >= cutoff:
                 return None
+            try:
+                await self._check_storage(vm)
+            except QuotaExceeded as exc:  # the VM runs on; its user must make room first
+                log.warning("idle snapshot skipped", vm_id=vm_id, reason=exc.message)
+                return None
             await self._make_room(vm, automatic=True)
             return await self._take(vm, automatic=True)
+
+    async def _check_storage(self, vm: VM) -> None:
+        async with self.vms.sessions() as session:
+            used = await repo.snapshot_bytes(session, vm.user_id)
+        quotas.check_snapshot(self._s, used)
 
     async def _make_room(self, vm: VM, automatic: bool) -> None:
         limit = self._s.max_snapshots_per_vm

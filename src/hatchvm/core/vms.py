@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.config import Settings
+from hatchvm.core import quotas
 from hatchvm.core.locks import KeyedLocks
 from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.core.states import Op, State, guard
@@ -141,13 +142,11 @@ class VMService:
         return image
 
     async def _insert(self, user_id: str, cfg: VMConfig) -> VM:
-        """Check the quota and persist the row with its allocations (retrying on a race)."""
-        limit = self._s.max_vms_per_user
+        """Check the quotas and persist the row with its allocations (retrying on a race)."""
         for _attempt in range(5):
             async with self.sessions() as session, session.begin():
-                count = await repo.count_vms(session, user_id)
-                if count >= limit:
-                    raise QuotaExceeded(f"vm limit reached ({count}/{limit})")
+                usage = quotas.Usage(*await repo.user_totals(session, user_id))
+                quotas.check_create(self._s, usage, cfg.vcpu_count, cfg.mem_mib)
                 vm = VM(
                     id=new_id("vm"),
                     user_id=user_id,
