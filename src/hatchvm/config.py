@@ -113,6 +113,18 @@ class Settings(BaseSettings):
         ge=0,
         description="stored snapshots (MiB) of one user; no new snapshot once reached (403)",
     )
+    host_mem_reserve_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="host memory (MiB) VMs never get: a create/start/restore/wake that would "
+        "eat into it is refused (503)",
+    )
+    host_disk_reserve_mib: int = Field(
+        default=2048,
+        ge=0,
+        description="free space (MiB) kept in the data dir: a VM whose disk and memory file "
+        "would eat into it is refused (503)",
+    )
 
     proxy_addr: str = Field(default=":9090", description="the HTTP proxy's listen address")
     proxy_base_domain: str = Field(

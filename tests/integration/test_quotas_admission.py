@@ -1,4 +1,5 @@
-"""Per-user totals (403 naming the limit) against a real hatchd and real guests."""
+"""Per-user totals (403 naming the limit) and host admission (503 saying what the host lacks),
+against a real hatchd and real guests."""
 
 from __future__ import annotations
 
@@ -83,3 +84,56 @@ def test_snapshot_storage_limit_manual_and_automatic(daemon_factory) -> None:
     with hatch.client(hatch.create_key("bob")) as bob:
         other = bob.create_vm(**SMALL)
         assert bob.snapshot_vm(other["id"])["vm_id"] == other["id"]  # bob's own storage
+
+
+def restart(hatch, **env: str | None) -> None:
+    hatch.stop()  # SIGTERM: the VMs keep running, as in production
+    for name, value in env.items():
+        if value is None:
+            hatch.env.pop(name, None)
+        else:
+            hatch.env[name] = value
+    hatch.start()
+
+
+def test_host_admission_refuses_what_the_host_cannot_hold(daemon_factory) -> None:
+    hatch = daemon_factory()
+    hatch.start()
+    key = hatch.create_key("alice")
+    with hatch.client(key) as api:
+        asleep = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+        stopped = api.create_vm(**SMALL)
+        wait_http(f"http://{asleep['guest_ip']}:8080/")
+        api.create_route(asleep["id"], target_port=8080, subdomain="sleepy")
+        api.snapshot_vm(asleep["id"])
+        api.stop_vm(stopped["id"])
+
+    # A host that must keep more memory than it has holds no VM: nothing boots.
+    restart(hatch, HATCH_HOST_MEM_RESERVE_MIB=str(10**9))
+    with hatch.client(key) as api:
+        for err in (
+            refused(api.create_vm, **SMALL),
+            refused(api.start_vm, stopped["id"]),
+            refused(api.restore_vm, asleep["id"]),
+        ):
+            assert err.status == 503
+            assert err.message.startswith("not enough host memory: ")
+            assert err.message.endswith(f"({10**9} MiB kept for the host)")
+        woken = via_proxy(hatch, "sleepy")
+        assert woken.status_code == 503 and "not enough host memory" in woken.text
+        assert [v["state"] for v in api.list_vms()] == ["stopped", "snapshotted"]
+
+    restart(hatch, HATCH_HOST_MEM_RESERVE_MIB=None, HATCH_HOST_DISK_RESERVE_MIB=str(10**9))
+    with hatch.client(key) as api:
+        for err in (refused(api.create_vm, **SMALL), refused(api.start_vm, stopped["id"])):
+            assert err.status == 503
+            assert err.message.startswith(f"not enough disk space in {hatch.data_dir}: ")
+        assert len(api.list_vms()) == 2
+
+    # On the default reserves the same operations fit.
+    restart(hatch, HATCH_HOST_DISK_RESERVE_MIB=None)
+    with hatch.client(key) as api:
+        assert api.start_vm(stopped["id"])["state"] == "running"
+        assert via_proxy(hatch, "sleepy").status_code == 200
+        assert api.get_vm(asleep["id"])["state"] == "running"
+        assert api.create_vm(**SMALL)["state"] == "running"

@@ -283,8 +283,11 @@ class SnapshotService:
         """Resume vm from snap; the caller holds the VM's lock (the API, or a wake)."""
         prior = vm.state
         resume = self._resume_dir(vm.id)
-        await self.vms.update(vm.id, state=State.RESTORING)
         hot = await asyncio.to_thread(_read, resume / LATEST) == snap.id
+        async with self.vms.admission.lock:
+            space = await asyncio.to_thread(self.vms.space_needed_mib, vm, not hot)
+            await self.vms.admission.admit(vm.id, vm.mem_mib, space)
+            await self.vms.update(vm.id, state=State.RESTORING)
         try:
             if not hot:
                 await self._unpack(vm, snap)
