@@ -39,3 +39,38 @@ def remove_parent(cgroups: VMCgroups) -> None:
     for root in cgroups.layout.roots:
         with contextlib.suppress(OSError):
             (root / cgroups.parent).rmdir()
+
+
+def _read_int(path: Path) -> int:
+    return int(path.read_text().split()[0])
+
+
+def _group(cgroups: VMCgroups, vm_id: str, controller: str) -> Path:
+    roots = cgroups.layout.roots
+    root = roots[0] if controller == "memory" or len(roots) == 1 else roots[1]
+    return root / cgroups.parent / vm_id
+
+
+def limits_of(cgroups: VMCgroups, vm_id: str) -> tuple[int, int, int]:
+    """The VM's group's memory limit (bytes), CPU quota and period (microseconds)."""
+    mem, cpu = _group(cgroups, vm_id, "memory"), _group(cgroups, vm_id, "cpu")
+    if cgroups.layout.version == 2:
+        quota, period = (mem / "cpu.max").read_text().split()
+        return _read_int(mem / "memory.max"), int(quota), int(period)
+    return (
+        _read_int(mem / "memory.limit_in_bytes"),
+        _read_int(cpu / "cpu.cfs_quota_us"),
+        _read_int(cpu / "cpu.cfs_period_us"),
+    )
+
+
+def memory_of(cgroups: VMCgroups, vm_id: str) -> tuple[int, int, int]:
+    """The VM's group's memory use now, its peak (bytes), and how often the OOM killer ran."""
+    mem = _group(cgroups, vm_id, "memory")
+    if cgroups.layout.version == 2:
+        usage, peak, events = mem / "memory.current", mem / "memory.peak", mem / "memory.events"
+    else:
+        usage, peak = mem / "memory.usage_in_bytes", mem / "memory.max_usage_in_bytes"
+        events = mem / "memory.oom_control"
+    counts = dict(line.split() for line in events.read_text().splitlines())
+    return _read_int(usage), _read_int(peak), int(counts.get("oom_kill", 0))
