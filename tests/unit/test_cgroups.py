@@ -9,7 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from hatchvm import daemon
+from hatchvm.config import Settings
 from hatchvm.vmm.cgroups import Layout, Limits, VMCgroups, find_layout
 from tests.support.cgroups import cgroup_of, remove_parent
 from tests.support.wait import wait_for
@@ -152,3 +155,33 @@ def test_real_sweep_removes_only_empty_groups_not_kept(real) -> None:
     assert real.groups() == {"vm_kept"}
     real.remove("vm_kept")
     real.remove("vm_kept")  # idempotent
+
+
+# ---- hatchd's choice at start-up -------------------------------------------------------
+
+
+def unusable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A layout whose tree cannot hold the parent group (as for a non-root hatchd)."""
+    layout = Layout(2, (tmp_path / "not-mounted",))
+    monkeypatch.setattr(daemon, "find_layout", lambda _mountinfo: layout)
+
+
+def test_without_usable_cgroups_hatchd_warns_and_runs(monkeypatch, tmp_path) -> None:
+    unusable(monkeypatch, tmp_path)
+    with capture_logs() as logs:
+        assert daemon._build_cgroups(Settings(cgroups="auto")) is None
+    assert [entry["log_level"] for entry in logs] == ["warning"]
+    assert "cannot read" in logs[0]["reason"]
+
+
+def test_required_cgroups_stop_the_daemon(monkeypatch, tmp_path) -> None:
+    unusable(monkeypatch, tmp_path)
+    with pytest.raises(daemon.StartupError, match="HATCH_CGROUPS=required"):
+        daemon._build_cgroups(Settings(cgroups="required"))
+
+
+def test_cgroups_off(monkeypatch, tmp_path) -> None:
+    unusable(monkeypatch, tmp_path)
+    with capture_logs() as logs:
+        assert daemon._build_cgroups(Settings(cgroups="off")) is None
+    assert logs == []

@@ -27,6 +27,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         ("HATCH_QEMU_ACCEL", "fast"),
         ("HATCH_MAX_VMS_PER_USER", "many"),
         ("HATCH_BRIDGE_NAME", "a-name-that-is-too-long"),
+        ("HATCH_CGROUP_PARENT", "../escape"),
+        ("HATCH_CGROUP_PARENT", "/absolute"),
+        ("HATCH_CGROUPS", "maybe"),
+        ("HATCH_MAX_MEM_MIB_PER_USER", "-1"),
+        ("HATCH_QEMU_TB_SIZE_MIB", "0"),
     ],
 )
 def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, var, value) -> None:

@@ -7,9 +7,10 @@ which grows up to tb-size (QEMU's default is 1 GiB; hatchd passes HATCH_QEMU_TB_
 reading the kernel, initrd and disks at boot puts 25-40 MiB in page cache charged to the VM;
 kernel memory (page tables, page-cache bookkeeping) grows by about 1/40 of the guest's RAM.
 Guest RAM itself is the page cache of the VM's memory file, at most mem_mib. So a 256 MiB guest
-gets 424 MiB (it peaked at 344 MiB with 128 MiB filled, ~400 with all its RAM touched) and a
-1 GiB guest 1216 MiB (1061 MiB with 800 MiB filled). Going over the limit reclaims page cache
-first (guest RAM is written back to its file); only QEMU's own memory could meet the OOM killer.
+gets 424 MiB (it peaked at 344 MiB with 128 MiB filled; those parts add up to about 400 with
+all its RAM touched) and a 1 GiB guest 1216 MiB (1061 MiB with 800 MiB filled). Going over the
+limit reclaims page cache first (guest RAM is written back to its file); only QEMU's own
+memory could meet the OOM killer.
 """
 
 from __future__ import annotations
