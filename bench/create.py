@@ -56,9 +56,9 @@ def raw_qemu_boot(vmm: QemuVMM, artifacts, work: Path, ip: str, tap: str) -> flo
         tap_name=tap,
         guest_mac="02:00:00:00:00:99",
     )
-    # The driver's command without -pidfile/-daemonize: this process owns QEMU here.
-    cmd = vmm.build_command(spec)
-    cmd = cmd[: cmd.index("-pidfile")]
+    # The driver's command in the foreground: this process owns QEMU here.
+    vmm.sockets(vm_dir).mkdir(parents=True, exist_ok=True)
+    cmd = vmm.foreground_command(spec, vm_dir / "console.log")
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -94,8 +94,9 @@ def main() -> None:
     if in_initial_netns():
         enter_fresh_netns()
     links.ensure_bridge("hbench0", "172.30.0.1/24")
-    vmm = QemuVMM("qemu-system-x86_64", asyncio.run(detect_accel("qemu-system-x86_64", "auto")))
     work = Path(tempfile.mkdtemp(prefix="hvb-"))
+    accel = asyncio.run(detect_accel("qemu-system-x86_64", "auto"))
+    vmm = QemuVMM("qemu-system-x86_64", accel, work / "run")
 
     daemon = HatchDaemon(HATCH_MAX_VMS_PER_USER="50", HATCH_LOG_LEVEL="warning")
     daemon.start()

@@ -51,7 +51,7 @@ async def serve(data_dir: Path, proxy_port: int, upstream_port: int) -> None:
                 guest_ip="127.0.0.1",
             )
         )
-    vmm = QemuVMM("qemu-system-x86_64", "tcg")
+    vmm = QemuVMM("qemu-system-x86_64", "tcg", settings.run_dir)
     vms = VMService(settings, sessions, vmm, None, Consoles(settings.console_max_bytes))
     routes = RouteService(settings, vms)
     await routes.create("bench", "vm_bench", "bench", upstream_port, True)

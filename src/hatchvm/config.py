@@ -63,6 +63,22 @@ class Settings(BaseSettings):
         default="auto",
         description="auto probes whether KVM really runs a guest and falls back to TCG",
     )
+    qemu_tb_size_mib: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="TCG translation cache per VM in MiB (QEMU's own default is 1 GiB)",
+    )
+    cgroups: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description="a cgroup per VM limiting memory and CPU: auto uses them when the host "
+        "allows (warns otherwise), required refuses to start without",
+    )
+    cgroup_parent: str = Field(
+        default="hatchvm",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
+        description="the VMs' cgroups are <this>/<vm_id>, below the cgroup root",
+    )
     firecracker_bin: str = Field(default="firecracker", description="the Firecracker binary")
     stop_timeout: float = Field(
         default=20.0, gt=0, description="seconds a guest gets to power off before it is killed"
@@ -112,6 +128,34 @@ class Settings(BaseSettings):
     )
     vm_disk_mib: int = Field(
         default=1024, ge=64, description="size of each VM's writable disk in MiB (sparse)"
+    )
+    max_vcpus_per_user: int = Field(
+        default=8, ge=0, description="total vCPUs of one user's VMs (403 beyond)"
+    )
+    max_mem_mib_per_user: int = Field(
+        default=8192, ge=0, description="total memory (MiB) of one user's VMs (403 beyond)"
+    )
+    max_disk_mib_per_user: int = Field(
+        default=10240,
+        ge=0,
+        description="total size (MiB) of one user's writable VM disks (403 beyond)",
+    )
+    max_snapshot_mib_per_user: int = Field(
+        default=20480,
+        ge=0,
+        description="stored snapshots (MiB) of one user; no new snapshot once reached (403)",
+    )
+    host_mem_reserve_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="host memory (MiB) VMs never get: a create/start/restore/wake that would "
+        "eat into it is refused (503)",
+    )
+    host_disk_reserve_mib: int = Field(
+        default=2048,
+        ge=0,
+        description="free space (MiB) kept in the data dir: a VM whose disk and memory file "
+        "would eat into it is refused (503)",
     )
 
     proxy_addr: str = Field(default=":9090", description="the HTTP proxy's listen address")

@@ -41,6 +41,7 @@ from hatchvm.snapshots.s3 import S3Store
 from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.vmm.accel import detect_accel
 from hatchvm.vmm.base import VMMError
+from hatchvm.vmm.cgroups import CgroupError, VMCgroups, find_layout
 from hatchvm.vmm.process import become_subreaper
 from hatchvm.vmm.qemu import QemuVMM
 
@@ -55,7 +56,32 @@ def _build_vmm(settings: Settings, accel: str) -> QemuVMM:
     if settings.vmm == "firecracker":
         raise StartupError("HATCH_VMM=firecracker: the Firecracker driver is not available yet")
     make_private_dir(settings.run_dir)
-    return QemuVMM(settings.qemu_bin, accel, settings.run_dir)
+    return QemuVMM(
+        settings.qemu_bin,
+        accel,
+        settings.run_dir,
+        settings.qemu_tb_size_mib,
+        _build_cgroups(settings),
+    )
+
+
+def _build_cgroups(settings: Settings) -> VMCgroups | None:
+    """The VMs' cgroups, or None (with one warning) where the host gives us none."""
+    if settings.cgroups == "off":
+        return None
+    try:
+        layout = find_layout(Path("/proc/self/mountinfo").read_text())
+        if layout is None:
+            raise CgroupError("no memory and cpu cgroup controllers are mounted")
+        cgroups = VMCgroups(layout, settings.cgroup_parent)
+        cgroups.prepare()
+    except (CgroupError, OSError) as exc:
+        if settings.cgroups == "required":
+            raise StartupError(f"HATCH_CGROUPS=required but cgroups are unusable: {exc}") from None
+        log.warning("running VMs without cgroups: no per-VM memory and CPU limits", reason=str(exc))
+        return None
+    log.info("each vm runs in its own cgroup", where=cgroups.describe())
+    return cgroups
 
 
 async def _build_store(settings: Settings) -> ArtifactStore:

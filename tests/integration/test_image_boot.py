@@ -66,12 +66,8 @@ class Guest:
             mem_mib=256,
             cmdline=f"{image.boot_args} {append}",
         )
-        # The driver's own command, run in the foreground so the test owns the process (and
-        # not paused), with the console in a file instead of hatchd's recorder's socket.
-        cmd = vmm.build_command(spec)
-        cmd = cmd[: cmd.index("-pidfile")]
-        console = next(i for i, arg in enumerate(cmd) if arg.startswith("socket,id=con,"))
-        cmd[console] = f"file,id=con,path={self.console}"
+        # The driver's own command, run in the foreground so the test owns the process.
+        cmd = vmm.foreground_command(spec, self.console)
         self.stderr = (workdir / "qemu.stderr").open("wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

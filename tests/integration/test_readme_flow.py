@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.cgroups import host_cgroups, remove_parent
 from tests.support.daemon import LOG_DIR
 from tests.support.host import qemu_pids
 from tests.support.ssh import ssh, ssh_key
@@ -92,6 +93,8 @@ class Newcomer:
                 subprocess.run(["ip", "link", "del", name], check=False)
         for family in ("ip", "bridge", "inet"):
             subprocess.run(["nft", "delete", "table", family, "hatchvm"], capture_output=True)
+        if (cgroups := host_cgroups("hatchvm")) is not None:  # the default HATCH_CGROUP_PARENT
+            remove_parent(cgroups)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import httpx
 from hatchvm import admin
 from hatchvm.client import HatchClient
 from hatchvm.config import load_settings
+from tests.support.cgroups import host_cgroups, remove_parent
 from tests.support.image import install_image
 
 _counter = itertools.count(1)
@@ -48,6 +49,8 @@ class HatchDaemon:
         self.table = f"hatchtest{n}"
         # Never 172.16.0.0/24: that is the default bridge, which the README-flow test uses.
         self.subnet = f"172.16.{n % 250 + 1}"
+        # Its own cgroup parent: a daemon's start-up sweep never touches another's VMs.
+        self.cgroup_parent = f"hatchvm-test-{self.data_dir.name}"
         self.env = {
             "HATCH_DATA_DIR": str(self.data_dir),
             "HATCH_RUN_DIR": str(self.data_dir / "run"),
@@ -60,6 +63,7 @@ class HatchDaemon:
             "HATCH_BRIDGE_CIDR": f"{self.subnet}.1/24",
             "HATCH_TAP_PREFIX": self.tap_prefix,
             "HATCH_NFT_TABLE": self.table,
+            "HATCH_CGROUP_PARENT": self.cgroup_parent,
             "HATCH_QEMU_ACCEL": "auto",
             "HATCH_STOP_TIMEOUT": "30",
             "HATCH_LOG_LEVEL": "info",
@@ -164,4 +168,6 @@ class HatchDaemon:
             subprocess.run(
                 ["nft", "delete", "table", family, self.table], check=False, capture_output=True
             )
+        if (cgroups := host_cgroups(self.cgroup_parent)) is not None:
+            remove_parent(cgroups)
         shutil.rmtree(self.data_dir, ignore_errors=True)

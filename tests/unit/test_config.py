@@ -33,6 +33,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         ("HATCH_EGRESS_DENY_CIDRS", "10.0.0.1/8"),  # host bits: which network was meant?
         ("HATCH_EGRESS_DENY_CIDRS", "fd00::/8"),  # guests have no IPv6
         ("HATCH_GUEST_DNS", "1.1.1.1 8.8.8.8"),
+        ("HATCH_CGROUP_PARENT", "../escape"),
+        ("HATCH_CGROUP_PARENT", "/absolute"),
+        ("HATCH_CGROUPS", "maybe"),
+        ("HATCH_MAX_MEM_MIB_PER_USER", "-1"),
+        ("HATCH_QEMU_TB_SIZE_MIB", "0"),
     ],
 )
 def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, var, value) -> None:

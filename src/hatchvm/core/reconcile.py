@@ -15,6 +15,8 @@ from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.states import State
 from hatchvm.core.vms import DISK_NAME, VMService
 from hatchvm.db import repo
+from hatchvm.db.models import VM
+from hatchvm.vmm.base import RunningVM
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -26,14 +28,17 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
         vms = await repo.list_vms(session)
     await _end_strays(service, {vm.id for vm in vms})
     running: list[GuestLink] = []
+    alive: list[RunningVM] = []  # their cgroups are kept, all others' removed
     for vm in vms:
         vm_dir = service.vm_dir(vm.id)
         if vm.state in (State.SNAPSHOTTING, State.RESTORING):
             await snapshots.reconcile(vm)
             settled = await service.get(vm.user_id, vm.id)
             log.warning("interrupted snapshot or restore settled", vm_id=vm.id, state=settled.state)
-            if settled.state == State.RUNNING and (link := GuestLink.of(settled)):
-                running.append(link)
+            if settled.state == State.RUNNING:
+                alive.append(_running(service, settled))
+                if link := GuestLink.of(settled):
+                    running.append(link)
             continue
         if vm.state == State.SNAPSHOTTED:
             if await service.vmm.alive(vm.id, vm_dir) is not None:
@@ -47,6 +52,7 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             await service.adopt(vm)  # its console recorded and its life watched again
             # A boot the daemon did not live to let run is still paused: let it run now.
             if await service.vmm.resume_if_paused(vm.id, vm_dir):
+                alive.append(_running(service, vm))
                 if link := GuestLink.of(vm):
                     running.append(link)  # QEMU holds its TAP open; settle re-attaches it
                 if vm.state != State.RUNNING:
@@ -72,6 +78,7 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             reason = f"vmm process gone at daemon start-up (was {vm.state})"
             await service.update(vm.id, state=State.STOPPED, state_reason=reason)
         log.warning("vm not running", vm_id=vm.id, reason=reason)
+    await service.vmm.settle(alive)
     if service.net is not None:
         stale = await service.net.settle(running)
         if stale:
@@ -85,3 +92,7 @@ async def _end_strays(service: VMService, known: set[str]) -> None:
         if vm_id not in known:
             await service.vmm.kill(vm_id, service.vm_dir(vm_id))
             log.warning("stray vmm process ended: no vm owns it", vm_id=vm_id, pid=pid)
+
+
+def _running(service: VMService, vm: VM) -> RunningVM:
+    return RunningVM(vm.id, service.vm_dir(vm.id), vm.vcpu_count, vm.mem_mib)

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from hatchvm.config import Settings
+from hatchvm.core import quotas
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
 from hatchvm.crashpoints import crashpoint
@@ -120,6 +121,7 @@ class SnapshotService:
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             guard(Op.SNAPSHOT, vm.state)
+            await self._check_storage(vm)
             return await self._take_within_quota(vm, automatic)
 
     async def snapshot_if_idle(self, user_id: str, vm_id: str, cutoff: datetime) -> Snapshot | None:
@@ -129,7 +131,17 @@ class SnapshotService:
             vm = await self.vms.get(user_id, vm_id)
             if vm.state != State.RUNNING or vm.last_activity_at >= cutoff:
                 return None
+            try:
+                await self._check_storage(vm)
+            except QuotaExceeded as exc:  # the VM runs on; its user must make room first
+                log.warning("idle snapshot skipped", vm_id=vm_id, reason=exc.message)
+                return None
             return await self._take_within_quota(vm, automatic=True)
+
+    async def _check_storage(self, vm: VM) -> None:
+        async with self.vms.sessions() as session:
+            used = await repo.snapshot_bytes(session, vm.user_id)
+        quotas.check_snapshot(self._s, used)
 
     async def _take_within_quota(self, vm: VM, automatic: bool) -> Snapshot:
         limit = self._s.max_snapshots_per_vm
@@ -312,8 +324,11 @@ class SnapshotService:
         they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
         prior = vm.state
         resume = self._resume_dir(vm.id)
-        await self.vms.update(vm.id, state=State.RESTORING)
         hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
+        async with self.vms.admission.lock:
+            space = await asyncio.to_thread(self.vms.space_needed_mib, vm, not hot)
+            await self.vms.admission.admit(vm.id, vm.mem_mib, space)
+            await self.vms.update(vm.id, state=State.RESTORING)
         crashpoint("restore.begun")
         if not hot:
             try:

@@ -19,6 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.config import Settings
+from hatchvm.core import quotas
+from hatchvm.core.admission import HostAdmission, space_needed_mib
 from hatchvm.core.console import Consoles
 from hatchvm.core.locks import KeyedLocks
 from hatchvm.core.network import GuestLink, HostNetwork
@@ -72,6 +74,7 @@ class VMService:
         self.vmm = vmm
         self.net = network
         self.consoles = consoles
+        self.admission = HostAdmission(settings, sessions, vmm.memory_footprint_mib)
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
@@ -125,7 +128,7 @@ class VMService:
         # The VM's lock is held before its row exists: a delete that finds the row waits for
         # the boot to finish instead of racing it (which would leave a VMM with no row).
         async with self.locks.hold(vm_id):
-            async with self._user_locks.hold(user_id):
+            async with self._user_locks.hold(user_id), self.admission.lock:
                 vm = await self._insert(vm_id, user_id, cfg)
             log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
             crashpoint("create.inserted")
@@ -164,13 +167,14 @@ class VMService:
         return image
 
     async def _insert(self, vm_id: str, user_id: str, cfg: VMConfig) -> VM:
-        """Check the quota and persist the row with its allocations (retrying on a race)."""
-        limit = self._s.max_vms_per_user
+        """Check the quotas and the host's room, and persist the row with its allocations
+        (retrying on a race). The caller holds the admission lock."""
         for _attempt in range(5):
             async with self.sessions() as session, session.begin():
-                count = await repo.count_vms(session, user_id)
-                if count >= limit:
-                    raise QuotaExceeded(f"vm limit reached ({count}/{limit})")
+                usage = quotas.Usage(*await repo.user_totals(session, user_id))
+                quotas.check_create(self._s, usage, cfg.vcpu_count, cfg.mem_mib)
+                space = cfg.mem_mib + self._s.vm_disk_mib
+                await self.admission.check(session, None, cfg.mem_mib, space)
                 vm = VM(
                     id=vm_id,
                     user_id=user_id,
@@ -209,6 +213,13 @@ class VMService:
             mac = alloc.random_mac()
         vm.guest_ip, vm.guest_mac, vm.ssh_port = ip, mac, port
         vm.tap_name = alloc.tap_name(self._s.tap_prefix, vm.id)
+
+    def space_needed_mib(self, vm: VM, fresh: bool = False) -> int:
+        """Disk space the VM's memory file and disk may still take; fresh: both are about to be
+        written anew beside the current ones (a restore that unpacks a snapshot)."""
+        vm_dir = self.vm_dir(vm.id)
+        files = {vm_dir / MEM_NAME: vm.mem_mib, vm_dir / DISK_NAME: self._s.vm_disk_mib}
+        return sum(files.values()) if fresh else space_needed_mib(files)
 
     def _prepare_dir(self, vm: VM) -> None:
         vm_dir = self.vm_dir(vm.id)
@@ -294,7 +305,10 @@ class VMService:
             await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
             raise InternalError(f"cannot start {vm_id}: its disk is missing")
         image = await self.load_image(vm.image_id)
-        await self.update(vm_id, state=State.STARTING, state_reason=None)
+        async with self.admission.lock:
+            space = await asyncio.to_thread(self.space_needed_mib, vm)
+            await self.admission.admit(vm_id, vm.mem_mib, space)
+            await self.update(vm_id, state=State.STARTING, state_reason=None)
         crashpoint("start.begun")
         try:
             await self._boot(vm, image)

@@ -19,8 +19,23 @@ async def list_vms(session: AsyncSession, user_id: str | None = None) -> list[VM
     return list((await session.scalars(query)).all())
 
 
-async def count_vms(session: AsyncSession, user_id: str) -> int:
-    return int(await session.scalar(select(func.count()).where(VM.user_id == user_id)) or 0)
+async def user_totals(session: AsyncSession, user_id: str) -> tuple[int, int, int]:
+    """The user's VM count, vCPUs and memory (MiB), over all their VMs."""
+    query = select(
+        func.count(),
+        func.coalesce(func.sum(VM.vcpu_count), 0),
+        func.coalesce(func.sum(VM.mem_mib), 0),
+    ).where(VM.user_id == user_id)
+    count, vcpus, mem = (await session.execute(query)).one()
+    return int(count), int(vcpus), int(mem)
+
+
+async def snapshot_bytes(session: AsyncSession, user_id: str) -> int:
+    """What the user's stored snapshots take in the artifact store."""
+    query = select(func.coalesce(func.sum(Snapshot.size_bytes), 0)).where(
+        Snapshot.user_id == user_id
+    )
+    return int(await session.scalar(query) or 0)
 
 
 async def used_allocations(session: AsyncSession) -> tuple[set[str], set[str], set[int]]:

@@ -73,6 +73,16 @@ def _signal_name(number: int) -> str:
 
 
 @dataclass(frozen=True)
+class RunningVM:
+    """A VM whose VMM process a restarted daemon found alive."""
+
+    vm_id: str
+    vm_dir: Path
+    vcpu_count: int
+    mem_mib: int
+
+
+@dataclass(frozen=True)
 class Capabilities:
     name: str
     accel: str  # "kvm", "tcg", ...
@@ -84,6 +94,15 @@ class VMM(Protocol):
     """What `core` asks of a virtual machine monitor. All methods are idempotent where noted."""
 
     async def capabilities(self) -> Capabilities: ...
+
+    def memory_footprint_mib(self, mem_mib: int) -> int:
+        """Host memory a VM of mem_mib may use, the VMM's own overhead included."""
+        ...
+
+    async def settle(self, running: list[RunningVM]) -> None:
+        """At start-up: the running VMs keep (or get back) their resource limits, and what
+        VMs that died unwatched left behind is removed."""
+        ...
 
     async def boot(self, spec: BootSpec) -> int:
         """Start the VM detached (it must outlive the daemon), paused before its first

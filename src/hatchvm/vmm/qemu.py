@@ -1,5 +1,6 @@
 """The QEMU microvm driver. A VM's QEMU runs detached (-daemonize), so it outlives hatchd; its
-pid file, QMP socket, console and log live in the VM's directory."""
+pid file, QMP socket, console and log live in the VM's directory, and it runs in its own
+cgroup (vmm/cgroups.py) when the host has them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import structlog
 
-from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, VMMError
+from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, RunningVM, VMMError
+from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
+from hatchvm.vmm.overhead import memory_limit_mib
 from hatchvm.vmm.process import watch_process
 from hatchvm.vmm.qmp import qmp_execute, qmp_session
 
@@ -64,10 +67,19 @@ async def _wait_gone(pid: int, vm_id: str, timeout: float) -> bool:
 
 
 class QemuVMM:
-    def __init__(self, qemu_bin: str, accel: str, run_dir: Path) -> None:
+    def __init__(
+        self,
+        qemu_bin: str,
+        accel: str,
+        run_dir: Path,
+        tb_size_mib: int = 64,
+        cgroups: VMCgroups | None = None,
+    ) -> None:
         self.qemu_bin = qemu_bin
         self.accel = accel
         self.run_dir = run_dir
+        self.tb_size_mib = tb_size_mib  # TCG's translation cache: bounded, it counts as memory
+        self.cgroups = cgroups
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -78,6 +90,12 @@ class QemuVMM:
 
     async def capabilities(self) -> Capabilities:
         return Capabilities(name="qemu", accel=self.accel, snapshots=True)
+
+    def memory_footprint_mib(self, mem_mib: int) -> int:
+        return memory_limit_mib(mem_mib, self.tb_size_mib if self.accel == "tcg" else 0)
+
+    def _limits(self, vcpu_count: int, mem_mib: int) -> Limits:
+        return Limits(memory_bytes=self.memory_footprint_mib(mem_mib) << 20, vcpus=vcpu_count)
 
     def build_command(self, spec: BootSpec) -> list[str]:
         d = spec.vm_dir
@@ -93,7 +111,7 @@ class QemuVMM:
             "microvm,acpi=on,rtc=on,pcie=off,isa-serial=on,pit=on"
             + (",memory-backend=mem" if spec.mem_file else ""),
             "-accel",
-            self.accel,
+            f"tcg,tb-size={self.tb_size_mib}" if self.accel == "tcg" else self.accel,
             "-cpu",
             "host" if self.accel == "kvm" else "max",
             "-smp",
@@ -163,25 +181,43 @@ class QemuVMM:
             cmd += ["-incoming", "defer"]
         return cmd
 
+    def foreground_command(self, spec: BootSpec, console: Path) -> list[str]:
+        """The same QEMU, for a caller that owns the process (benchmarks, the image test):
+        in the foreground, running at once, its console written to a file. Its sockets
+        directory must exist."""
+        cmd = self.build_command(spec)
+        cmd = cmd[: cmd.index("-pidfile")]  # no -pidfile, -daemonize, -S
+        chardev = next(i for i, arg in enumerate(cmd) if arg.startswith("socket,id=con,"))
+        cmd[chardev] = f"file,id=con,path={console}"
+        return cmd
+
     def console_socket(self, vm_dir: Path) -> Path:
         return self.sockets(vm_dir) / CONSOLE_SOCKET
 
     async def boot(self, spec: BootSpec) -> int:
-        """-daemonize: QEMU forks, the child detaches (setsid, parent = init), and the parent
-        exits only once start-up succeeded, so its status is the boot's verdict and no
-        zombie is left for the daemon to reap."""
-        self._forget(spec.vm_dir)
+        """-daemonize: QEMU forks, the child detaches (setsid; its parent becomes hatchd, the
+        subreaper, which reads its exit status when it ends), and the parent exits only once
+        start-up succeeded, so its status is the boot's verdict."""
+        await self._forget(spec.vm_id, spec.vm_dir)
         sock = self.sockets(spec.vm_dir)
         sock.mkdir(mode=0o700, parents=True, exist_ok=True)
         # -daemonize sets QEMU's umask to 027: files it would create are group-readable.
         # Made here first, they keep their private mode.
         if spec.mem_file is not None:
             _make_private_file(spec.mem_file)
+        cmd = self.build_command(spec)
+        if self.cgroups is not None:
+            limits = self._limits(spec.vcpu_count, spec.mem_mib)
+            try:
+                await asyncio.to_thread(self.cgroups.create, spec.vm_id, limits)
+            except CgroupError as exc:
+                raise VMMError(str(exc)) from None
+            cmd = self.cgroups.launcher(spec.vm_id) + cmd
         log_path = spec.vm_dir / QEMU_LOG
         with log_path.open("ab") as qlog:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *self.build_command(spec),
+                    *cmd,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=qlog,
                     stderr=qlog,
@@ -233,7 +269,7 @@ class QemuVMM:
     async def stop(self, vm_id: str, vm_dir: Path, timeout: float) -> None:
         pid = await self.alive(vm_id, vm_dir)
         if pid is None:
-            self._forget(vm_dir)
+            await self._forget(vm_id, vm_dir)
             return
         try:
             await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "system_powerdown")
@@ -253,11 +289,38 @@ class QemuVMM:
             if not await _wait_gone(pid, vm_id, 10):
                 raise VMMError(f"qemu pid {pid} of {vm_id} survived SIGKILL")
             _reap(pid)
-        self._forget(vm_dir)
+        await self._forget(vm_id, vm_dir)
 
-    def _forget(self, vm_dir: Path) -> None:
+    async def _forget(self, vm_id: str, vm_dir: Path) -> None:
         (vm_dir / PID_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
+        if self.cgroups is not None:
+            try:
+                await asyncio.to_thread(self.cgroups.remove, vm_id)
+            except CgroupError as exc:  # the next start-up's sweep retries
+                log.warning("vm cgroup left behind", vm_id=vm_id, reason=str(exc))
+
+    async def settle(self, running: list[RunningVM]) -> None:
+        if self.cgroups is None:
+            return
+        for vm in running:
+            pid = await self.alive(vm.vm_id, vm.vm_dir)
+            if pid is None:
+                continue
+            limits = self._limits(vm.vcpu_count, vm.mem_mib)
+            try:
+                moved = await asyncio.to_thread(self.cgroups.adopt, vm.vm_id, pid, limits)
+            except CgroupError as exc:
+                log.warning("running vm keeps its old limits", vm_id=vm.vm_id, reason=str(exc))
+                continue
+            if moved:  # started by a hatchd without cgroups
+                log.warning("running vm moved into its cgroup", vm_id=vm.vm_id, pid=pid)
+        keep = {vm.vm_id for vm in running}
+        removed, busy = await asyncio.to_thread(self.cgroups.sweep, keep)
+        if removed:
+            log.info("removed cgroups of vms that are gone", vms=removed)
+        if busy:
+            log.warning("cgroups of unknown vms still hold processes, left alone", vms=busy)
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
         """With x-ignore-shared the file-backed RAM is skipped: only device state (about
