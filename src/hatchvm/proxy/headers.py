@@ -1,6 +1,9 @@
 """HTTP/1.1 heads as the proxy writes them: hop-by-hop headers stay on their hop (RFC 9110
 7.6.1), X-Forwarded-* tell the guest who asked, and the framing of each hop is the proxy's own.
-Headers are (name, value) byte pairs exactly as httptools hands them over."""
+Headers are (name, value) byte pairs exactly as httptools hands them over.
+
+A client's own X-Forwarded-* (and Forwarded) are claims about itself: they are replaced,
+unless the client is a trusted proxy (HATCH_PROXY_TRUSTED_PROXIES), whose chain is extended."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+FORWARDING_PREFIX = b"x-forwarded-"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -42,11 +45,13 @@ def request_head(
     dropped: frozenset[bytes],
     client_ip: bytes,
     *,
+    trusted: bool,
     chunked: bool,
     upgrade: bytes | None,
 ) -> bytes:
-    """The request as the guest receives it: end-to-end headers, the client appended to
-    X-Forwarded-For, an edge proxy's proto and host kept (else ours), our own framing."""
+    """The request as the guest receives it: end-to-end headers, our own framing, and
+    X-Forwarded-For/-Proto/-Host: the client's address, http, its Host; from a trusted proxy,
+    its chain with its address appended and its proto and host kept."""
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     chain: list[bytes] = []
     proto = b"http"
@@ -55,15 +60,19 @@ def request_head(
         low = name.lower()
         if low in dropped:
             continue
-        if low in FORWARDED:
+        if low.startswith(FORWARDING_PREFIX) or low == b"forwarded":
+            if not trusted:
+                continue
             if low == b"x-forwarded-for":
                 chain.append(value)
-            elif low == b"x-forwarded-proto":
+                continue
+            if low == b"x-forwarded-proto":
                 proto = value
-            else:
+                continue
+            if low == b"x-forwarded-host":
                 forwarded_host = value
-            continue
-        if low == b"host":
+                continue
+        elif low == b"host":
             host = value
         elif chunked and low == b"content-length":
             continue  # chunked wins over a length (RFC 9112 6.3)
@@ -78,6 +87,15 @@ def request_head(
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def forwarded_for(headers: Headers) -> list[str]:
+    """Every X-Forwarded-For entry, nearest last."""
+    entries: list[str] = []
+    for name, value in headers:
+        if name.lower() == b"x-forwarded-for":
+            entries += (e.strip() for e in value.decode("latin-1").split(","))
+    return entries
 
 
 def response_head(status: int, reason: bytes, headers: Headers, extra: bytes) -> bytes:

@@ -22,6 +22,11 @@ log = structlog.get_logger("hatchvm.proxy")
 PoolKey = tuple[str, object, str, int]  # vm id, its incarnation, guest ip, port
 
 
+def size(limit: int) -> str:
+    """64 KiB, not 65536 bytes, when it is whole KiB."""
+    return f"{limit >> 10} KiB" if limit % 1024 == 0 else f"{limit} bytes"
+
+
 class Tunnel(Protocol):
     """The client side of an upgraded connection, as the upstream sees it."""
 
@@ -48,6 +53,12 @@ class Upstream(asyncio.Protocol):
         self._headers: Headers = []
         self._reason = b""
         self._reading_paused = False
+        # Guests are hostile: a head that never ends must not grow without bound. _head counts
+        # the parsed head; _framing every byte read since the last head, body piece or message
+        # end (httptools keeps an unfinished header line to itself, so only reads show it).
+        self._head = 0
+        self._framing = 0
+        self._oversized = False
 
     # ---- transport events ----------------------------------------------------------------
 
@@ -63,17 +74,26 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             exchange.upstream_switched(self, data[upgrade.args[0] :])
-        except httptools.HttpParserCallbackError as exc:  # a bug of ours: keep the trace
-            log.error("proxy response handling failed", exc_info=exc.__context__)
-            self.close()
-            exchange.fail(500, "internal error")
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if not self._oversized:  # a bug of ours: keep the trace
+                log.error("proxy response handling failed", exc_info=exc.__context__)
+                exchange.fail(500, "internal error")
+                return
         except httptools.HttpParserError as exc:
-            self.close()
-            exchange.upstream_failed(f"the target sent a malformed response: {exc}")
+            self.abort()
+            exchange.fail(502, f"the target sent a malformed response: {exc}")
+            return
+        if self._oversized or self._framing > self.pool.max_head:
+            self._oversized = True
+            self.abort()  # never reused: the rest of that head would follow
+            limit = size(self.pool.max_head)
+            exchange.fail(502, f"the target's response head is larger than {limit}")
 
     def eof_received(self) -> bool:
         if self.tunnel is not None and self.tunnel.transport.can_write_eof():
@@ -105,13 +125,22 @@ class Upstream(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        self._count(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._count(len(name) + len(value))
+
+    def _count(self, size: int) -> None:
+        self._head += size
+        if self._head > self.pool.max_head:
+            self._oversized = True
+            raise httptools.HttpParserError("response head too large")  # stops the parse
 
     def on_headers_complete(self) -> None:
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
+        self._head = self._framing = 0
         exchange = self.exchange
         if exchange is None:
             return
@@ -124,10 +153,13 @@ class Upstream(asyncio.Protocol):
             exchange.response_done(keep_alive)
 
     def on_body(self, body: bytes) -> None:
+        self._framing = 0
         if self.exchange is not None:
             self.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
+        self._framing = self._head = 0
+        self._headers = []  # trailers (not forwarded): never the next response's headers
         if self.exchange is not None:
             self.exchange.response_done(self._parser.should_keep_alive())
 
@@ -163,7 +195,10 @@ class Upstream(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per (VM incarnation, port); the newest is reused first."""
 
-    def __init__(self, idle_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, max_head: int, idle_timeout: float = 30.0, connect_timeout: float = 10.0
+    ) -> None:
+        self.max_head = max_head  # bytes of a response head (and of framing between bodies)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self._idle: dict[PoolKey, list[Upstream]] = {}
