@@ -125,7 +125,12 @@ async def serve(settings: Settings) -> None:
         "hatchd listening", addr=f"{host}:{port}", accel=accel, data_dir=str(settings.data_dir)
     )
     activity = Activity(vms)
-    wake = WakeService(vms, snapshots)
+    wake = WakeService(
+        vms,
+        snapshots,
+        max_failures=settings.wake_max_failures,
+        backoff=settings.wake_retry_backoff,
+    )
     proxy = Proxy(settings, vms, routes, wake, activity)
     gateway = SSHGateway(settings, vms, wake, activity)
     reaper = IdleReaper(settings, snapshots, routes, activity)

@@ -244,8 +244,8 @@ class Proxy:
             vm = await asyncio.wait_for(self.wake.ensure_running(vm), timeout)
         except TimeoutError:
             raise ProxyError(503, f"vm {vm.id} did not wake within {timeout:g}s") from None
-        except HatchError as exc:
-            raise ProxyError(503, f"waking vm {vm.id} failed: {exc.message}") from None
+        except HatchError as exc:  # the message names the vm and when it is tried again
+            raise ProxyError(503, exc.message) from None
         return vm, (began, time.monotonic())
 
 
