@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import httptools
 import structlog
 
+from hatchvm.clients import address_key, parse_address
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import HOP_BY_HOP, Headers, connection_tokens, error_response
-from hatchvm.proxy.limits import address_key, parse_address
 from hatchvm.proxy.phases import Phase
 from hatchvm.proxy.upstream import Upstream, size
 

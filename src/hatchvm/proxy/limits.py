@@ -8,30 +8,10 @@ for as long as the request (or its tunnel) lasts.
 
 from __future__ import annotations
 
-import ipaddress
 import resource
 from collections import Counter
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 FD_RESERVE = 512  # descriptors kept for everything else hatchd opens (database, VMs, SSH)
-
-
-def parse_address(text: str) -> IPAddress | None:
-    try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    if address.version == 6 and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def address_key(address: IPAddress) -> str:
-    """What one client is: an IPv4 address, or an IPv6 /64."""
-    if address.version == 4:
-        return str(address)
-    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def fd_budget() -> int:

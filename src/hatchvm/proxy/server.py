@@ -19,6 +19,7 @@ import time
 
 import structlog
 
+from hatchvm.clients import IPAddress, address_key, parse_address
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.routes import RouteService
@@ -31,7 +32,7 @@ from hatchvm.logsummary import RepeatLog
 from hatchvm.proxy.client import ClientConnection
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import Headers, forwarded_for
-from hatchvm.proxy.limits import Admission, IPAddress, address_key, fd_budget, parse_address
+from hatchvm.proxy.limits import Admission, fd_budget
 from hatchvm.proxy.phases import Phase, Timeouts
 from hatchvm.proxy.upstream import PoolKey, Upstream, UpstreamPool
 
