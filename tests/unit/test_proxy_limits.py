@@ -253,6 +253,17 @@ async def test_endless_request_header_gets_431(make: Make) -> None:
     await eventually(lambda: not proxy.connections, "the connection to be closed")
 
 
+async def test_a_large_head_pipelined_behind_a_small_request_gets_431(make: Make) -> None:
+    port, _proxy, guest = await make()
+    reader, writer = await connect(port)
+    writer.write(get("/small") + get("/big", extra="X-Big: " + "b" * 70_000 + "\r\n"))
+    assert (await read_response(reader))[0] == 200
+    status, message = await error_of(reader)
+    assert status == 431 and "request head larger than 64 KiB" in message
+    assert [head.split(b" ")[1] for head in guest.heads] == [b"/small"]
+    writer.close()
+
+
 async def test_two_host_headers_get_400(make: Make) -> None:
     port, _proxy, guest = await make()
     reader, writer = await connect(port)

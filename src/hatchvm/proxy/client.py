@@ -6,8 +6,8 @@ both ways, and after a 101 becomes a plain byte tunnel to the guest. Its phase a
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
@@ -15,8 +15,14 @@ import structlog
 
 from hatchvm.clients import address_key, parse_address
 from hatchvm.proxy.exchange import Exchange
-from hatchvm.proxy.headers import HOP_BY_HOP, Headers, connection_tokens, error_response
-from hatchvm.proxy.phases import Phase
+from hatchvm.proxy.headers import (
+    HOP_BY_HOP,
+    Headers,
+    connection_tokens,
+    error_response,
+    head_size,
+)
+from hatchvm.proxy.phases import HEAD, IDLE, SENDING, STREAMING, TUNNEL, Phase
 from hatchvm.proxy.upstream import Upstream, size
 
 if TYPE_CHECKING:
@@ -35,7 +41,7 @@ class ClientConnection(asyncio.Protocol):
         self.ip = b""
         self.trusted = False  # a trusted proxy: its X-Forwarded-* are believed
         self.write_paused = False
-        self.since = time.monotonic()  # the last progress in the current phase
+        self.since = monotonic()  # the last progress in the current phase
         self._closing_since: float | None = None
         self._lingering = False  # answered and half-closed: what the client sends is dropped
         self._refused = False
@@ -53,15 +59,15 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False
         self._bad_request: tuple[int, str] | None = None  # answered once the queue drains
         self._head_open = True  # a new connection owes a request head at once
-        self._head_any = False  # some byte of that head arrived
         self._framing = 0  # bytes read since the last head, body piece or request end
+        self._read = 0  # bytes of the current read
+        self._max_head = proxy.max_head
         self._reset_head()
 
     def _reset_head(self) -> None:
         self._url = b""
         self._host: bytes | None = None
         self._headers: Headers = []
-        self._head_bytes = 0
         self._dropped = HOP_BY_HOP
         self._upgrade: bytes | None = None
         self._chunked = False
@@ -103,7 +109,10 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel_early.append(data)
             self.pause_reading("upgrade")
             return
-        self._framing += len(data)
+        if not self._framing and not self._queue and not self._head_open:
+            self.since = monotonic()  # the first byte of the next head: its clock starts
+        self._read = len(data)
+        self._framing += self._read
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -120,10 +129,10 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
             return
-        if self._framing > self.proxy.max_head:
+        if self._framing > self._max_head:
             # httptools keeps an unfinished header line to itself: only the reads show it.
             if self._head_open:
-                self._reject(431, f"request head larger than {size(self.proxy.max_head)}")
+                self._reject(431, f"request head larger than {size(self._max_head)}")
             else:  # endless chunk extensions or trailers: nothing sane can follow
                 self.abort()
 
@@ -172,20 +181,11 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- request parsing (httptools callbacks) -------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if not self._head_open:
-            self._head_open = True
-            if not self._queue:  # else the clock starts when the earlier ones are answered
-                self.since = time.monotonic()
-        self._head_any = True
-
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._count(len(name) + len(value))
         low = name.lower()
         if low == b"connection":
             self._dropped = self._dropped | connection_tokens(value)
@@ -201,16 +201,23 @@ class ClientConnection(asyncio.Protocol):
             self._sized = value.strip() not in (b"", b"0")
 
     def on_headers_complete(self) -> None:
-        self._head_open = self._head_any = False
+        limit = self._max_head  # the bytes read bound the head: summed only when over
+        if (self._framing > limit or self._read > limit) and (
+            len(self._url) + head_size(self._headers) > limit
+        ):
+            self._refuse(431, f"request head larger than {size(limit)}")
+        self._head_open = False
         self._framing = 0
         parser = self._parser
-        if parser.get_method() == b"CONNECT":
+        method = parser.get_method()
+        if method == b"CONNECT":
             self._refuse(400, "CONNECT is not supported: this is a reverse proxy")
-        if len(self._queue) >= MAX_PIPELINED:
+        queue = self._queue
+        if len(queue) >= MAX_PIPELINED:
             self._refuse(400, f"more than {MAX_PIPELINED} requests sent ahead of their answers")
         exchange = Exchange(
             self,
-            parser.get_method(),
+            method,
             self._url,
             self._headers,
             self._dropped,
@@ -223,11 +230,13 @@ class ClientConnection(asyncio.Protocol):
         exchange.host = self._host or b""
         self._reset_head()
         self._incoming = exchange
-        self._queue.append(exchange)
-        if len(self._queue) == 1:
-            self._serve(exchange)
-        else:
+        queue.append(exchange)
+        if len(queue) > 1:
             self.pause_reading("queued")  # pipelined: one at a time, in order
+        elif self.trusted:
+            self._serve_forwarded(exchange)
+        else:
+            self.proxy.begin(exchange)
 
     def on_body(self, body: bytes) -> None:
         self._framing = 0
@@ -236,15 +245,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._framing = 0
-        self._reset_head()  # trailers (not forwarded): never the next request's headers
+        if self._headers:  # trailers (not forwarded): never the next request's headers
+            self._reset_head()
         if self._incoming is not None:
             self._incoming.request_done()
             self._incoming = None
-
-    def _count(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.proxy.max_head:
-            self._refuse(431, f"request head larger than {size(self.proxy.max_head)}")
 
     def _refuse(self, status: int, message: str) -> None:
         self._bad_request = (status, message)
@@ -252,17 +257,16 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- exchanges -------------------------------------------------------------------------
 
-    def _serve(self, exchange: Exchange) -> None:
-        """Start the exchange at the front of the queue. Behind a trusted proxy each request
-        counts against the client it is for, until it is answered (or its tunnel closes)."""
-        if self.trusted:
-            key = self.proxy.forwarded_key(exchange.headers) or self.ip.decode()
-            refusal = self.proxy.admission.enter(key)
-            if refusal is not None:
-                self.proxy.refused(refusal[0], key)
-                exchange.fail(*refusal)
-                return
-            self._slot = key
+    def _serve_forwarded(self, exchange: Exchange) -> None:
+        """Start the exchange at the front of a trusted proxy's queue: each request counts
+        against the client it is for, until it is answered (or its tunnel closes)."""
+        key = self.proxy.forwarded_key(exchange.headers) or self.ip.decode()
+        refusal = self.proxy.admission.enter(key)
+        if refusal is not None:
+            self.proxy.refused(refusal[0], key)
+            exchange.fail(*refusal)
+            return
+        self._slot = key
         self.proxy.begin(exchange)
 
     def _release_slot(self) -> None:
@@ -271,19 +275,24 @@ class ClientConnection(asyncio.Protocol):
             self._slot = None
 
     def exchange_finished(self, exchange: Exchange) -> None:
-        if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
-        self._release_slot()
+        queue = self._queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
+        if self._slot is not None:
+            self._release_slot()
         if self._closed:
             return
         if not exchange.keep_alive:
             self.close(answered=True)
             return
-        self.since = time.monotonic()
-        if self._queue:
-            if len(self._queue) == 1:
+        self.since = monotonic()
+        if queue:
+            if len(queue) == 1:
                 self.resume_reading("queued")
-            self._serve(self._queue[0])
+            if self.trusted:
+                self._serve_forwarded(queue[0])
+            else:
+                self.proxy.begin(queue[0])
         elif self._bad_request is not None:
             self._send_bad_request()
         elif self._eof:
@@ -351,7 +360,7 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading(self, reason: str) -> None:
         if reason not in self._paused:
             return
-        self.since = time.monotonic()  # whatever held the request back has moved
+        self.since = monotonic()  # whatever held the request back has moved
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
@@ -361,16 +370,16 @@ class ClientConnection(asyncio.Protocol):
     @property
     def phase(self) -> Phase:
         if self._peer is not None:
-            return Phase.TUNNEL
+            return TUNNEL
         if self._queue:
             return self._queue[0].phase
-        return Phase.HEAD if self._head_open else Phase.IDLE
+        return HEAD if self._head_open or self._framing else IDLE
 
     def _client_stalls(self, phase: Phase) -> bool:
         """In flight: is it the client that holds the exchange up (rather than the guest)?"""
-        if phase is Phase.SENDING:
+        if phase is SENDING:
             return "upstream" not in self._paused  # unless the guest stopped reading the body
-        return phase is Phase.STREAMING and self.write_paused  # the client reads no more
+        return phase is STREAMING and self.write_paused  # the client reads no more
 
     def expire(self, now: float) -> None:
         """Close or answer what has waited longer than its phase allows (phases.Timeouts)."""
@@ -389,13 +398,14 @@ class ClientConnection(asyncio.Protocol):
         if limit is None or now - self.since <= limit:
             return
         self.proxy.timed_out(phase, self._key or self.ip.decode())
-        if phase is Phase.IDLE:
+        if phase is IDLE:
             self.close()
-        elif phase is Phase.HEAD:
-            if self._head_any:  # a silent connection gets no answer, only a close
+        elif phase is HEAD:
+            began = self._framing > 0  # a silent connection gets no answer, only a close
+            if began:
                 message = f"request head not received within {limit:g}s"
                 self.write(error_response(408, message, close=True))
-            self.close(answered=self._head_any)
+            self.close(answered=began)
         else:
             self._queue[0].timed_out(stalls, limit)
 
@@ -405,7 +415,7 @@ class ClientConnection(asyncio.Protocol):
         a reset, which can destroy that answer before the client reads it: half-close, drop
         what comes, and close when the client does or the linger ends (RFC 9112 9.6)."""
         if self._closing_since is None:
-            self._closing_since = self.since = time.monotonic()
+            self._closing_since = self.since = monotonic()
         transport = self.transport
         if transport is None or transport.is_closing() or self._lingering:
             return

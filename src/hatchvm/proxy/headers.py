@@ -89,6 +89,11 @@ def request_head(
     return b"".join(out)
 
 
+def head_size(headers: Headers) -> int:
+    """Bytes of header names and values: what a head limit counts."""
+    return sum(len(name) + len(value) for name, value in headers)
+
+
 def forwarded_for(headers: Headers) -> list[str]:
     """Every X-Forwarded-For entry, nearest last."""
     entries: list[str] = []

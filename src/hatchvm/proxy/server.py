@@ -33,7 +33,7 @@ from hatchvm.proxy.client import ClientConnection
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import Headers, forwarded_for
 from hatchvm.proxy.limits import Admission, fd_budget
-from hatchvm.proxy.phases import Phase, Timeouts
+from hatchvm.proxy.phases import CONNECTING, Phase, Timeouts
 from hatchvm.proxy.upstream import PoolKey, Upstream, UpstreamPool
 
 log = structlog.get_logger("hatchvm.proxy")
@@ -141,7 +141,7 @@ class Proxy:
     def begin(self, exchange: Exchange) -> None:
         """Serve exchange: at once when its VM runs and a kept-alive connection waits,
         otherwise in a task that wakes the VM and connects."""
-        exchange.connecting()
+        exchange.phase = CONNECTING  # its own timeouts below: no clock to restart
         try:
             route = self._route_for(exchange.host)
         except ProxyError as exc:

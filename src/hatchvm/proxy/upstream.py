@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 import structlog
 
-from hatchvm.proxy.headers import Headers
+from hatchvm.proxy.headers import Headers, head_size
 
 if TYPE_CHECKING:
     from hatchvm.proxy.exchange import Exchange
@@ -53,11 +53,14 @@ class Upstream(asyncio.Protocol):
         self._headers: Headers = []
         self._reason = b""
         self._reading_paused = False
-        # Guests are hostile: a head that never ends must not grow without bound. _head counts
-        # the parsed head; _framing every byte read since the last head, body piece or message
-        # end (httptools keeps an unfinished header line to itself, so only reads show it).
-        self._head = 0
+        # Guests are hostile: a head that never ends must not grow without bound. _framing
+        # counts every byte read since the last head, body piece or message end (httptools
+        # keeps an unfinished header line to itself, so only reads show it); it is also an
+        # upper bound of a finished head's size (with the current read's length, should the
+        # count have restarted inside it), so a head is summed only when that bound is over.
+        self._max_head = pool.max_head
         self._framing = 0
+        self._read = 0
         self._oversized = False
 
     # ---- transport events ----------------------------------------------------------------
@@ -74,7 +77,8 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        self._framing += len(data)
+        self._read = len(data)
+        self._framing += self._read
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -89,10 +93,10 @@ class Upstream(asyncio.Protocol):
             self.abort()
             exchange.fail(502, f"the target sent a malformed response: {exc}")
             return
-        if self._oversized or self._framing > self.pool.max_head:
+        if self._oversized or self._framing > self._max_head:
             self._oversized = True
             self.abort()  # never reused: the rest of that head would follow
-            limit = size(self.pool.max_head)
+            limit = size(self._max_head)
             exchange.fail(502, f"the target's response head is larger than {limit}")
 
     def eof_received(self) -> bool:
@@ -125,22 +129,20 @@ class Upstream(asyncio.Protocol):
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
-        self._count(len(reason))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._count(len(name) + len(value))
-
-    def _count(self, size: int) -> None:
-        self._head += size
-        if self._head > self.pool.max_head:
-            self._oversized = True
-            raise httptools.HttpParserError("response head too large")  # stops the parse
 
     def on_headers_complete(self) -> None:
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
-        self._head = self._framing = 0
+        limit = self._max_head
+        if (self._framing > limit or self._read > limit) and (
+            len(reason) + head_size(headers) > limit
+        ):
+            self._oversized = True
+            raise httptools.HttpParserError("response head too large")  # stops the parse
+        self._framing = 0
         exchange = self.exchange
         if exchange is None:
             return
@@ -158,7 +160,7 @@ class Upstream(asyncio.Protocol):
             self.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
-        self._framing = self._head = 0
+        self._framing = 0
         self._headers = []  # trailers (not forwarded): never the next response's headers
         if self.exchange is not None:
             self.exchange.response_done(self._parser.should_keep_alive())
