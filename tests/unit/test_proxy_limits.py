@@ -230,9 +230,13 @@ async def test_idle_keep_alive_connection_is_closed(make: Make) -> None:
     assert await closed_by_proxy(reader) == b""
 
 
-async def test_endless_request_header_gets_431(make: Make) -> None:
+@pytest.mark.parametrize("before", [b"", get("/first")], ids=["first", "kept-alive"])
+async def test_endless_request_header_gets_431(make: Make, before: bytes) -> None:
     port, proxy, _guest = await make()
     reader, writer = await connect(port)
+    if before:  # the endless head is the connection's second request
+        writer.write(before)
+        assert (await read_response(reader))[0] == 200
     writer.write(get("/").removesuffix(b"\r\n") + b"X-Endless: ")
     sent = 0
     while sent < BOUND and not reader.at_eof() and not writer.is_closing():

@@ -58,7 +58,7 @@ class ClientConnection(asyncio.Protocol):
         self._closed = False
         self._eof = False
         self._bad_request: tuple[int, str] | None = None  # answered once the queue drains
-        self._head_open = True  # a new connection owes a request head at once
+        self._fresh = True  # a new connection owes its first request head at once
         self._framing = 0  # bytes read since the last head, body piece or request end
         self._read = 0  # bytes of the current read
         self._max_head = proxy.max_head
@@ -109,7 +109,7 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel_early.append(data)
             self.pause_reading("upgrade")
             return
-        if not self._framing and not self._queue and not self._head_open:
+        if not self._framing and not self._queue and not self._fresh:
             self.since = monotonic()  # the first byte of the next head: its clock starts
         self._read = len(data)
         self._framing += self._read
@@ -131,7 +131,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._framing > self._max_head:
             # httptools keeps an unfinished header line to itself: only the reads show it.
-            if self._head_open:
+            if self._incoming is None:  # in a head
                 self._reject(431, f"request head larger than {size(self._max_head)}")
             else:  # endless chunk extensions or trailers: nothing sane can follow
                 self.abort()
@@ -206,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
             len(self._url) + head_size(self._headers) > limit
         ):
             self._refuse(431, f"request head larger than {size(limit)}")
-        self._head_open = False
+        self._fresh = False
         self._framing = 0
         parser = self._parser
         method = parser.get_method()
@@ -373,7 +373,7 @@ class ClientConnection(asyncio.Protocol):
             return TUNNEL
         if self._queue:
             return self._queue[0].phase
-        return HEAD if self._head_open or self._framing else IDLE
+        return HEAD if self._fresh or self._framing else IDLE
 
     def _client_stalls(self, phase: Phase) -> bool:
         """In flight: is it the client that holds the exchange up (rather than the guest)?"""
