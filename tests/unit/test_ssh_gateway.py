@@ -19,8 +19,6 @@ from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.states import State
 from hatchvm.gateway.ssh import SSHGateway
-from hatchvm.logsummary import RepeatLog
-from hatchvm.ratelimit import TokenBuckets
 from tests.support.daemon import free_port
 from tests.unit.test_proxy_protocol import eventually
 
@@ -158,6 +156,8 @@ async def test_refusals_are_logged_once_per_kind_not_per_connection(rig: Rig) ->
 
 
 async def test_repeat_log_summarises_each_interval() -> None:
+    from hatchvm.logsummary import RepeatLog
+
     with capture_logs() as logs:
         summary = RepeatLog(structlog.get_logger(), "refused", interval=0.1)
         for n in range(20):
@@ -172,6 +172,8 @@ async def test_repeat_log_summarises_each_interval() -> None:
 
 
 def test_token_bucket() -> None:
+    from hatchvm.ratelimit import TokenBuckets
+
     buckets = TokenBuckets(rate=0.5, burst=2)
     assert [buckets.take("a", now=0.0) for _ in range(3)] == [True, True, False]
     assert buckets.take("b", now=0.0)

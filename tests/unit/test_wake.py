@@ -16,8 +16,8 @@ import pytest
 from hatchvm.core import wake as wake_module
 from hatchvm.core.locks import KeyedLocks
 from hatchvm.core.states import State
-from hatchvm.core.wake import WakeFailed, WakeService
-from hatchvm.errors import InternalError
+from hatchvm.core.wake import WakeService
+from hatchvm.errors import HatchError, InternalError
 
 
 @dataclass
@@ -89,7 +89,7 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[WakeService, StubVMs, StubSn
 
 
 async def refusal(service: WakeService, vms: StubVMs) -> str:
-    with pytest.raises(WakeFailed) as err:
+    with pytest.raises(HatchError) as err:  # WakeFailed
         await service.ensure_running(vms.vm)  # type: ignore[arg-type]
     assert err.value.status == 503
     return err.value.message
@@ -100,7 +100,7 @@ async def test_failed_wake_backs_off_then_the_vm_goes_to_error(setup) -> None:
     waiters = [service.ensure_running(vms.vm) for _ in range(5)]
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert snapshots.restores == 1  # five requests, one attempt
-    assert all(isinstance(r, WakeFailed) for r in results)
+    assert all(isinstance(r, HatchError) and r.status == 503 for r in results)
     assert "artifact mem.zst is missing; next attempt in 5s" in str(results[0])
 
     for _ in range(10):  # requests while backing off: refused at once, nothing redone
