@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -190,7 +190,9 @@ async def trickle_bytes(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-def test_a_flood_of_bad_connections_is_bounded_and_the_rest_is_served(hatch, guest) -> None:
+def test_a_flood_of_bad_connections_is_bounded_and_the_rest_is_served(
+    hatch: HatchDaemon, guest: dict
+) -> None:
     assert hatch.proc is not None
     pid, port = hatch.proc.pid, hatch.proxy_port
     asyncio.run(flood(hatch, pid, port))
@@ -259,7 +261,9 @@ async def flood(hatch: HatchDaemon, pid: int, port: int) -> None:
     assert grown_mib < 48, f"hatchd grew by {grown_mib:.0f} MiB holding 400 connections"
 
 
-async def until(condition, what: str, timeout: float, state=lambda: "") -> None:
+async def until(
+    condition: Callable[[], bool], what: str, timeout: float, state: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}" + (
@@ -269,7 +273,9 @@ async def until(condition, what: str, timeout: float, state=lambda: "") -> None:
 
 
 @pytest.mark.parametrize("path", ["/endless-head", "/endless-value"])
-def test_a_guest_whose_response_head_never_ends_gets_502(hatch, guest, path: str) -> None:
+def test_a_guest_whose_response_head_never_ends_gets_502(
+    hatch: HatchDaemon, guest: dict, path: str
+) -> None:
     assert hatch.proc is not None
     before = rss_kib(hatch.proc.pid)
     url = f"http://127.0.0.1:{hatch.proxy_port}{path}"
@@ -285,7 +291,7 @@ def test_a_guest_whose_response_head_never_ends_gets_502(hatch, guest, path: str
     assert good.status_code == 200
 
 
-def test_a_guest_that_stalls_mid_response_is_cut_off(hatch, guest) -> None:
+def test_a_guest_that_stalls_mid_response_is_cut_off(hatch: HatchDaemon, guest: dict) -> None:
     url = f"http://127.0.0.1:{hatch.proxy_port}/stall"
     began = time.monotonic()
     with httpx.stream("GET", url, headers={"Host": "hostile.hatch.local"}, timeout=30) as response:
@@ -310,7 +316,7 @@ def attempts_of(hatch: HatchDaemon, vm_id: str) -> int:
     return count
 
 
-def test_a_wake_that_keeps_failing_backs_off_then_puts_the_vm_in_error(hatch) -> None:
+def test_a_wake_that_keeps_failing_backs_off_then_puts_the_vm_in_error(hatch: HatchDaemon) -> None:
     with hatch.client(hatch.create_key("bob")) as api:
         vm = api.create_vm(user_data="#!/bin/sh\nbusybox httpd -p 8080 -h /\n", mem_mib=256)
         api.create_route(vm["id"], target_port=8080, subdomain="broken")

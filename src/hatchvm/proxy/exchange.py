@@ -30,6 +30,7 @@ from hatchvm.proxy.phases import (
     STREAMING,
     TUNNEL,
     WAITING,
+    Phase,
 )
 from hatchvm.proxy.upstream import PoolKey, Upstream
 
@@ -65,7 +66,7 @@ class Exchange:
         self.has_body = has_body
         self.upgrade = upgrade  # the Upgrade header of an upgrade request
         self.host = b""
-        self.phase = QUEUED
+        self.phase: Phase = QUEUED
         self.body: list[bytes] = []  # request body received before an upstream is attached
         self.body_done = False
         self.upstream: Upstream | None = None
