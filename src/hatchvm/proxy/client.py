@@ -111,8 +111,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if not self._framing and not self._queue and not self._fresh:
             self.since = monotonic()  # the first byte of the next head: its clock starts
-        self._read = len(data)
-        self._framing += self._read
+        self._read = n = len(data)
+        self._framing += n
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:

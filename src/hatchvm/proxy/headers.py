@@ -25,7 +25,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDING_PREFIX = b"x-forwarded-"
+FORWARDING = (b"x-forwarded-", b"forwarded")  # name prefixes of the forwarding headers
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -35,7 +35,16 @@ def chunk(data: bytes) -> bytes:
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
+    common = COMMON_CONNECTION.get(value)  # nearly every message: no parse
+    if common is not None:
+        return common
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+COMMON_CONNECTION = {
+    spelling: frozenset({spelling.lower()})
+    for spelling in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 def request_head(
@@ -60,7 +69,7 @@ def request_head(
         low = name.lower()
         if low in dropped:
             continue
-        if low.startswith(FORWARDING_PREFIX) or low == b"forwarded":
+        if low.startswith(FORWARDING):
             if not trusted:
                 continue
             if low == b"x-forwarded-for":
@@ -113,24 +122,27 @@ def response_head(status: int, reason: bytes, headers: Headers, extra: bytes) ->
 
 
 def end_to_end(headers: Headers) -> tuple[Headers, bool, bool]:
-    """(headers without hop-by-hop ones, had Transfer-Encoding, had Content-Length)."""
-    named: frozenset[bytes] = frozenset()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named |= connection_tokens(value)
+    """(headers without hop-by-hop ones, had Transfer-Encoding, had Content-Length). One pass
+    over a guest's headers on every response: each name is lowered once."""
     kept: Headers = []
+    named: frozenset[bytes] = frozenset()
     chunked = sized = False
     for name, value in headers:
         low = name.lower()
-        if low == b"transfer-encoding":
-            chunked = True
-        elif low == b"content-length":
-            sized = True
-        if low in HOP_BY_HOP or low in named:
+        if low in HOP_BY_HOP:
+            if low == b"connection":
+                named |= connection_tokens(value)
+            elif low == b"transfer-encoding":
+                chunked = True
             continue
+        if low == b"content-length":
+            sized = True
         kept.append((name, value))
-    if chunked and sized:  # a length next to chunked is not to be trusted (RFC 9112 6.3)
-        kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
+    named -= HOP_BY_HOP  # usually nothing is left: "Connection: keep-alive" or "close"
+    if named or (chunked and sized):  # a length next to chunked is not to be trusted (6.3)
+        if chunked and sized:
+            named |= {b"content-length"}
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, chunked, sized
 
 

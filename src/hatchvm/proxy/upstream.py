@@ -77,8 +77,8 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         self.received = True
-        self._read = len(data)
-        self._framing += self._read
+        self._read = n = len(data)
+        self._framing += n
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
