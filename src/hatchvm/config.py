@@ -7,7 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, HttpUrl, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    HttpUrl,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _HTTP_URL = TypeAdapter(HttpUrl)
@@ -32,6 +40,14 @@ def _ipv4_list(value: str, parse: Callable[[str], _T]) -> list[_T]:
             except ValueError as exc:
                 raise ValueError(f"{part!r}: {exc} (expected IPv4, comma-separated)") from None
     return items
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: str) -> list[Network]:
+    """'10.0.0.0/8, 192.168.1.1' -> networks; an empty string is none."""
+    return [ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip()]
 
 
 class Settings(BaseSettings):
@@ -165,6 +181,50 @@ class Settings(BaseSettings):
     proxy_wake_timeout: float = Field(
         default=60.0, gt=0, description="seconds a request may wait for a sleeping VM to wake"
     )
+    proxy_max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="client connections the proxy holds open at once (503 beyond; lowered to "
+        "what the open-file limit allows)",
+    )
+    proxy_max_connections_per_address: int = Field(
+        default=256,
+        ge=1,
+        description="client connections from one address (an IPv6 /64) at once (429 beyond); "
+        "behind a trusted proxy: requests in progress per forwarded client address",
+    )
+    proxy_max_head_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="largest request head (431 beyond) and guest response head (502 beyond)",
+    )
+    proxy_head_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a client has to send a whole request head, counted from the "
+        "connection or the head's first byte (408)",
+    )
+    proxy_keepalive_timeout: float = Field(
+        default=75.0, gt=0, description="seconds an idle client connection is kept open"
+    )
+    proxy_client_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a request body may stall, or a client may leave its answer unread, "
+        "before the request is cut off (408 if nothing was answered yet)",
+    )
+    proxy_upstream_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a guest may take to start its answer once the request is sent, "
+        "or stall inside it, before the request is cut off (504 if nothing was answered yet)",
+    )
+    proxy_trusted_proxies: str = Field(
+        default="",
+        description="networks (comma-separated) of edge proxies whose X-Forwarded-* headers "
+        "are believed; everyone else's are replaced",
+    )
     ssh_port_min: int = Field(
         default=16000, ge=1, le=65535, description="lowest SSH gateway port given to a VM"
     )
@@ -177,6 +237,28 @@ class Settings(BaseSettings):
     )
     ssh_host: str = Field(
         default="0.0.0.0", description="where the SSH gateway's per-VM ports listen"
+    )
+    ssh_banner_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a client has to send its SSH identification line; "
+        "until it does, nothing is woken",
+    )
+    ssh_wake_burst: int = Field(
+        default=5, ge=1, description="wakes one source address may cause in a burst over SSH"
+    )
+    ssh_wakes_per_minute: float = Field(
+        default=10.0, gt=0, description="sustained wakes per minute one source address may cause"
+    )
+    wake_max_failures: int = Field(
+        default=3,
+        ge=1,
+        description="consecutive failed wakes after which a VM goes to error",
+    )
+    wake_retry_backoff: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds before a failed wake may be tried again (doubling each time)",
     )
     idle_check_interval: float = Field(
         default=300.0, gt=0, description="seconds between two looks for idle VMs"
@@ -268,18 +350,20 @@ class Settings(BaseSettings):
         _ipv4_list(value, ipaddress.IPv4Network)  # strict: host bits set is a typo, refused
         return value
 
-    @field_validator("ssh_allowed_cidr")
+    @field_validator("ssh_allowed_cidr", "proxy_trusted_proxies")
     @classmethod
-    def _valid_cidr(cls, value: str) -> str:
-        for part in value.split(","):
-            ipaddress.ip_network(part.strip(), strict=False)
+    def _valid_cidr(cls, value: str, info: ValidationInfo) -> str:
+        if not _networks(value) and info.field_name == "ssh_allowed_cidr":
+            raise ValueError("needs at least one network")
         return value
 
     @property
-    def ssh_allowed_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [
-            ipaddress.ip_network(p.strip(), strict=False) for p in self.ssh_allowed_cidr.split(",")
-        ]
+    def ssh_allowed_networks(self) -> list[Network]:
+        return _networks(self.ssh_allowed_cidr)
+
+    @property
+    def proxy_trusted_networks(self) -> list[Network]:
+        return _networks(self.proxy_trusted_proxies)
 
     @property
     def guest_dns_servers(self) -> list[ipaddress.IPv4Address]:

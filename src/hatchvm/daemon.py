@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -103,7 +104,26 @@ async def _build_store(settings: Settings) -> ArtifactStore:
     return store
 
 
+def raise_open_file_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one: every proxied request holds two descriptors,
+    and the usual soft default (1024) would cap the proxy far below its connection limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel caps descriptors at fs.nr_open anyway
+        target = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open-file limit not raised", soft=soft, hard=hard, reason=str(exc))
+            return soft
+        log.info("open-file limit raised", old=soft, new=target)
+        return target
+    return soft
+
+
 async def serve(settings: Settings) -> None:
+    raise_open_file_limit()
     make_private_dir(settings.data_dir)
     if tightened := await asyncio.to_thread(tighten_tree, settings.data_dir):
         log.info("made files in the data directory private", count=tightened)
@@ -146,7 +166,12 @@ async def serve(settings: Settings) -> None:
         auth=verifier.name,
     )
     activity = Activity(vms)
-    wake = WakeService(vms, snapshots)
+    wake = WakeService(
+        vms,
+        snapshots,
+        max_failures=settings.wake_max_failures,
+        backoff=settings.wake_retry_backoff,
+    )
     proxy = Proxy(settings, vms, routes, wake, activity)
     gateway = SSHGateway(settings, vms, wake, activity)
     reaper = IdleReaper(settings, snapshots, routes, activity)

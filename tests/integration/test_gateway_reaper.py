@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.test_routes_proxy import WEB_SERVER, via_proxy
+from tests.integration.test_routes_proxy import WEB_SERVER, restores_of, via_proxy
 from tests.support.ssh import ssh, ssh_key
 from tests.support.wait import wait_for, wait_http
 
@@ -26,8 +26,22 @@ def banner_from(port: int, source: str) -> bytes:
             return b""
 
 
+def knock(port: int, send: bytes, wait: bool) -> bytes:
+    """What a port scanner or another protocol does: connect, maybe send, maybe wait."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        if send:
+            s.sendall(send)
+        if not wait:
+            return b""
+        s.settimeout(30)
+        try:
+            return s.recv(100)  # the gateway closes it: nothing comes back
+        except (ConnectionResetError, TimeoutError):
+            return b""
+
+
 def test_ssh_through_the_gateway_wakes_a_snapshotted_vm(daemon_factory, tmp_path) -> None:
-    hatch = daemon_factory(HATCH_SSH_ALLOWED_CIDR="127.0.0.1/32")
+    hatch = daemon_factory(HATCH_SSH_ALLOWED_CIDR="127.0.0.1/32", HATCH_SSH_BANNER_TIMEOUT="2")
     hatch.start()
     key, public = ssh_key(tmp_path)
     with hatch.client(hatch.create_key("alice")) as api:
@@ -43,6 +57,13 @@ def test_ssh_through_the_gateway_wakes_a_snapshotted_vm(daemon_factory, tmp_path
 
         api.snapshot_vm(vm["id"])
         assert api.get_vm(vm["id"])["state"] == "snapshotted"
+        # A bare connect, a silent client and another protocol wake nothing.
+        assert knock(vm["ssh_port"], b"", wait=False) == b""
+        assert knock(vm["ssh_port"], b"", wait=True) == b""  # until the 2 s wait ends
+        assert knock(vm["ssh_port"], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", wait=True) == b""
+        assert api.get_vm(vm["id"])["state"] == "snapshotted"
+        assert restores_of(hatch, vm["id"]) == 0
+        # OpenSSH sends its identification line at once, without waiting for the server's.
         out = ssh(key, vm["ssh_port"], "cat /proc/sys/kernel/random/boot_id; echo ok")
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == [boot, "ok"]  # the same guest, woken by the connection

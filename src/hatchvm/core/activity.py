@@ -22,8 +22,8 @@ class Activity:
         self._open: Counter[str] = Counter()
         self._pending: set[asyncio.Task[None]] = set()
 
-    def touch(self, vm_id: str) -> None:
-        now = time.monotonic()
+    def touch(self, vm_id: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         if now - self._written.get(vm_id, float("-inf")) < WRITE_EVERY:
             return
         self._written[vm_id] = now
@@ -33,17 +33,19 @@ class Activity:
 
     def open(self, vm_id: str) -> float:
         """A connection (or request) to vm_id starts; pass the result to close()."""
-        self.touch(vm_id)
+        now = time.monotonic()  # once: the proxy calls this for every request
+        self.touch(vm_id, now)
         self._open[vm_id] += 1
-        return time.monotonic()
+        return now
 
     def close(self, vm_id: str, opened: float) -> None:
         self._open[vm_id] -= 1
         if self._open[vm_id] <= 0:
             del self._open[vm_id]
-        if time.monotonic() - opened >= WRITE_EVERY:
+        now = time.monotonic()
+        if now - opened >= WRITE_EVERY:
             self._written.pop(vm_id, None)  # a long session: its end is news
-        self.touch(vm_id)
+        self.touch(vm_id, now)
 
     @contextmanager
     def connection(self, vm_id: str) -> Iterator[None]:

@@ -1,10 +1,16 @@
 """One request and its response through the proxy. The client connection parses the request
 and feeds it here; the upstream connection parses the response and feeds it here; this object
 turns each side's framing into the other's (re-chunking when lengths are unknown) and decides
-whether both connections can be reused afterwards."""
+whether both connections can be reused afterwards.
+
+Its life is one `Phase` (phases.py): QUEUED -> CONNECTING -> SENDING -> WAITING -> STREAMING
+-> DONE, or TUNNEL after a 101. The response may start while the request body still arrives
+(SENDING -> STREAMING); `body_done` records the request side's end on its own.
+"""
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from hatchvm.proxy.headers import (
@@ -15,6 +21,16 @@ from hatchvm.proxy.headers import (
     error_response,
     request_head,
     response_head,
+)
+from hatchvm.proxy.phases import (
+    CONNECTING,
+    DONE,
+    QUEUED,
+    SENDING,
+    STREAMING,
+    TUNNEL,
+    WAITING,
+    Phase,
 )
 from hatchvm.proxy.upstream import PoolKey, Upstream
 
@@ -50,6 +66,7 @@ class Exchange:
         self.has_body = has_body
         self.upgrade = upgrade  # the Upgrade header of an upgrade request
         self.host = b""
+        self.phase: Phase = QUEUED
         self.body: list[bytes] = []  # request body received before an upstream is attached
         self.body_done = False
         self.upstream: Upstream | None = None
@@ -58,22 +75,23 @@ class Exchange:
         self.opened: float | None = None  # activity: this exchange keeps its VM busy
         self.task: asyncio.Task[None] | None = None  # waking the VM or connecting
         self.retried = False
-        self.interim = False  # a 1xx response is being relayed
-        self.started = False  # the final response head went to the client
-        self.switching = False  # a 101 went to the client: the connection becomes a tunnel
         self.chunked_out = False
         self.until_close = False  # the upstream body ends when its connection does
-        self.done = False
+
+    # Every change of phase restarts the connection's clock (client.since), inline: this is
+    # the per-request path, where a method call costs more than the assignment.
 
     # ---- request side ------------------------------------------------------------------
 
     def attach(self, upstream: Upstream, key: PoolKey, vm_id: str) -> None:
         client = self.client
-        if self.done:  # the client left while we connected
+        if self.phase is DONE:  # the client left while we connected
             client.proxy.pool.put(upstream)
             return
         self.upstream, self.key, self.vm_id = upstream, key, vm_id
         upstream.exchange = self
+        self.phase = WAITING if self.body_done else SENDING
+        client.since = monotonic()
         if self.opened is None:
             self.opened = client.proxy.activity.open(vm_id)
         upstream.write(
@@ -83,6 +101,7 @@ class Exchange:
                 self.headers,
                 self.dropped,
                 client.ip,
+                trusted=client.trusted,
                 chunked=self.chunked,
                 upgrade=self.upgrade,
             )
@@ -97,8 +116,9 @@ class Exchange:
         client.resume_reading("waiting")
 
     def request_body(self, data: bytes) -> None:
-        if self.done:
+        if self.phase is DONE:
             return
+        self.client.since = monotonic()
         if self.upstream is None:
             self.body.append(data)
             self.client.pause_reading("waiting")  # at most one read buffered per request
@@ -110,25 +130,31 @@ class Exchange:
 
     def request_done(self) -> None:
         self.body_done = True
-        if self.upstream is not None and self.chunked and not self.done:
+        if self.phase is SENDING:
+            self.phase = WAITING
+            if self.has_body:  # else attach() started the clock a moment ago
+                self.client.since = monotonic()
+        if self.chunked and self.upstream is not None and self.phase is not DONE:
             self.upstream.write(LAST_CHUNK)
 
     # ---- response side -----------------------------------------------------------------
 
     def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
-        if self.done:
+        if self.phase is DONE:
             return
         kept, chunked, sized = end_to_end(headers)
         if status < 200:
-            if status == 101 and self.upgrade is not None:
-                protocol = next((v for n, v in headers if n.lower() == b"upgrade"), self.upgrade)
-                self.switching = self.started = True
-                extra = b"Connection: Upgrade\r\nUpgrade: %b\r\n" % protocol
-                self.client.write(response_head(101, reason, kept, extra))
-            elif status != 101:
-                self.interim = True
+            if status != 101:
                 if self.http11:  # no 1xx to an HTTP/1.0 client (RFC 9110 15.2)
                     self.client.write(response_head(status, reason, kept, b""))
+            elif self.upgrade is None:
+                self.fail(502, "the target switched protocols unasked")
+            else:
+                protocol = next((v for n, v in headers if n.lower() == b"upgrade"), self.upgrade)
+                self.phase = TUNNEL
+                self.client.since = monotonic()
+                extra = b"Connection: Upgrade\r\nUpgrade: %b\r\n" % protocol
+                self.client.write(response_head(101, reason, kept, extra))
             return
         if self.upgrade is not None:
             self.keep_alive = False  # the client's parser took the upgrade: start afresh
@@ -142,21 +168,20 @@ class Exchange:
                 self.keep_alive = False  # HTTP/1.0: the end of the body is the close
         if not self.keep_alive:
             extra += b"Connection: close\r\n"
-        self.started = True
-        self.client.write(response_head(status, reason, kept, extra))
+        self.phase = STREAMING
+        client = self.client
+        client.since = monotonic()
+        client.write(response_head(status, reason, kept, extra))
 
     def response_body(self, data: bytes) -> None:
-        if not self.done and not self.switching:
-            self.client.write(chunk(data) if self.chunked_out else data)
+        if self.phase is STREAMING:
+            client = self.client
+            client.since = monotonic()
+            client.write(chunk(data) if self.chunked_out else data)
 
     def response_done(self, upstream_keep_alive: bool) -> None:
-        if self.done or self.switching:
-            return
-        if self.interim:
-            self.interim = False
-            return
-        if not self.started:  # a 101 nobody asked for
-            self.upstream_failed("the target switched protocols unasked")
+        # SENDING or WAITING: that was a 1xx, the final answer follows; TUNNEL: the 101's end.
+        if self.phase is not STREAMING:
             return
         if self.chunked_out:
             self.client.write(LAST_CHUNK)
@@ -171,45 +196,56 @@ class Exchange:
         self.finish()
 
     def upstream_switched(self, upstream: Upstream, rest: bytes) -> None:
-        if not self.switching or self.done:
+        if self.phase is not TUNNEL:
             upstream.close()
-            self.upstream_failed("the target switched protocols unasked")
+            self.fail(502, "the target switched protocols unasked")
             return
         self.upstream = None
-        self.done = True
+        self.phase = DONE  # the connection carries on as a tunnel
         opened, self.opened = self.opened, None
         self.client.start_tunnel(upstream, rest, self.vm_id, opened)
 
     # ---- failures ----------------------------------------------------------------------
 
     def upstream_lost(self, upstream: Upstream, exc: Exception | None) -> None:
-        if self.done or upstream is not self.upstream:
+        if self.phase is DONE or upstream is not self.upstream:
             return
         self.upstream = None
-        if self.started and self.until_close and exc is None:
+        if self.phase is STREAMING and self.until_close and exc is None:
             if self.chunked_out:
                 self.client.write(LAST_CHUNK)
             self.finish()
         elif upstream.reused and not upstream.received and not self.has_body and not self.retried:
             # A kept-alive connection the guest had closed: safe to send it again, once.
             self.retried = True
+            self.phase = CONNECTING
             self.client.proxy.reconnect(self)
         else:
             reason = f": {exc}" if exc else ""
-            self.upstream_failed(f"the target closed the connection{reason}")
+            self.fail(502, f"the target closed the connection{reason}")
 
-    def upstream_failed(self, message: str) -> None:
+    def timed_out(self, client_stalled: bool, seconds: float) -> None:
+        """The sweeper's verdict: nothing moved for `seconds` (phases.Timeouts)."""
+        if client_stalled:
+            self.fail(408, f"the client sent or read nothing for {seconds:g}s")
+        elif self.phase is SENDING:
+            self.fail(504, f"the target read none of the request for {seconds:g}s")
+        elif self.phase is WAITING:
+            self.fail(504, f"the target sent no response within {seconds:g}s")
+        else:
+            self.fail(504, f"the target sent nothing for {seconds:g}s")
+
+    def fail(self, status: int, message: str) -> None:
+        """Answer with a JSON error; past the response head, cut the client off instead.
+        A guest connection still attached is dropped: where its exchange stands is unknown."""
+        phase = self.phase
+        if phase is DONE:
+            return
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
-        self.fail(502, message)
-
-    def fail(self, status: int, message: str) -> None:
-        """Answer with a JSON error; past the response head, cut the client off instead."""
-        if self.done:
-            return
-        if self.started:
-            self.done = True
+        if phase in (STREAMING, TUNNEL):
+            self.phase = DONE
             self._release_activity()
             self.client.abort()
             return
@@ -219,9 +255,9 @@ class Exchange:
         self.finish()
 
     def client_gone(self) -> None:
-        if self.done:
+        if self.phase is DONE:
             return
-        self.done = True
+        self.phase = DONE
         if self.task is not None:
             self.task.cancel()  # the wait ends; a shared wake goes on for the others
         if self.upstream is not None:
@@ -230,7 +266,7 @@ class Exchange:
         self._release_activity()
 
     def finish(self) -> None:
-        self.done = True
+        self.phase = DONE
         self._release_activity()
         self.client.exchange_finished(self)
 

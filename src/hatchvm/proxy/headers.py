@@ -1,6 +1,9 @@
 """HTTP/1.1 heads as the proxy writes them: hop-by-hop headers stay on their hop (RFC 9110
 7.6.1), X-Forwarded-* tell the guest who asked, and the framing of each hop is the proxy's own.
-Headers are (name, value) byte pairs exactly as httptools hands them over."""
+Headers are (name, value) byte pairs exactly as httptools hands them over.
+
+A client's own X-Forwarded-* (and Forwarded) are claims about itself: they are replaced,
+unless the client is a trusted proxy (HATCH_PROXY_TRUSTED_PROXIES), whose chain is extended."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+FORWARDING = (b"x-forwarded-", b"forwarded")  # name prefixes of the forwarding headers
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -32,7 +35,16 @@ def chunk(data: bytes) -> bytes:
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:
+    common = COMMON_CONNECTION.get(value)  # nearly every message: no parse
+    if common is not None:
+        return common
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+COMMON_CONNECTION = {
+    spelling: frozenset({spelling.lower()})
+    for spelling in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
 
 
 def request_head(
@@ -42,11 +54,13 @@ def request_head(
     dropped: frozenset[bytes],
     client_ip: bytes,
     *,
+    trusted: bool,
     chunked: bool,
     upgrade: bytes | None,
 ) -> bytes:
-    """The request as the guest receives it: end-to-end headers, the client appended to
-    X-Forwarded-For, an edge proxy's proto and host kept (else ours), our own framing."""
+    """The request as the guest receives it: end-to-end headers, our own framing, and
+    X-Forwarded-For/-Proto/-Host: the client's address, http, its Host; from a trusted proxy,
+    its chain with its address appended and its proto and host kept."""
     out = [method, b" ", target, b" HTTP/1.1\r\n"]
     chain: list[bytes] = []
     proto = b"http"
@@ -55,15 +69,19 @@ def request_head(
         low = name.lower()
         if low in dropped:
             continue
-        if low in FORWARDED:
+        if low.startswith(FORWARDING):
+            if not trusted:
+                continue
             if low == b"x-forwarded-for":
                 chain.append(value)
-            elif low == b"x-forwarded-proto":
+                continue
+            if low == b"x-forwarded-proto":
                 proto = value
-            else:
+                continue
+            if low == b"x-forwarded-host":
                 forwarded_host = value
-            continue
-        if low == b"host":
+                continue
+        elif low == b"host":
             host = value
         elif chunked and low == b"content-length":
             continue  # chunked wins over a length (RFC 9112 6.3)
@@ -80,6 +98,20 @@ def request_head(
     return b"".join(out)
 
 
+def head_size(headers: Headers) -> int:
+    """Bytes of header names and values: what a head limit counts."""
+    return sum(len(name) + len(value) for name, value in headers)
+
+
+def forwarded_for(headers: Headers) -> list[str]:
+    """Every X-Forwarded-For entry, nearest last."""
+    entries: list[str] = []
+    for name, value in headers:
+        if name.lower() == b"x-forwarded-for":
+            entries += (e.strip() for e in value.decode("latin-1").split(","))
+    return entries
+
+
 def response_head(status: int, reason: bytes, headers: Headers, extra: bytes) -> bytes:
     """Status line, the given (already filtered) headers, then extra (framing lines)."""
     out = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
@@ -90,24 +122,27 @@ def response_head(status: int, reason: bytes, headers: Headers, extra: bytes) ->
 
 
 def end_to_end(headers: Headers) -> tuple[Headers, bool, bool]:
-    """(headers without hop-by-hop ones, had Transfer-Encoding, had Content-Length)."""
-    named: frozenset[bytes] = frozenset()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named |= connection_tokens(value)
+    """(headers without hop-by-hop ones, had Transfer-Encoding, had Content-Length). One pass
+    over a guest's headers on every response: each name is lowered once."""
     kept: Headers = []
+    named: frozenset[bytes] = frozenset()
     chunked = sized = False
     for name, value in headers:
         low = name.lower()
-        if low == b"transfer-encoding":
-            chunked = True
-        elif low == b"content-length":
-            sized = True
-        if low in HOP_BY_HOP or low in named:
+        if low in HOP_BY_HOP:
+            if low == b"connection":
+                named |= connection_tokens(value)
+            elif low == b"transfer-encoding":
+                chunked = True
             continue
+        if low == b"content-length":
+            sized = True
         kept.append((name, value))
-    if chunked and sized:  # a length next to chunked is not to be trusted (RFC 9112 6.3)
-        kept = [(n, v) for n, v in kept if n.lower() != b"content-length"]
+    named -= HOP_BY_HOP  # usually nothing is left: "Connection: keep-alive" or "close"
+    if named or (chunked and sized):  # a length next to chunked is not to be trusted (6.3)
+        if chunked and sized:
+            named |= {b"content-length"}
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
     return kept, chunked, sized
 
 

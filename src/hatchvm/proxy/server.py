@@ -5,6 +5,10 @@ straight from one transport to the other with back-pressure, and guest connectio
 alive in a pool. Finding the VM is synchronous on the hot path (routes and running VMs are in
 memory); a sleeping VM is woken through core (one shared wake per VM), then the proxy waits
 until the target port accepts connections and forwards. Every error is JSON.
+
+Clients and guests are both untrusted: connections are capped in total and per address
+(limits.py), every head is capped in size, and every phase of a connection has a timeout
+(phases.py) that one sweeper enforces.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 
 import structlog
 
+from hatchvm.clients import IPAddress, address_key, parse_address
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.routes import RouteService
@@ -23,14 +28,15 @@ from hatchvm.core.vms import VMService
 from hatchvm.core.wake import WakeService, first_connection
 from hatchvm.db.models import VM, Route
 from hatchvm.errors import HatchError, NotFound
+from hatchvm.logsummary import RepeatLog
 from hatchvm.proxy.client import ClientConnection
 from hatchvm.proxy.exchange import Exchange
+from hatchvm.proxy.headers import Headers, forwarded_for
+from hatchvm.proxy.limits import Admission, fd_budget
+from hatchvm.proxy.phases import CONNECTING, Phase, Timeouts
 from hatchvm.proxy.upstream import PoolKey, Upstream, UpstreamPool
 
 log = structlog.get_logger("hatchvm.proxy")
-
-KEEPALIVE_TIMEOUT = 75.0  # an idle client connection is closed after this many seconds
-SWEEP_EVERY = 5.0
 
 
 class ProxyError(Exception):
@@ -54,15 +60,32 @@ class Proxy:
         self.routes = routes
         self.wake = wake
         self.activity = activity
-        self.pool = UpstreamPool()
+        self.max_head = settings.proxy_max_head_bytes
+        self.timeouts = Timeouts.from_settings(settings)
+        self.admission = Admission(
+            settings.proxy_max_connections, settings.proxy_max_connections_per_address
+        )
+        self._trusted = settings.proxy_trusted_networks
+        self.pool = UpstreamPool(self.max_head)
         self.connections: set[ClientConnection] = set()
+        self.refused_lingering = 0  # refused connections still reading their refusal
         self._suffix = "." + settings.proxy_base_domain.lower().strip(".")
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._refusals = RepeatLog(log, "proxy refused connections", interval=60.0)
+        self._timeouts = RepeatLog(log, "proxy timed out connections", interval=60.0)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        budget = fd_budget()
+        if self.admission.total > budget:
+            log.warning(
+                "proxy connection limit lowered to what the open-file limit allows",
+                configured=self.admission.total,
+                allowed=budget,
+            )
+            self.admission.total = budget
         host, port = self._s.proxy_host_port
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -83,19 +106,42 @@ class Proxy:
         self.pool.close_all()
 
     async def _sweep(self) -> None:
+        """The one place timeouts are enforced: every connection's clock, every tick."""
         while True:
-            await asyncio.sleep(SWEEP_EVERY)
+            await asyncio.sleep(self.timeouts.tick)
             now = time.monotonic()
             for connection in list(self.connections):
-                if connection.idle and now - connection.idle_since > KEEPALIVE_TIMEOUT:
-                    connection.close()
+                connection.expire(now)
             self.pool.expire(now)
+
+    # ---- who the clients are ----------------------------------------------------------
+
+    def trusts(self, address: IPAddress) -> bool:
+        return any(address in net for net in self._trusted)
+
+    def forwarded_key(self, headers: Headers) -> str | None:
+        """The client a trusted proxy forwards for: the nearest X-Forwarded-For entry that
+        is not one of the trusted proxies themselves."""
+        for text in reversed(forwarded_for(headers)):
+            address = parse_address(text)
+            if address is None:
+                return None
+            if not self.trusts(address):
+                return address_key(address)
+        return None
+
+    def refused(self, status: int, source: str) -> None:
+        self._refusals.note(str(status), source=source)
+
+    def timed_out(self, phase: Phase, source: str) -> None:
+        self._timeouts.note(phase.value, source=source)
 
     # ---- one request -------------------------------------------------------------------
 
     def begin(self, exchange: Exchange) -> None:
         """Serve exchange: at once when its VM runs and a kept-alive connection waits,
         otherwise in a task that wakes the VM and connects."""
+        exchange.phase = CONNECTING  # its own timeouts below: no clock to restart
         try:
             route = self._route_for(exchange.host)
         except ProxyError as exc:
@@ -199,8 +245,8 @@ class Proxy:
             vm = await asyncio.wait_for(self.wake.ensure_running(vm), timeout)
         except TimeoutError:
             raise ProxyError(503, f"vm {vm.id} did not wake within {timeout:g}s") from None
-        except HatchError as exc:
-            raise ProxyError(503, f"waking vm {vm.id} failed: {exc.message}") from None
+        except HatchError as exc:  # the message names the vm and when it is tried again
+            raise ProxyError(503, exc.message) from None
         return vm, (began, time.monotonic())
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 import structlog
 
-from hatchvm.proxy.headers import Headers
+from hatchvm.proxy.headers import Headers, head_size
 
 if TYPE_CHECKING:
     from hatchvm.proxy.exchange import Exchange
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hatchvm.proxy")
 
 PoolKey = tuple[str, object, str, int]  # vm id, its incarnation, guest ip, port
+
+
+def size(limit: int) -> str:
+    """64 KiB, not 65536 bytes, when it is whole KiB."""
+    return f"{limit >> 10} KiB" if limit % 1024 == 0 else f"{limit} bytes"
 
 
 class Tunnel(Protocol):
@@ -48,6 +53,15 @@ class Upstream(asyncio.Protocol):
         self._headers: Headers = []
         self._reason = b""
         self._reading_paused = False
+        # Guests are hostile: a head that never ends must not grow without bound. _framing
+        # counts every byte read since the last head, body piece or message end (httptools
+        # keeps an unfinished header line to itself, so only reads show it); it is also an
+        # upper bound of a finished head's size (with the current read's length, should the
+        # count have restarted inside it), so a head is summed only when that bound is over.
+        self._max_head = pool.max_head
+        self._framing = 0
+        self._read = 0
+        self._oversized = False
 
     # ---- transport events ----------------------------------------------------------------
 
@@ -63,17 +77,27 @@ class Upstream(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        self._read = n = len(data)
+        self._framing += n
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             exchange.upstream_switched(self, data[upgrade.args[0] :])
-        except httptools.HttpParserCallbackError as exc:  # a bug of ours: keep the trace
-            log.error("proxy response handling failed", exc_info=exc.__context__)
-            self.close()
-            exchange.fail(500, "internal error")
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if not self._oversized:  # a bug of ours: keep the trace
+                log.error("proxy response handling failed", exc_info=exc.__context__)
+                exchange.fail(500, "internal error")
+                return
         except httptools.HttpParserError as exc:
-            self.close()
-            exchange.upstream_failed(f"the target sent a malformed response: {exc}")
+            self.abort()
+            exchange.fail(502, f"the target sent a malformed response: {exc}")
+            return
+        if self._oversized or self._framing > self._max_head:
+            self._oversized = True
+            self.abort()  # never reused: the rest of that head would follow
+            limit = size(self._max_head)
+            exchange.fail(502, f"the target's response head is larger than {limit}")
 
     def eof_received(self) -> bool:
         if self.tunnel is not None and self.tunnel.transport.can_write_eof():
@@ -112,6 +136,13 @@ class Upstream(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
+        limit = self._max_head
+        if (self._framing > limit or self._read > limit) and (
+            len(reason) + head_size(headers) > limit
+        ):
+            self._oversized = True
+            raise httptools.HttpParserError("response head too large")  # stops the parse
+        self._framing = 0
         exchange = self.exchange
         if exchange is None:
             return
@@ -124,10 +155,13 @@ class Upstream(asyncio.Protocol):
             exchange.response_done(keep_alive)
 
     def on_body(self, body: bytes) -> None:
+        self._framing = 0
         if self.exchange is not None:
             self.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
+        self._framing = 0
+        self._headers = []  # trailers (not forwarded): never the next response's headers
         if self.exchange is not None:
             self.exchange.response_done(self._parser.should_keep_alive())
 
@@ -163,7 +197,10 @@ class Upstream(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per (VM incarnation, port); the newest is reused first."""
 
-    def __init__(self, idle_timeout: float = 30.0, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, max_head: int, idle_timeout: float = 30.0, connect_timeout: float = 10.0
+    ) -> None:
+        self.max_head = max_head  # bytes of a response head (and of framing between bodies)
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self._idle: dict[PoolKey, list[Upstream]] = {}
