@@ -78,13 +78,13 @@ async def build_image(
 ) -> dict[str, object]:
     """Build (or, unless force, reuse) img_default and register it; returns the image object."""
     out_dir = registry.default_image_dir(settings)
-    artifacts = None if force else builder.load_artifacts(out_dir)
-    if artifacts is None:
+    artifacts = None if force else await asyncio.to_thread(builder.current_artifacts, out_dir)
+    if artifacts is None or not artifacts.up_to_date:
         artifacts = await asyncio.to_thread(
             builder.build_default_image, out_dir, settings.cache_dir / "debs", progress
         )
     else:
-        progress(f"img_default is already built in {out_dir} (use --force to rebuild)")
+        progress(f"img_default {artifacts.version} is already built (use --force to rebuild)")
     async with _database(settings) as sessions:
         image = await registry.register(sessions, DEFAULT_IMAGE_ID, artifacts)
     return render_image(image).model_dump(mode="json")

@@ -30,6 +30,7 @@ from hatchvm.core.wake import WakeService
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.db.migrate import upgrade
 from hatchvm.gateway.ssh import SSHGateway
+from hatchvm.images.registry import prune as prune_images
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
 from hatchvm.net.errors import NetworkError
@@ -151,6 +152,7 @@ async def serve(settings: Settings) -> None:
     routes = RouteService(settings, vms)
     await routes.load()
     await reconcile(vms, snapshots)
+    await prune_images(settings, sessions)
 
     verifier = build_verifier(settings, sessions)
     app = create_app(Services(settings, sessions, verifier, vms, snapshots, routes))

@@ -6,7 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
-from hatchvm.images.builder import ImageArtifacts, build_default_image, load_artifacts
+from hatchvm.images.builder import (
+    ImageArtifacts,
+    build_default_image,
+    current_artifacts,
+    prune_versions,
+)
 
 TEST_IMAGE_DIR = Path(
     os.environ.get("HATCH_TEST_IMAGE_DIR", str(Path.home() / ".cache/hatchvm/test-image"))
@@ -16,9 +21,10 @@ DEB_CACHE = Path.home() / ".cache/hatchvm/debs"
 
 def ensure_test_image() -> ImageArtifacts:
     """Build the image unless the cache holds a complete one (needs the package mirror)."""
-    artifacts = load_artifacts(TEST_IMAGE_DIR)
-    if artifacts is None:
+    artifacts = current_artifacts(TEST_IMAGE_DIR)
+    if artifacts is None or not artifacts.up_to_date:
         artifacts = build_default_image(TEST_IMAGE_DIR, DEB_CACHE, print)
+        prune_versions(TEST_IMAGE_DIR, set())  # only the current version is kept here
     return artifacts
 
 

@@ -40,6 +40,7 @@ class LastExit(Output):
 class VM(Output):
     id: str
     image_id: str
+    image_version: str | None  # the image content the VM was made with, and keeps
     state: State
     vcpu_count: int
     mem_mib: int
@@ -96,6 +97,7 @@ class Route(Output):
 
 class Image(Output):
     id: str
+    version: str | None  # the current version: what new VMs get
     kernel_path: str
     vmlinux_path: str | None
     initrd_path: str | None
@@ -124,6 +126,7 @@ def render_vm(vm: db.VM) -> VM:
     return VM(
         id=vm.id,
         image_id=vm.image_id,
+        image_version=vm.image_version,
         state=State(vm.state),
         vcpu_count=vm.vcpu_count,
         mem_mib=vm.mem_mib,
@@ -144,6 +147,7 @@ def render_vm(vm: db.VM) -> VM:
 def render_image(image: db.Image) -> Image:
     return Image(
         id=image.id,
+        version=image.version,
         kernel_path=image.kernel_path,
         vmlinux_path=image.vmlinux_path,
         initrd_path=image.initrd_path,

@@ -247,7 +247,12 @@ class SnapshotService:
                     sha256=info.sha256,
                 )
             manifest = SnapshotManifest(
-                snapshot_id=snap_id, vm_id=vm.id, mem_mib=vm.mem_mib, artifacts=records
+                snapshot_id=snap_id,
+                vm_id=vm.id,
+                mem_mib=vm.mem_mib,
+                image_id=vm.image_id,
+                image_version=vm.image_version,
+                artifacts=records,
             )
             manifest_file = work / "manifest.json"
             await asyncio.to_thread(manifest_file.write_text, manifest.model_dump_json(indent=2))
@@ -277,7 +282,7 @@ class SnapshotService:
         snapshot that could not be stored. Returns the state the VM ends in."""
         state_file = self._resume_dir(vm.id) / STATE_NAME
         try:
-            image = await self.vms.load_image(vm.image_id)
+            image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
             await self.vms.run(vm)
@@ -341,7 +346,7 @@ class SnapshotService:
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
         try:
-            image = await self.vms.load_image(vm.image_id)
+            image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
             crashpoint("restore.vmm-started")

@@ -30,6 +30,8 @@ from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
 from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
+from hatchvm.images import registry
+from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
@@ -129,13 +131,13 @@ class VMService:
         # the boot to finish instead of racing it (which would leave a VMM with no row).
         async with self.locks.hold(vm_id):
             async with self._user_locks.hold(user_id), self.admission.lock:
-                vm = await self._insert(vm_id, user_id, cfg)
+                vm = await self._insert(vm_id, user_id, cfg, image.version)
             log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
             crashpoint("create.inserted")
             try:
                 await asyncio.to_thread(self._prepare_dir, vm)
                 crashpoint("create.prepared")
-                await self._boot(vm, image)
+                await self._boot(vm, await self.image_files(vm))
             except Exception as exc:
                 reason = reason_of(exc)
                 log.error("vm create failed", vm_id=vm.id, reason=reason)
@@ -166,7 +168,21 @@ class VMService:
             raise BadRequest(f"image_id: image {image_id} not found")
         return image
 
-    async def _insert(self, vm_id: str, user_id: str, cfg: VMConfig) -> VM:
+    async def image_files(self, vm: VM) -> ImageArtifacts:
+        """The files of the image version the VM pins (a rebuilt image never changes them)."""
+        version = vm.image_version or (await self.load_image(vm.image_id)).version
+        files = None
+        if version is not None:
+            files = await asyncio.to_thread(
+                registry.pinned_artifacts, self._s, vm.image_id, version
+            )
+        if files is None:
+            raise InternalError(f"{vm.id} needs image {vm.image_id} version {version}: it is gone")
+        return files
+
+    async def _insert(
+        self, vm_id: str, user_id: str, cfg: VMConfig, image_version: str | None
+    ) -> VM:
         """Check the quotas and the host's room, and persist the row with its allocations
         (retrying on a race). The caller holds the admission lock."""
         for _attempt in range(5):
@@ -179,6 +195,7 @@ class VMService:
                     id=vm_id,
                     user_id=user_id,
                     image_id=cfg.image_id,
+                    image_version=image_version,
                     state=State.STARTING,
                     vcpu_count=cfg.vcpu_count,
                     mem_mib=cfg.mem_mib,
@@ -230,7 +247,7 @@ class VMService:
 
     # ---- boot / start ------------------------------------------------------------------
 
-    def _cmdline(self, vm: VM, image: Image) -> str:
+    def _cmdline(self, vm: VM, image: ImageArtifacts) -> str:
         parts = [image.boot_args, f"hatch.hostname={vm.id.replace('_', '-')}"]
         if vm.guest_ip and self.net is not None:
             parts += [
@@ -242,13 +259,13 @@ class VMService:
             parts.append(vm.boot_args)
         return " ".join(p for p in parts if p)
 
-    def boot_spec(self, vm: VM, image: Image) -> BootSpec:
+    def boot_spec(self, vm: VM, image: ImageArtifacts) -> BootSpec:
         return BootSpec(
             vm_id=vm.id,
             vm_dir=self.vm_dir(vm.id),
-            kernel=Path(image.kernel_path),
-            initrd=Path(image.initrd_path) if image.initrd_path else None,
-            rootfs=Path(image.rootfs_path),
+            kernel=image.kernel,
+            initrd=image.initrd,
+            rootfs=image.rootfs,
             disk=self.vm_dir(vm.id) / DISK_NAME,
             vcpu_count=vm.vcpu_count,
             mem_mib=vm.mem_mib,
@@ -258,7 +275,7 @@ class VMService:
             mem_file=self.vm_dir(vm.id) / MEM_NAME,
         )
 
-    async def _boot(self, vm: VM, image: Image) -> None:
+    async def _boot(self, vm: VM, image: ImageArtifacts) -> None:
         """Cold boot: fresh memory, so no earlier snapshot's RAM can be resumed from here."""
         await asyncio.to_thread(self.drop_memory, vm.id)
         await self.attach_network(vm)
@@ -304,7 +321,7 @@ class VMService:
         if not (self.vm_dir(vm_id) / DISK_NAME).exists():
             await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
             raise InternalError(f"cannot start {vm_id}: its disk is missing")
-        image = await self.load_image(vm.image_id)
+        image = await self.image_files(vm)
         async with self.admission.lock:
             space = await asyncio.to_thread(self.space_needed_mib, vm)
             await self.admission.admit(vm_id, vm.mem_mib, space)
@@ -356,6 +373,7 @@ class VMService:
                     await session.delete(row)
             self.invalidate(vm_id)
             log.info("vm deleted", vm_id=vm_id)
+        await registry.prune(self._s, self.sessions)  # the image version it pinned may go
 
     async def record_death(self, vm: VM, reason: str, last_exit: str) -> VM:
         """Its VMM process ended behind hatchd's back (the caller holds the VM's lock): its

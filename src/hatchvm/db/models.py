@@ -63,6 +63,7 @@ class Image(Base):
     initrd_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     rootfs_path: Mapped[str] = mapped_column(Text)
     boot_args: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the current one
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -72,6 +73,8 @@ class VM(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(128), index=True)
     image_id: Mapped[str] = mapped_column(ForeignKey("images.id"))
+    # The image version the VM was made with: its disk and snapshots need exactly these files.
+    image_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     state: Mapped[str] = mapped_column(String(16))
     vcpu_count: Mapped[int] = mapped_column(Integer)
     mem_mib: Mapped[int] = mapped_column(Integer)

@@ -50,6 +50,7 @@ MODULES = [
 # The VMM driver adds the host TSC rate (tsc_early_khz=) under emulation: see vmm/clock.py.
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet tsc=reliable"
 MANIFEST = "manifest.json"
+CURRENT = "current"  # in an image's directory: the version new VMs get
 ARTIFACT_NAMES = {
     "kernel": "vmlinuz",
     "vmlinux": "vmlinux",
@@ -72,6 +73,12 @@ class ImageArtifacts:
     rootfs: Path
     boot_args: str
     kernel_version: str
+    version: str  # a hash of the files' contents: what VMs and snapshots pin
+    builder_version: int  # an older builder's image still boots its VMs, but is rebuilt
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.builder_version == BUILDER_VERSION
 
 
 def _run(cmd: list[str], step: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
@@ -413,32 +420,33 @@ def _sha256(path: Path) -> str:
 
 
 def build_default_image(
-    out_dir: Path, cache_dir: Path, progress: Progress = print
+    image_dir: Path, cache_dir: Path, progress: Progress = print
 ) -> ImageArtifacts:
-    """Build into a temp dir beside out_dir, then swap it into place: never half an image."""
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Build a version of the image beside the others in image_dir and make it current.
+
+    Versions are never replaced in place: VMs and their snapshots pin the version they were
+    made with (its files must not change under a snapshotted guest), and old versions are
+    removed only once nothing refers to them (prune_versions)."""
+    image_dir = image_dir.resolve()
+    image_dir.mkdir(parents=True, exist_ok=True)
     apt = _Apt(progress)
     progress("resolving packages")
     kernel_pkg = apt.kernel_package()
     rootfs_pkgs = apt.runtime_closure(ROOTFS_ROOTS)
     debs = apt.download([kernel_pkg, *rootfs_pkgs], cache_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=image_dir))
     try:
         # Guest files get the modes a guest expects (0o022), whatever umask the caller runs
         # with; what lands on the host is then made private explicitly.
         with private.umask(0o022):
             _build_into(staging, kernel_pkg, rootfs_pkgs, debs, progress)
-        for path in staging.iterdir():
-            path.chmod(0o400)  # read-only: VMs share these files
-        staging.chmod(0o700)
-        _swap_into_place(staging, out_dir)
+        version = install_version(image_dir, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    artifacts = load_artifacts(out_dir)
+    artifacts = load_artifacts(image_dir / version)
     assert artifacts is not None
-    progress(f"img_default ready in {out_dir}")
+    progress(f"img_default {version} ready in {image_dir}")
     return artifacts
 
 
@@ -490,23 +498,75 @@ def _build_into(
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished build over out_dir. Files of the old build that running VMs still
-    hold open stay valid: their inodes live on until closed."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+def content_version(manifest: dict[str, object]) -> str:
+    """The version of an image: a hash of its files' checksums (same files, same version)."""
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    listing = sorted((role, info["sha256"]) for role, info in files.items())
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def install_version(image_dir: Path, built: Path) -> str:
+    """Move a complete build (a directory with its manifest) in as a version of the image and
+    make it current; returns the version. The same content built again is the same version."""
+    version = content_version(json.loads((built / MANIFEST).read_text()))
+    target = image_dir / version
+    for path in built.iterdir():
+        path.chmod(0o400)  # read-only: VMs share these files
+    built.chmod(0o700)
+    if target.exists():
+        shutil.rmtree(built)
+    else:
+        built.rename(target)
+    _write_atomic(image_dir / CURRENT, version)
+    return version
+
+
+def current_version(image_dir: Path) -> str | None:
+    """The version new VMs get (an image built by an older hatchvm is moved into place)."""
+    if (image_dir / MANIFEST).exists():
+        _adopt_flat_layout(image_dir)
+    try:
+        return (image_dir / CURRENT).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def current_artifacts(image_dir: Path) -> ImageArtifacts | None:
+    version = current_version(image_dir)
+    return load_artifacts(image_dir / version) if version else None
+
+
+def prune_versions(image_dir: Path, keep: set[str]) -> list[str]:
+    """Remove the versions that are neither current nor in keep; returns them."""
+    current = current_version(image_dir)
+    gone = []
+    for path in sorted(image_dir.iterdir()) if image_dir.is_dir() else []:
+        if path.is_dir() and not path.name.startswith(".") and path.name not in keep | {current}:
+            shutil.rmtree(path)
+            gone.append(path.name)
+    return gone
+
+
+def _adopt_flat_layout(image_dir: Path) -> None:
+    """Images before versions kept their files right in image_dir: make them a version."""
+    staging = Path(tempfile.mkdtemp(prefix=".adopt-", dir=image_dir))
+    for path in list(image_dir.iterdir()):
+        if path.is_file() and path.name != CURRENT:
+            path.rename(staging / path.name)
+    install_version(image_dir, staging)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_artifacts(out_dir: Path) -> ImageArtifacts | None:
-    """The artifacts of a complete build in out_dir, or None (missing, partial or outdated)."""
+    """The artifacts of a complete build in out_dir, or None (missing or partial)."""
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
-        if manifest.get("builder_version") != BUILDER_VERSION:
-            return None
         paths = {}
         for role, info in manifest["files"].items():
             path = out_dir.resolve() / info["file"]
@@ -520,6 +580,8 @@ def load_artifacts(out_dir: Path) -> ImageArtifacts | None:
             rootfs=paths["rootfs"],
             boot_args=str(manifest["boot_args"]),
             kernel_version=str(manifest["kernel_version"]),
+            version=content_version(manifest),
+            builder_version=int(manifest["builder_version"]),
         )
     except (OSError, KeyError, ValueError, TypeError):
         return None

@@ -31,6 +31,9 @@ class SnapshotManifest(BaseModel):
     snapshot_id: str
     vm_id: str
     mem_mib: int
+    # The image the guest runs on: its files must be exactly these when the snapshot resumes.
+    image_id: str | None = None
+    image_version: str | None = None
     artifacts: dict[str, ArtifactRecord]
 
     @property
