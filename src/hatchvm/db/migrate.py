@@ -6,9 +6,13 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+# Key of the PostgreSQL advisory lock held while migrating ("hatc").
+_PG_LOCK_KEY = 0x68617463
 
 
 def _config() -> Config:
@@ -17,13 +21,27 @@ def _config() -> Config:
     return cfg
 
 
-async def upgrade(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision on an existing async engine."""
+def _lock(conn: Connection) -> None:
+    """Hold the database's write lock until the migration commits.
+
+    hatchd and each `hatchvm keys ...` migrate at start, so two processes may meet on a new
+    database; without the lock both read "no version" and both create the tables."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+    elif conn.dialect.name == "sqlite":
+        # The driver has not begun a transaction yet (it waits for the first write); begin one
+        # that takes the write lock now. Waiters wait up to the busy timeout (engine.py).
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def upgrade(engine: AsyncEngine, target: str = "head") -> None:
+    """Bring the schema to the target revision (the newest by default) on an async engine."""
     cfg = _config()
 
-    def run(sync_conn: object) -> None:
+    def run(sync_conn: Connection) -> None:
+        _lock(sync_conn)
         cfg.attributes["connection"] = sync_conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, target)
 
     async with engine.begin() as conn:
         await conn.run_sync(run)
