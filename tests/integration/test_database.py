@@ -305,6 +305,22 @@ async def test_every_repository_query(sessions: async_sessionmaker[Any]) -> None
         assert await repo.list_routes(s, "vm_a1") == []
 
 
+async def test_an_id_no_row_can_hold_finds_nothing(sessions: async_sessionmaker[Any]) -> None:
+    """Regression: /vms/vm_%00 was a 500 on PostgreSQL (its text refuses NUL), 404 on SQLite."""
+    await add(sessions, image(), vm("vm_a"))
+    nul = "vm_a\x00"
+    async with sessions() as s:
+        for lookup in (
+            repo.get_vm,
+            repo.get_image,
+            repo.get_snapshot,
+            repo.get_route,
+            repo.key_by_hash,
+            repo.route_by_subdomain,
+        ):
+            assert await lookup(s, nul) is None, lookup.__name__
+
+
 async def test_timestamps_are_utc_and_keep_microseconds(sessions: async_sessionmaker[Any]) -> None:
     """Whatever zone a datetime comes in (or the server's session runs in), it is stored as
     the same instant and read back aware, in UTC, to the microsecond."""
