@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,6 +233,36 @@ def test_concurrent_upgrades_of_an_empty_database(database_url: str, tmp_path) -
     for proc in procs:
         assert proc.wait(120) == 0, proc.stderr.read()[-2000:] if proc.stderr else ""
         assert proc.stdout is not None and proc.stdout.read().strip() == "0"
+
+
+# ---- how hatchd is pointed at PostgreSQL --------------------------------------------------
+
+
+async def _select_one(database_url: str, tmp_path: Path) -> int:
+    eng = make_engine(load_settings(database_url=database_url, data_dir=tmp_path).sqlalchemy_url)
+    try:
+        async with eng.connect() as conn:
+            return int((await conn.execute(text("SELECT 1"))).scalar_one())
+    finally:
+        await eng.dispose()
+
+
+def test_every_documented_url_form_reaches_the_server(postgres_server, tmp_path) -> None:
+    name = postgres_server.create_database()
+    tcp = postgres_server.tcp_url(name)
+    for url in (
+        postgres_server.socket_url(name),  # postgresql://USER@/DB?host=/SOCKET/DIR&port=N
+        tcp,  # postgresql://USER@127.0.0.1:N/DB
+        tcp.replace("postgresql://", "postgres://", 1),
+        tcp.replace("postgresql://", "postgresql+asyncpg://", 1),
+        tcp + "?sslmode=disable",
+    ):
+        assert asyncio.run(_select_one(url, tmp_path)) == 1, url
+    # This server has no TLS: sslmode=require must get as far as asking it (it was a TypeError
+    # from asyncpg, which has no sslmode parameter).
+    with pytest.raises(ConnectionError, match="SSL"):
+        asyncio.run(_select_one(tcp + "?sslmode=require", tmp_path))
+    postgres_server.drop_database(name)
 
 
 # ---- repository queries -------------------------------------------------------------------
