@@ -473,3 +473,33 @@ async def test_allocation_race_is_retried(
     assert refused and set(refused) == {"IntegrityError"}, refused
     async with sessions() as s:
         assert len(await repo.list_vms(s)) == users
+
+
+# ---- an unreachable database ----------------------------------------------------------------
+
+
+@pytest.mark.vm  # starts hatchd, which belongs inside the suite's network namespace
+def test_an_unreachable_database_stops_hatchd_and_the_cli_with_one_line(
+    postgres_server, tmp_path
+) -> None:
+    """Regression: both ended in a traceback (the CLI's showed the driver's error only)."""
+    for url in (
+        postgres_server.tcp_url("nosuchdb").replace("@", ":secret@", 1),
+        "postgresql://hatch:secret@127.0.0.1:1/hatch",  # nothing listens there
+    ):
+        env = {
+            **os.environ,
+            "HATCH_DATABASE_URL": url,
+            "HATCH_DATA_DIR": str(tmp_path / "data"),
+            "HATCH_RUN_DIR": str(tmp_path / "run"),
+            "HATCH_HTTP_ADDR": "127.0.0.1:1",  # never reached: the database comes first
+        }
+        for cmd, status, prefix in (
+            ([sys.executable, "-m", "hatchvm.daemon"], 2, "hatchd: database unreachable"),
+            ([sys.executable, "-m", "hatchvm.cli.main", "keys", "list"], 1, "error: database"),
+        ):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            last = done.stderr.strip().splitlines()[-1]
+            assert done.returncode == status and last.startswith(prefix), done.stderr[-3000:]
+            assert "Traceback" not in done.stderr and "secret" not in done.stderr
+            assert "HATCH_DATABASE_URL is postgresql+asyncpg://hatch:***@127.0.0.1:" in last

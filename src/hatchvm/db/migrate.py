@@ -7,12 +7,19 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hatchvm.errors import BackendUnavailable
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 # Key of the PostgreSQL advisory lock held while migrating ("hatc").
 _PG_LOCK_KEY = 0x68617463
+
+
+class DatabaseUnreachable(BackendUnavailable):
+    """The database named by HATCH_DATABASE_URL cannot be reached; the message says why."""
 
 
 def _config() -> Config:
@@ -34,8 +41,22 @@ def _lock(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+async def _reach(engine: AsyncEngine) -> None:
+    try:
+        async with engine.connect():
+            pass
+    except (OSError, DBAPIError) as exc:  # refused, unknown host, no such database, password...
+        # SQLAlchemy's wrapper adds the SQL and a link: the driver's own words are enough.
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        url = engine.url.render_as_string(hide_password=True)
+        raise DatabaseUnreachable(
+            f"database unreachable (HATCH_DATABASE_URL is {url}): {reason}"
+        ) from None
+
+
 async def upgrade(engine: AsyncEngine, target: str = "head") -> None:
     """Bring the schema to the target revision (the newest by default) on an async engine."""
+    await _reach(engine)
     cfg = _config()
 
     def run(sync_conn: Connection) -> None:
