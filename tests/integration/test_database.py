@@ -265,6 +265,31 @@ def test_every_documented_url_form_reaches_the_server(postgres_server, tmp_path)
     postgres_server.drop_database(name)
 
 
+def test_connections_the_server_dropped_are_replaced(postgres_server, tmp_path) -> None:
+    """A server restart, a failover or an idle timeout ends pooled connections behind hatchd's
+    back; the next request must get a fresh one, not a 500."""
+    name = postgres_server.create_database()
+    url = load_settings(database_url=postgres_server.socket_url(name), data_dir=tmp_path)
+
+    async def scenario() -> None:
+        eng = make_engine(url.sqlalchemy_url)
+        try:
+            await migrate.upgrade(eng)
+            sessions = make_sessionmaker(eng)
+            await add(sessions, image())
+            async with sessions() as s:
+                assert await repo.get_image(s, "img_default") is not None
+            ended = await postgres_server.terminate_backends(name)
+            assert ended >= 1  # the pooled connection was really cut
+            async with sessions() as s:
+                assert await repo.get_image(s, "img_default") is not None
+        finally:
+            await eng.dispose()
+
+    asyncio.run(scenario())
+    postgres_server.drop_database(name)
+
+
 # ---- repository queries -------------------------------------------------------------------
 
 

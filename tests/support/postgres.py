@@ -82,11 +82,28 @@ class PostgresServer:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
     async def _admin(self, sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=str(self.socket_dir), port=self.port, user=SUPERUSER, database="postgres"
-        )
+        conn = await self._connect()
         try:
             await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host=str(self.socket_dir), port=self.port, user=SUPERUSER, database="postgres"
+        )
+
+    async def terminate_backends(self, database: str) -> int:
+        """End every connection to database, as a server restart would; how many there were."""
+        conn = await self._connect()
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = $1",
+                    database,
+                )
+            )
         finally:
             await conn.close()
 
