@@ -22,11 +22,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from hatchvm.config import load_settings
+from hatchvm.core.states import State
 from hatchvm.core.vms import VMConfig, VMService
 from hatchvm.db import migrate, repo
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.db.models import VM, ApiKey, Image, Route, Snapshot
+from hatchvm.ids import new_id
+from hatchvm.net.alloc import tap_name
 from hatchvm.net.egress import Egress
+from hatchvm.snapshots.local import LocalStore
+from hatchvm.snapshots.s3 import S3Store
 
 pytestmark = pytest.mark.postgres
 
@@ -406,6 +411,29 @@ async def test_timestamps_are_utc_and_keep_microseconds(sessions: async_sessionm
             text("SELECT id FROM vms WHERE created_at < :c ORDER BY id"), {"c": cutoff}
         )
         assert list(older) == ["vm_naive", "vm_utc"]
+
+
+async def test_the_longest_values_hatchd_writes_fit_their_columns(sessions) -> None:
+    """PostgreSQL enforces VARCHAR lengths (SQLite does not): every state, egress, restart
+    policy, storage backend, TAP name and user id hatchd may write fits."""
+    longest = max(State, key=len)
+    user = "u" * 128  # the longest user id admin and the Better Auth verifier accept
+    await add(sessions, image())
+    big = vm("vm_" + "z" * 12, user, 254, egress=max(Egress, key=len).value, restart="on-failure")
+    big.state = longest.value
+    await add(
+        sessions,
+        big,
+        ApiKey(id=new_id("key"), user_id=user, prefix="hatch_" + "k" * 4, key_hash="f" * 64),
+    )
+    row = vm("vm_" + "y" * 12, n=253)
+    row.tap_name = tap_name("abcd", row.id)  # the longest HATCH_TAP_PREFIX
+    await add(sessions, row)
+    for backend in (LocalStore.backend, S3Store.backend):
+        await add(sessions, snapshot(new_id("snap"), row.id, at(1)))
+        async with sessions() as s, s.begin():
+            await s.execute(text("UPDATE snapshots SET storage = :b"), {"b": backend})
+    await add(sessions, route(new_id("rt"), row.id, "s" * 63, at(1)))
 
 
 # ---- unique indexes: the database decides races -------------------------------------------
