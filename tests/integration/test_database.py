@@ -252,7 +252,7 @@ async def _select_one(database_url: str, tmp_path: Path) -> int:
         await eng.dispose()
 
 
-def test_every_documented_url_form_reaches_the_server(postgres_server, tmp_path) -> None:
+def test_every_documented_url_form_reaches_postgresql(postgres_server, tmp_path) -> None:
     name = postgres_server.create_database()
     tcp = postgres_server.tcp_url(name)
     for url in (
@@ -270,7 +270,7 @@ def test_every_documented_url_form_reaches_the_server(postgres_server, tmp_path)
     postgres_server.drop_database(name)
 
 
-def test_connections_the_server_dropped_are_replaced(postgres_server, tmp_path) -> None:
+def test_connections_postgresql_dropped_are_replaced(postgres_server, tmp_path) -> None:
     """A server restart, a failover or an idle timeout ends pooled connections behind hatchd's
     back; the next request must get a fresh one, not a 500."""
     name = postgres_server.create_database()
@@ -532,7 +532,7 @@ async def test_allocation_race_is_retried(
 
 
 @pytest.mark.vm  # starts hatchd, which belongs inside the suite's network namespace
-def test_an_unreachable_database_stops_hatchd_and_the_cli_with_one_line(
+def test_an_unreachable_postgresql_stops_hatchd_and_the_cli_with_one_line(
     postgres_server, tmp_path
 ) -> None:
     """Regression: both ended in a traceback (the CLI's showed the driver's error only)."""
