@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
@@ -125,17 +124,6 @@ async def add(sessions: async_sessionmaker[Any], *rows: object) -> None:
 # ---- migrations ---------------------------------------------------------------------------
 
 
-async def _alembic(engine: AsyncEngine, fn: Any, target: str) -> None:
-    cfg = migrate._config()
-
-    def run(sync_conn: object) -> None:
-        cfg.attributes["connection"] = sync_conn
-        fn(cfg, target)
-
-    async with engine.begin() as conn:
-        await conn.run_sync(run)
-
-
 async def _version(engine: AsyncEngine) -> str | None:
     async with engine.connect() as conn:
         return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
@@ -191,7 +179,7 @@ async def test_upgrade_to_head_keeps_rows_and_fills_defaults(engine: AsyncEngine
 
 async def test_downgrade_to_empty_and_up_again(engine: AsyncEngine) -> None:
     await migrate.upgrade(engine)
-    await _alembic(engine, command.downgrade, "base")
+    await migrate.downgrade(engine, "base")
     async with engine.connect() as conn:
         tables = await conn.run_sync(
             lambda c: sorted(__import__("sqlalchemy").inspect(c).get_table_names())
@@ -199,6 +187,29 @@ async def test_downgrade_to_empty_and_up_again(engine: AsyncEngine) -> None:
     assert tables == ["alembic_version"]
     await migrate.upgrade(engine)
     assert await _version(engine) == HEAD
+
+
+async def test_downgrade_and_upgrade_keep_every_row(engine: AsyncEngine) -> None:
+    """Regression: on SQLite, 0005's downgrade rebuilds the vms table, and dropping the old
+    one with foreign keys on deleted every snapshot and route (ON DELETE CASCADE)."""
+    await migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    await add(sessions, image(), vm("vm_a", n=2))
+    await add(sessions, snapshot("snap_a", "vm_a", at(1)), route("rt_a", "vm_a", "a", at(1)))
+    for revision in reversed(REVISIONS[2:-1]):  # down to 0003, the first with routes
+        await migrate.downgrade(engine, revision)
+        async with engine.connect() as conn:
+            for table in ("vms", "snapshots", "routes"):
+                count = (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar()
+                assert count == 1, (revision, table)
+    await migrate.upgrade(engine)
+    async with sessions() as s:
+        assert await repo.count_snapshots(s, "vm_a") == 1
+        assert [r.id for r in await repo.list_routes(s, "vm_a")] == ["rt_a"]
+    # Foreign keys are enforced again on the connections the migrations used.
+    for _ in range(3):
+        with pytest.raises(IntegrityError):
+            await add(sessions, snapshot(new_id("snap"), "vm_nope", at(2)))
 
 
 # Imports everything first, then waits for its standard input to close, so the processes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -54,15 +55,41 @@ async def _reach(engine: AsyncEngine) -> None:
         ) from None
 
 
-async def upgrade(engine: AsyncEngine, target: str = "head") -> None:
-    """Bring the schema to the target revision (the newest by default) on an async engine."""
+async def _migrate(engine: AsyncEngine, step: Callable[[Config, str], None], target: str) -> None:
     await _reach(engine)
     cfg = _config()
 
     def run(sync_conn: Connection) -> None:
         _lock(sync_conn)
         cfg.attributes["connection"] = sync_conn
-        command.upgrade(cfg, target)
+        step(cfg, target)
+        if sync_conn.dialect.name == "sqlite":
+            broken = sync_conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:  # raised inside the transaction: nothing of the migration is kept
+                raise RuntimeError(f"migration to {target} broke foreign keys: {broken[:5]}")
 
-    async with engine.begin() as conn:
-        await conn.run_sync(run)
+    async with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # A batch migration rebuilds a SQLite table (copy, drop, rename); with foreign keys
+            # on, dropping vms deletes every snapshot and route through ON DELETE CASCADE. The
+            # pragma cannot change inside a transaction, so: off, migrate, check, on again.
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
+        try:
+            async with conn.begin():
+                await conn.run_sync(run)
+        finally:
+            if sqlite:
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
+
+
+async def upgrade(engine: AsyncEngine, target: str = "head") -> None:
+    """Bring the schema to the target revision (the newest by default) on an async engine."""
+    await _migrate(engine, command.upgrade, target)
+
+
+async def downgrade(engine: AsyncEngine, target: str) -> None:
+    """Take the schema back to an older revision ("base": no tables), keeping the rows."""
+    await _migrate(engine, command.downgrade, target)
