@@ -202,9 +202,7 @@ def start_postgres(timeout: float = 60) -> PostgresServer:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
     port = free_port()
-    log = (root / "postgres.log").open("ab")
-    if user is not None:
-        os.chown(root / "postgres.log", user.pw_uid, user.pw_gid)
+    log = (root / "postgres.log").open("ab")  # written through the inherited descriptor
     # A server for tests only: durability is not wanted, speed is. A session time zone other
     # than UTC makes sure hatchd never relies on the server's zone.
     cmd = [
@@ -218,6 +216,7 @@ def start_postgres(timeout: float = 60) -> PostgresServer:
         cmd, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         preexec_fn=_die_with_parent(user),
     )  # fmt: skip
+    log.close()
     server = PostgresServer(root, port, proc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
