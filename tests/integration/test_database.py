@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -335,7 +336,11 @@ async def test_every_repository_query(sessions: async_sessionmaker[Any]) -> None
         assert [v.id for v in await repo.list_vms(s)] == ["vm_a2", "vm_b1", "vm_a1"]
         assert [v.id for v in await repo.list_vms(s, "alice")] == ["vm_a2", "vm_a1"]
         assert await repo.list_vms(s, "carol") == []
-        assert (await repo.count_vms(s, "alice"), await repo.count_vms(s, "carol")) == (2, 0)
+        assert (await repo.user_totals(s, "carol")) == (0, 0, 0)
+        count, vcpus, mem = await repo.user_totals(s, "alice")
+        assert count == 2 and vcpus > 0 and mem > 0
+        assert await repo.snapshot_bytes(s, "alice") == 3 * (5 << 30)  # sums past 32 bits
+        assert await repo.snapshot_bytes(s, "carol") == 0
         ips, macs, ports = await repo.used_allocations(s)
         assert ips == {"172.16.9.2", "172.16.9.3"} and ports == {20002, 20003}
         assert macs == {"02:00:00:00:00:02", "02:00:00:00:00:03"}
@@ -495,7 +500,8 @@ async def test_allocation_race_is_retried(
     settings = load_settings(
         data_dir=tmp_path, bridge_cidr="172.16.9.1/24", ssh_port_min=20000, ssh_port_max=20099
     )
-    service = VMService(settings, sessions, vmm=None, network=None, consoles=None)  # type: ignore[arg-type]
+    vmm = SimpleNamespace(memory_footprint_mib=lambda mem_mib: mem_mib + 64)
+    service = VMService(settings, sessions, vmm=vmm, network=None, consoles=None)  # type: ignore[arg-type]
     refused: list[str] = []
 
     @event.listens_for(engine.sync_engine, "handle_error")
@@ -529,7 +535,7 @@ async def test_allocation_race_is_retried(
         boot_args=None,
     )
     made = await asyncio.gather(
-        *(service._insert(f"vm_race{n:05d}", f"user{n}", cfg) for n in range(users))
+        *(service._insert(f"vm_race{n:05d}", f"user{n}", cfg, None) for n in range(users))
     )
     assert len({v.guest_ip for v in made}) == users
     assert len({v.ssh_port for v in made}) == users
