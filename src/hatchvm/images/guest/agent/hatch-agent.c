@@ -14,7 +14,8 @@
  * with an ERROR frame. When hatchd goes away, read() returns 0 until it connects again; the
  * port's SIGIO (sent on connect and on data) ends the wait, so there is no busy loop.
  *
- * Built by the image builder: gcc -static -Os.
+ * Built by the image builder: gcc -static -Os. `hatch-agent --stdio` serves stdin/stdout
+ * instead of the port, for the host's tests of this parser.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -57,7 +58,7 @@ static unsigned char in[HEADER + MAX_PAYLOAD];
 static size_t have;
 static unsigned char out[HEADER + MAX_PAYLOAD];
 static size_t out_len;
-static int port = -1;
+static int port_in = -1, port_out = -1;
 
 /* ---- big-endian helpers --------------------------------------------------------------- */
 
@@ -130,7 +131,7 @@ static void send_frame(void)
 	put32(out + 12, out_len - HEADER);
 	size_t done = 0;
 	while (done < out_len) {
-		ssize_t n = write(port, out + done, out_len - done);
+		ssize_t n = write(port_out, out + done, out_len - done);
 		if (n > 0) {
 			done += n;
 		} else if (n < 0 && errno != EINTR) {
@@ -379,30 +380,57 @@ static int disabled_on_cmdline(void)
 	return 0;
 }
 
+/* Read, answer, repeat. read() returns 0 while hatchd is not connected (or at the end of
+ * stdin): wait for the port's SIGIO, which comes when the host connects or sends data. */
+static int serve(const char *name, int stdio, const sigset_t *io)
+{
+	for (;;) {
+		ssize_t n = read(port_in, in + have, sizeof(in) - have);
+		if (n > 0) {
+			have += n;
+			process();
+		} else if (n == 0) {
+			if (stdio)
+				return 0;
+			/* A half-read frame will never be completed. */
+			have = 0;
+			struct timespec wait = {.tv_sec = 1};
+			sigtimedwait(io, NULL, &wait);
+		} else if (errno != EINTR) {
+			fprintf(stderr, "hatch-agent: read %s: %s\n", name, strerror(errno));
+			return 1;
+		}
+	}
+}
+
 int main(int argc, char **argv)
 {
 	if (argc > 1 && strcmp(argv[1], "--version") == 0) {
 		printf("%s (protocol %d)\n", AGENT_NAME, VERSION);
 		return 0;
 	}
-	if (disabled_on_cmdline()) {
-		/* hatch.agent=off: stay idle (an exit would only make init start us again). */
-		for (;;)
-			pause();
-	}
 	/* SIGIO stays blocked: it is only ever waited for, never delivered. */
 	sigset_t io;
 	sigemptyset(&io);
 	sigaddset(&io, SIGIO);
 	sigprocmask(SIG_BLOCK, &io, NULL);
-
+	if (argc > 1 && strcmp(argv[1], "--stdio") == 0) {
+		port_in = 0;
+		port_out = 1;
+		return serve("stdin", 1, &io);
+	}
+	if (disabled_on_cmdline()) {
+		/* hatch.agent=off: stay idle (an exit would only make init start us again). */
+		for (;;)
+			pause();
+	}
 	char dev[320];
 	for (int said = 0; find_port(dev, sizeof(dev)) < 0; said = 1) {
 		if (!said)
 			fprintf(stderr, "hatch-agent: no virtio port named " PORT_NAME "; waiting\n");
 		sleep(5);
 	}
-	port = open(dev, O_RDWR | O_CLOEXEC);
+	int port = open(dev, O_RDWR | O_CLOEXEC);
 	if (port < 0) {
 		fprintf(stderr, "hatch-agent: open %s: %s\n", dev, strerror(errno));
 		sleep(1); /* init starts us again; not at full speed */
@@ -411,20 +439,6 @@ int main(int argc, char **argv)
 	/* The port signals SIGIO when the host connects and when data arrives. */
 	fcntl(port, F_SETOWN, getpid());
 	fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
-
-	for (;;) {
-		ssize_t n = read(port, in + have, sizeof(in) - have);
-		if (n > 0) {
-			have += n;
-			process();
-		} else if (n == 0) {
-			/* hatchd is not connected: a half-read frame will never be completed. */
-			have = 0;
-			struct timespec wait = {.tv_sec = 1};
-			sigtimedwait(&io, NULL, &wait);
-		} else if (errno != EINTR) {
-			fprintf(stderr, "hatch-agent: read %s: %s\n", dev, strerror(errno));
-			return 1;
-		}
-	}
+	port_in = port_out = port;
+	return serve(dev, 0, &io);
 }
