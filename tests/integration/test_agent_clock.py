@@ -12,15 +12,20 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from hatchvm.agent.agents import Agents
 from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.images.builder import AGENT_PATH, ImageArtifacts, load_artifacts
+from hatchvm.images.disk import create_vm_disk
 from hatchvm.images.registry import register
+from hatchvm.vmm.base import BootSpec
+from hatchvm.vmm.qemu import QemuVMM
 from tests.support.image import TEST_IMAGE_DIR
 from tests.support.wait import http_text, wait_for, wait_http
 
@@ -299,3 +304,82 @@ def test_a_guest_speaking_garbage_on_the_agent_port_cannot_hurt_hatchd(api, hatc
     log = hatch.log_path.read_text(errors="replace")
     assert "guest agent connection dropped" in log
     assert os.path.exists(f"/proc/{hatch.proc.pid}")
+
+
+# ---- a snapshot taken before the agent port existed ------------------------------------
+
+TICKS = """#!/bin/sh
+(while :; do echo "tick $(cut -d' ' -f1 /proc/uptime)"; sleep 0.5; done) > /dev/console &
+"""
+
+
+class PortlessQemu(QemuVMM):
+    """The devices of hatchvm before the agent: no virtio-serial device (its socket chardev
+    stays, unused: chardevs are not part of a snapshot)."""
+
+    def build_command(self, spec: BootSpec) -> list[str]:
+        cmd = super().build_command(spec)
+        for device in [
+            a for a in cmd if a.startswith(("virtio-serial-device,", "virtserialport,"))
+        ]:
+            at = cmd.index(device)
+            del cmd[at - 1 : at + 1]
+        return cmd
+
+
+async def last_tick(console: asyncio.StreamReader, above: float, timeout: float = 120) -> float:
+    """The guest's uptime in the first console tick past `above`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await console.readline()).decode(errors="replace")
+            if match := re.search(r"tick (\d+\.\d+)", line):
+                if float(match.group(1)) > above:
+                    return float(match.group(1))
+
+
+async def test_a_snapshot_from_before_the_agent_port_restores_with_a_warning(tmp_path) -> None:
+    """hatchd upgraded while VMs sleep: their snapshots hold no virtio-serial device, and
+    restore on the new command line (the port sits in a slot after every other device, so
+    none of them moves); the guest runs on without seeing it, and the sync warns."""
+    image = load_artifacts(TEST_IMAGE_DIR)
+    assert image is not None
+    vm_dir = tmp_path / "vm_portless"
+    vm_dir.mkdir()
+    create_vm_disk(vm_dir / "disk.ext4", 64, "vm-portless", TICKS)
+    spec = BootSpec(
+        vm_id="vm_portless",
+        vm_dir=vm_dir,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        rootfs=image.rootfs,
+        disk=vm_dir / "disk.ext4",
+        vcpu_count=1,
+        mem_mib=256,
+        cmdline=f"{image.boot_args} hatch.hostname=vm-portless",
+        mem_file=vm_dir / "mem",
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="hva-", dir="/tmp"))  # short socket paths
+    old, new = (
+        PortlessQemu("qemu-system-x86_64", "tcg", run_dir),
+        QemuVMM("qemu-system-x86_64", "tcg", run_dir),
+    )
+    agents = Agents(timeout=2.0)
+    try:
+        await old.boot(spec)
+        reader, writer = await asyncio.open_unix_connection(str(old.console_socket(vm_dir)))
+        await old.resume(spec.vm_id, vm_dir)
+        before = await last_tick(reader, 0)
+        await old.snapshot(spec.vm_id, vm_dir, vm_dir / "state")
+        writer.close()
+
+        await new.restore(spec, vm_dir / "state")
+        reader, writer = await asyncio.open_unix_connection(str(new.console_socket(vm_dir)))
+        await agents.attach(spec.vm_id, new.agent_socket(vm_dir), restored=True)
+        await new.resume(spec.vm_id, vm_dir)
+        assert await agents.after_resume(spec.vm_id) == NO_ANSWER
+        assert await last_tick(reader, before) > before  # the same guest, running on
+        writer.close()
+    finally:
+        await agents.close()
+        await new.kill(spec.vm_id, vm_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
