@@ -365,21 +365,6 @@ static int find_port(char *dev, size_t size)
 	return found;
 }
 
-static int disabled_on_cmdline(void)
-{
-	char line[4096] = "";
-	FILE *f = fopen("/proc/cmdline", "re");
-	if (f == NULL)
-		return 0;
-	size_t n = fread(line, 1, sizeof(line) - 1, f);
-	fclose(f);
-	line[n] = 0;
-	for (char *w = strtok(line, " \n"); w != NULL; w = strtok(NULL, " \n"))
-		if (strcmp(w, "hatch.agent=off") == 0)
-			return 1;
-	return 0;
-}
-
 /* Read, answer, repeat. read() returns 0 while hatchd is not connected (or at the end of
  * stdin): wait for the port's SIGIO, which comes when the host connects or sends data. */
 static int serve(const char *name, int stdio, const sigset_t *io)
@@ -418,11 +403,6 @@ int main(int argc, char **argv)
 		port_in = 0;
 		port_out = 1;
 		return serve("stdin", 1, &io);
-	}
-	if (disabled_on_cmdline()) {
-		/* hatch.agent=off: stay idle (an exit would only make init start us again). */
-		for (;;)
-			pause();
 	}
 	char dev[320];
 	for (int said = 0; find_port(dev, sizeof(dev)) < 0; said = 1) {
