@@ -209,7 +209,8 @@ def test_restores_of_one_snapshot_do_not_share_randomness(api) -> None:
     RDSEED) once its key is older than max(1 s, uptime / 2) in the first two minutes, which
     can fall between a restore and the read and hide the shared state: so the guest is 30 s
     up and idle when its key is renewed by the read just before the snapshot. Against the
-    code before the agent this failed in every run (6 of 6)."""
+    code before the agent this failed in every run tried (8; in 5 all three reads were the
+    same)."""
     created = time.monotonic()
     vm = api.create_vm(user_data=CGI, mem_mib=256)
     cgi(vm, "agent")
