@@ -8,6 +8,8 @@ bytes of /dev/urandom, and ways to stop, continue or kill its agent."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +23,13 @@ import pytest
 
 from hatchvm.agent.agents import Agents
 from hatchvm.db.engine import make_engine, make_sessionmaker
-from hatchvm.images.builder import AGENT_PATH, ImageArtifacts, load_artifacts
+from hatchvm.images.builder import (
+    AGENT_PATH,
+    MANIFEST,
+    current_artifacts,
+    install_version,
+    load_artifacts,
+)
 from hatchvm.images.disk import create_vm_disk
 from hatchvm.images.registry import register
 from hatchvm.vmm.base import BootSpec
@@ -93,14 +101,17 @@ def hatch(daemon_factory):
 def no_agent_image(hatch) -> str:
     """img_noagent: img_default as it was before the agent, i.e. without the binary and its
     inittab line (a user's own image, or one built by an older hatchvm)."""
-    src = load_artifacts(TEST_IMAGE_DIR)
+    src = current_artifacts(TEST_IMAGE_DIR)
     assert src is not None
-    dest = hatch.data_dir / "images" / "img_noagent"
-    dest.mkdir(parents=True)
-    rootfs = dest / "rootfs.ext4"
+    image_dir = hatch.data_dir / "images" / "img_noagent"
+    staging = image_dir / ".build"
+    staging.mkdir(parents=True)
+    for path in src.rootfs.parent.iterdir():
+        if path != src.rootfs:
+            os.link(path, staging / path.name)
+    rootfs = staging / src.rootfs.name
     shutil.copyfile(src.rootfs, rootfs)
-    rootfs.chmod(0o600)
-    inittab = dest / "inittab"
+    inittab = image_dir / "inittab"
     inittab.write_text(_without_agent(src.rootfs))
     commands = f"rm /{AGENT_PATH}\nrm /etc/inittab\nwrite {inittab} /etc/inittab\n"
     subprocess.run(
@@ -110,14 +121,13 @@ def no_agent_image(hatch) -> str:
         check=True,
         capture_output=True,
     )
-    image = ImageArtifacts(
-        kernel=src.kernel,
-        vmlinux=src.vmlinux,
-        initrd=src.initrd,
-        rootfs=rootfs,
-        boot_args=src.boot_args,
-        kernel_version=src.kernel_version,
-    )
+    manifest = json.loads((staging / MANIFEST).read_text())
+    record = next(f for f in manifest["files"].values() if f["file"] == rootfs.name)
+    record["sha256"] = hashlib.sha256(rootfs.read_bytes()).hexdigest()
+    (staging / MANIFEST).unlink()  # a hard link: the original stays as it is
+    (staging / MANIFEST).write_text(json.dumps(manifest))
+    image = load_artifacts(image_dir / install_version(image_dir, staging))
+    assert image is not None
 
     async def add() -> None:
         engine = make_engine(hatch.settings().sqlalchemy_url)
@@ -342,7 +352,7 @@ async def test_a_snapshot_from_before_the_agent_port_restores_with_a_warning(tmp
     """hatchd upgraded while VMs sleep: their snapshots hold no virtio-serial device, and
     restore on the new command line (the port sits in a slot after every other device, so
     none of them moves); the guest runs on without seeing it, and the sync warns."""
-    image = load_artifacts(TEST_IMAGE_DIR)
+    image = current_artifacts(TEST_IMAGE_DIR)
     assert image is not None
     vm_dir = tmp_path / "vm_portless"
     vm_dir.mkdir()
