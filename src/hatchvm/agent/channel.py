@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -45,9 +46,9 @@ class AgentChannel:
         self.vm_id = vm_id
         self.path = path
         self.on_unsolicited = on_unsolicited
-        # Ids run on across connections: a late answer to an earlier connection's request
-        # matches nothing.
-        self._ids = itertools.count(1)
+        # Ids start anywhere and run on across connections: a late answer to a request of an
+        # earlier connection, or of the VM's channel before a restore, matches nothing.
+        self._ids = itertools.count(secrets.randbelow(MAX_ID) + 1)
         self._pending: dict[int, asyncio.Queue[Frame | AgentError]] = {}
         self._conn: _Connection | None = None
         self._connect_lock = asyncio.Lock()
