@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     stop_timeout: float = Field(
         default=20.0, gt=0, description="seconds a guest gets to power off before it is killed"
     )
+    agent_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="seconds a restore waits for the guest agent to set the guest's clock and "
+        "reseed its RNG (the VM runs either way, with a warning in state_reason)",
+    )
 
     bridge_name: str = Field(
         default="hatchbr0", pattern=r"^[A-Za-z0-9_.-]{1,15}$", description="the VMs' bridge"

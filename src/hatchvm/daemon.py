@@ -14,6 +14,7 @@ import uvicorn
 import uvloop
 
 from hatchvm import __version__
+from hatchvm.agent.agents import Agents
 from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
 from hatchvm.auth.base import build_verifier
@@ -146,7 +147,8 @@ async def serve(settings: Settings) -> None:
     else:
         log.warning("not running as root: VMs can only be created with enable_network=false")
     consoles = Consoles(settings.console_max_bytes)
-    vms = VMService(settings, sessions, vmm, network, consoles)
+    agents = Agents(settings.agent_timeout)
+    vms = VMService(settings, sessions, vmm, network, consoles, agents)
     liveness = Liveness(vms)
     snapshots = SnapshotService(settings, vms, store)
     routes = RouteService(settings, vms)
@@ -194,6 +196,7 @@ async def serve(settings: Settings) -> None:
         await verifier.close()
         await liveness.close()
         await consoles.close()
+        await agents.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 

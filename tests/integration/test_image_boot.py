@@ -2,7 +2,7 @@
 host keys across reboots and powers off cleanly on an ACPI power button (QMP system_powerdown).
 
 The image is built once (or reused) in HATCH_TEST_IMAGE_DIR, default
-~/.cache/hatchvm/test-image; building needs the Debian package mirror."""
+~/.cache/hatchvm/test-image-v<BUILDER_VERSION>; building needs the Debian package mirror."""
 
 from __future__ import annotations
 

@@ -7,14 +7,19 @@ import shutil
 from pathlib import Path
 
 from hatchvm.images.builder import (
+    BUILDER_VERSION,
     ImageArtifacts,
     build_default_image,
     current_artifacts,
     prune_versions,
 )
 
+# One cache per builder version: branches (worktrees) with different builders on one machine
+# would otherwise rebuild the same cache over each other.
 TEST_IMAGE_DIR = Path(
-    os.environ.get("HATCH_TEST_IMAGE_DIR", str(Path.home() / ".cache/hatchvm/test-image"))
+    os.environ.get(
+        "HATCH_TEST_IMAGE_DIR", str(Path.home() / f".cache/hatchvm/test-image-v{BUILDER_VERSION}")
+    )
 )
 DEB_CACHE = Path.home() / ".cache/hatchvm/debs"
 

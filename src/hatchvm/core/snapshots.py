@@ -285,7 +285,7 @@ class SnapshotService:
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
-            await self.vms.run(vm)
+            warning = await self.vms.run(vm, restored=True)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("resume after failed snapshot failed", vm_id=vm.id, reason=reason)
@@ -297,7 +297,8 @@ class SnapshotService:
             )
             return State.STOPPED.value
         await asyncio.to_thread(shutil.rmtree, self._resume_dir(vm.id), True)
-        await self.vms.update(vm.id, state=State.RUNNING, state_reason=f"{why}; vm resumed")
+        reason = f"{why}; vm resumed" + (f"; {warning}" if warning else "")
+        await self.vms.update(vm.id, state=State.RUNNING, state_reason=reason)
         log.warning("vm resumed after failed snapshot", vm_id=vm.id, why=why)
         return State.RUNNING.value
 
@@ -350,7 +351,7 @@ class SnapshotService:
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
             crashpoint("restore.vmm-started")
-            await self.vms.run(vm)
+            warning = await self.vms.run(vm, restored=True)  # the guest's clock and RNG resynced
         except Exception as exc:
             reason = reason_of(exc)
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
@@ -362,7 +363,7 @@ class SnapshotService:
         crashpoint("restore.running")
         await asyncio.to_thread(self._forget_previous, vm.id)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
-        return await self.vms.update(vm.id, state=State.RUNNING, state_reason=None, touch=True)
+        return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
 
     async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
         """Fetch, verify and unpack every artifact; only then put the VM's files aside and
@@ -501,10 +502,11 @@ class SnapshotService:
         if vm.state == State.RESTORING:
             if await vmm.alive(vm.id, vm_dir) is not None:
                 with contextlib.suppress(Exception):
-                    await self.vms.adopt(vm)  # its console and watch, before it runs on
+                    await self.vms.adopt(vm, restored=True)  # before it runs on
                     if await vmm.resume_if_paused(vm.id, vm_dir):
                         await asyncio.to_thread(self._forget_previous, vm.id)
-                        await self.vms.update(vm.id, state=State.RUNNING)
+                        warning = await self.vms.after_resume(vm)
+                        await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning)
                         return
                 await vmm.kill(vm.id, vm_dir)
             await self.vms.detach_network(vm)

@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from hatchvm.agent.agents import Agents
 from hatchvm.config import Settings
 from hatchvm.core import quotas
 from hatchvm.core.admission import HostAdmission, space_needed_mib
@@ -70,6 +71,7 @@ class VMService:
         vmm: VMM,
         network: HostNetwork | None,
         consoles: Consoles,
+        agents: Agents | None = None,
     ) -> None:
         self._s = settings
         self.sessions = sessions
@@ -77,6 +79,7 @@ class VMService:
         self.net = network
         self.consoles = consoles
         self.admission = HostAdmission(settings, sessions, vmm.memory_footprint_mib)
+        self.agents = agents or Agents(settings.agent_timeout)
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
@@ -285,23 +288,33 @@ class VMService:
         crashpoint("boot.resumed")
         log.info("vm booted", vm_id=vm.id, pid=pid)
 
-    async def adopt(self, vm: VM) -> None:
+    async def adopt(self, vm: VM, *, restored: bool = False) -> None:
         """A VMM process of this VM runs (just started, or found at start-up): record its
-        console and watch its life."""
+        console, connect to its guest agent and watch its life."""
         vm_dir = self.vm_dir(vm.id)
         await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
+        await self.agents.attach(vm.id, self.vmm.agent_socket(vm_dir), restored=restored)
         for hook in self.run_hooks:
             hook(vm)
 
-    async def run(self, vm: VM) -> None:
+    async def run(self, vm: VM, *, restored: bool = False) -> str | None:
         """The VM's VMM started paused: adopt it, then let the guest run (nothing it prints
-        is missed)."""
-        await self.adopt(vm)
+        is missed). A guest restored from a snapshot is then resynced (after_resume) before
+        this returns, so nothing reaches it first; the answer is a warning for its
+        state_reason when that could not be done, else None."""
+        await self.adopt(vm, restored=restored)
         try:
             await self.vmm.resume(vm.id, self.vm_dir(vm.id))
         except Exception:
             await self.vmm.kill(vm.id, self.vm_dir(vm.id))
             raise
+        return await self.after_resume(vm) if restored else None
+
+    async def after_resume(self, vm: VM) -> str | None:
+        """A guest that slept in a snapshot wakes with the clock and RNG state it was frozen
+        with: the agent sets the host's time and reseeds the RNG. Bounded by
+        HATCH_AGENT_TIMEOUT; a guest without an agent runs on, with the warning returned."""
+        return await self.agents.after_resume(vm.id)
 
     def drop_memory(self, vm_id: str) -> None:
         """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""
@@ -367,6 +380,7 @@ class VMService:
             crashpoint("delete.torn-down")
             for hook in self.delete_hooks:
                 await hook(vm)
+            self.agents.detach(vm_id)
             async with self.sessions() as session, session.begin():
                 row = await repo.get_vm(session, vm_id)
                 if row is not None:

@@ -3,8 +3,9 @@ never installed into the host.
 
 The image is Debian's cloud kernel (compressed for QEMU, plus the uncompressed ELF vmlinux that
 Firecracker needs), an initramfs whose /init loads the virtio drivers and mounts the overlay
-root, and a read-only ext4 root filesystem (busybox + dropbear) made with `mkfs.ext4 -d`, so no
-loop device or mount is needed on the host.
+root, and a read-only ext4 root filesystem (busybox + dropbear + the guest agent, compiled here
+from images/guest/agent/) made with `mkfs.ext4 -d`, so no loop device or mount is needed on the
+host.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from hatchvm import private
 
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 KERNEL_META = "linux-image-cloud-amd64"
 # What the root filesystem is made of; their Depends/Pre-Depends (libc6, libcrypt1,
 # libtomcrypt1, libtommath1, libgmp10, zlib1g, ...) are added from `apt-cache depends`.
@@ -49,6 +50,11 @@ MODULES = [
 # tsc=reliable: microvm has no HPET or ACPI PM timer to check the TSC against.
 # The VMM driver adds the host TSC rate (tsc_early_khz=) under emulation: see vmm/clock.py.
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet tsc=reliable"
+# The guest agent (src/hatchvm/agent/ is the host's side): a static C binary, so it needs
+# nothing of the rootfs and starts in a millisecond. Compiled on the build host.
+AGENT_SOURCE = ("agent", "hatch-agent.c")
+AGENT_PATH = "usr/sbin/hatch-agent"
+AGENT_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra"]
 MANIFEST = "manifest.json"
 CURRENT = "current"  # in an image's directory: the version new VMs get
 ARTIFACT_NAMES = {
@@ -88,8 +94,8 @@ def _run(cmd: list[str], step: str, **kwargs: object) -> subprocess.CompletedPro
     return result  # type: ignore[no-any-return]
 
 
-def _guest_file(name: str) -> bytes:
-    return resources.files("hatchvm.images").joinpath("guest", name).read_bytes()
+def _guest_file(*name: str) -> bytes:
+    return resources.files("hatchvm.images").joinpath("guest", *name).read_bytes()
 
 
 # ---- downloading ----------------------------------------------------------------------
@@ -343,6 +349,7 @@ def _build_rootfs(debs: list[Path], dest: Path, progress: Progress) -> None:
         ):
             shutil.rmtree(root / junk, ignore_errors=True)
         _install_busybox(root)
+        _build_agent(root / AGENT_PATH)
         _write_etc(root)
         size_mib = _dir_mib(root) + 4
         progress(f"making the read-only root filesystem ({size_mib} MiB)")
@@ -375,6 +382,21 @@ def _install_busybox(root: Path) -> None:
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(busybox, link.parent))
+
+
+def _build_agent(dest: Path) -> None:
+    cc = shutil.which("gcc")
+    if cc is None:
+        raise ImageBuildError(
+            "gcc is not installed: the guest agent is compiled from source "
+            "(scripts/install installs gcc and libc6-dev)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / AGENT_SOURCE[-1]
+        source.write_bytes(_guest_file(*AGENT_SOURCE))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _run([cc, *AGENT_CFLAGS, "-o", str(dest), str(source)], "compiling the guest agent")
+    dest.chmod(0o755)
 
 
 def _write_etc(root: Path) -> None:
@@ -475,7 +497,7 @@ def _build_into(
         modules = _build_initramfs(
             kernel_root, kver, busybox_root / "bin/busybox", staging / ARTIFACT_NAMES["initrd"]
         )
-    progress("building the root filesystem (busybox, dropbear)")
+    progress("building the root filesystem (busybox, dropbear, the guest agent)")
     _build_rootfs([debs[p] for p in rootfs_pkgs], staging / ARTIFACT_NAMES["rootfs"], progress)
     progress("writing the manifest")
     files = {

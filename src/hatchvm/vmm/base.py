@@ -113,6 +113,10 @@ class VMM(Protocol):
         """A Unix socket that streams the guest's console while its VMM runs."""
         ...
 
+    def agent_socket(self, vm_dir: Path) -> Path | None:
+        """The Unix socket of the guest agent's port while the VMM runs, if it has one."""
+        ...
+
     async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
         """Wait until this VM's VMM process (running now) ends, and say how it ended."""
         ...

@@ -33,8 +33,12 @@ QMP_SOCKET = "qmp.sock"
 # this one open for the VM's whole life to hear why it ends.
 EVENTS_SOCKET = "qmp-events.sock"
 CONSOLE_SOCKET = "console.sock"
+# The guest agent's virtio-serial port (hatchvm.agent talks to it); the agent finds the port by
+# this name under /sys/class/virtio-ports.
+AGENT_SOCKET = "agent.sock"
+AGENT_PORT = "org.hatchvm.agent.0"
 QEMU_LOG = "qemu.log"
-SOCKETS = (QMP_SOCKET, EVENTS_SOCKET, CONSOLE_SOCKET)
+SOCKETS = (QMP_SOCKET, EVENTS_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET)
 BOOT_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 60.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -160,6 +164,15 @@ class QemuVMM:
                 f"virtio-net-device,netdev=net0,mac={spec.guest_mac}",
             ]
         cmd += [
+            # The guest agent's channel: no network needed, a virtio-serial port on a socket.
+            # Added after the disks and the NIC, so they keep their virtio-mmio slots: a
+            # snapshot taken before the port existed still restores (its guest never sees it).
+            "-device",
+            "virtio-serial-device,id=vser0,max_ports=2",
+            "-chardev",
+            f"socket,id=agent,path={sock / AGENT_SOCKET},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT}",
             # The console is a socket hatchd records (bounded on disk): with nobody connected
             # QEMU drops the output, so a guest can never fill the host's disk with it.
             "-chardev",
@@ -193,6 +206,9 @@ class QemuVMM:
 
     def console_socket(self, vm_dir: Path) -> Path:
         return self.sockets(vm_dir) / CONSOLE_SOCKET
+
+    def agent_socket(self, vm_dir: Path) -> Path | None:
+        return self.sockets(vm_dir) / AGENT_SOCKET
 
     async def boot(self, spec: BootSpec) -> int:
         """-daemonize: QEMU forks, the child detaches (setsid; its parent becomes hatchd, the

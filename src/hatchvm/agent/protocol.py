@@ -1,0 +1,183 @@
+"""The guest agent's wire format, protocol version 1: framing and fields.
+
+One module on each side: this one and images/guest/agent/hatch-agent.c (docs/agent-protocol.md
+describes both). A frame is a 16-byte header and a payload of fields, all big-endian:
+
+    0  2  magic b"HV"           8  2  flags (bit 0 END: the last frame answering an id)
+    2  1  version (1)           10 2  reserved, 0
+    3  1  type                  12 4  payload length, at most MAX_PAYLOAD
+    4  4  request id
+
+A field is a tag (u16), a length (u32) and the value: integers are 8-byte signed, text is
+UTF-8, data is raw bytes. A tag may repeat (capabilities now; argv and env for exec later);
+fields a reader does not know are skipped. The header's layout never changes between versions,
+so any reader can step over a frame it does not understand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from hatchvm.agent.errors import ProtocolError
+
+MAGIC = b"HV"
+VERSION = 1
+HEADER = struct.Struct(">2sBBIHHI")  # magic, version, type, id, flags, reserved, length
+FIELD = struct.Struct(">HI")  # tag, length
+MAX_PAYLOAD = 64 << 10
+END = 0x0001
+MAX_ID = 0xFFFFFFFF
+
+Fields = tuple[tuple[int, bytes], ...]
+
+
+class MsgType(IntEnum):
+    """Requests; a reply's type is the request's with REPLY set. ERROR answers any request."""
+
+    HELLO = 0x01
+    PING = 0x02
+    SYNC = 0x03
+    # Taken for what the agent will carry next: 0x10-0x1F exec, 0x20-0x2F files, 0x30-0x3F
+    # network (re-addressing a fork). See docs/agent-protocol.md.
+    ERROR = 0x7F
+
+
+REPLY = 0x80
+
+
+class Tag(IntEnum):
+    VERSION = 1  # int: protocol version
+    AGENT = 2  # text: the agent's name and build
+    CAP = 3  # text, repeated: what the agent can do ("ping", "sync", ...)
+    DATA = 4  # data
+    TIME_NS = 5  # int: CLOCK_REALTIME in nanoseconds since the epoch
+    ENTROPY = 6  # data: 16-512 random bytes from the host
+    CODE = 7  # int: an ErrorCode
+    MESSAGE = 8  # text: what went wrong, for people
+
+
+class ErrorCode(IntEnum):
+    BAD_FRAME = 1  # the header made no sense (answered with id 0)
+    UNSUPPORTED = 2  # a message type the agent does not know
+    BAD_FIELD = 3  # a field missing, of the wrong size, or the fields malformed
+    FAILED = 4  # the agent tried and the guest's kernel refused (MESSAGE says what)
+    VERSION = 5  # a protocol version the agent does not speak
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    id: int
+    fields: Fields = ()
+    flags: int = END
+    version: int = VERSION
+
+    def get_all(self, tag: int) -> list[bytes]:
+        return [value for t, value in self.fields if t == tag]
+
+    def get(self, tag: int) -> bytes | None:
+        return next((value for t, value in self.fields if t == tag), None)
+
+    def get_int(self, tag: int) -> int | None:
+        value = self.get(tag)
+        if value is None:
+            return None
+        if len(value) != 8:
+            raise ProtocolError(f"field {tag} of a {self.type:#04x} frame is not an integer")
+        return int.from_bytes(value, "big", signed=True)
+
+    def get_text(self, tag: int) -> str | None:
+        value = self.get(tag)
+        return None if value is None else value.decode("utf-8", errors="replace")
+
+    @property
+    def end(self) -> bool:
+        return bool(self.flags & END)
+
+
+def int_field(tag: int, value: int) -> tuple[int, bytes]:
+    return (tag, value.to_bytes(8, "big", signed=True))
+
+
+def text_field(tag: int, value: str) -> tuple[int, bytes]:
+    return (tag, value.encode())
+
+
+def encode_fields(fields: Iterable[tuple[int, bytes]]) -> bytes:
+    return b"".join(FIELD.pack(tag, len(value)) + value for tag, value in fields)
+
+
+def encode(frame: Frame) -> bytes:
+    payload = encode_fields(frame.fields)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if not 0 <= frame.id <= MAX_ID:
+        raise ValueError(f"request id {frame.id} out of range")
+    header = HEADER.pack(MAGIC, frame.version, frame.type, frame.id, frame.flags, 0, len(payload))
+    return header + payload
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    type: int
+    id: int
+    flags: int
+    length: int
+
+
+def decode_header(data: bytes) -> Header:
+    """The header in data's first HEADER.size bytes; ProtocolError if it is not one."""
+    magic, version, type_, id_, flags, reserved, length = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if reserved != 0:
+        raise ProtocolError("reserved header bytes are not zero")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD}-byte bound")
+    return Header(version, type_, id_, flags, length)
+
+
+def decode_fields(payload: bytes) -> Fields:
+    fields = []
+    at = 0
+    while at < len(payload):
+        if len(payload) - at < FIELD.size:
+            raise ProtocolError("truncated field header")
+        tag, length = FIELD.unpack_from(payload, at)
+        at += FIELD.size
+        if length > len(payload) - at:
+            raise ProtocolError(f"field {tag} runs past the end of its frame")
+        fields.append((tag, payload[at : at + length]))
+        at += length
+    return tuple(fields)
+
+
+def decode(data: bytes) -> tuple[Frame, int] | None:
+    """The first frame in data and the bytes it took, or None while it is incomplete."""
+    if len(data) < HEADER.size:
+        return None
+    header = decode_header(data)
+    end = HEADER.size + header.length
+    if len(data) < end:
+        return None
+    return _frame(header, data[HEADER.size : end]), end
+
+
+def _frame(header: Header, payload: bytes) -> Frame:
+    # A frame of another version is still delimited (the header never changes); its
+    # payload is left to whoever checks the version.
+    fields = decode_fields(payload) if header.version == VERSION else ()
+    return Frame(header.type, header.id, fields, header.flags, header.version)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """The next frame; asyncio.IncompleteReadError at EOF, ProtocolError on garbage. Never
+    reads more than one header and MAX_PAYLOAD bytes for it."""
+    header = decode_header(await reader.readexactly(HEADER.size))
+    payload = await reader.readexactly(header.length) if header.length else b""
+    return _frame(header, payload)

@@ -1,0 +1,165 @@
+"""The guest agent's C parser, compiled as the image builder does and run on the host with
+`--stdio`: it answers what it understands, refuses the rest with ERROR frames, and survives
+any input. It runs without privileges here, so a sync can never touch the host's clock."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from hatchvm.agent.errors import AgentRefused
+from hatchvm.agent.messages import (
+    check_reply,
+    hello_request,
+    parse_hello,
+    parse_ping,
+    ping_request,
+    sync_request,
+)
+from hatchvm.agent.protocol import (
+    END,
+    HEADER,
+    VERSION,
+    ErrorCode,
+    Frame,
+    MsgType,
+    Tag,
+    decode,
+    encode,
+    int_field,
+)
+from hatchvm.images.builder import AGENT_CFLAGS, AGENT_SOURCE
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+# Root gives up every privilege first: a sync must fail with EPERM, never set the host's clock.
+UNPRIVILEGED = (
+    ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+    if os.geteuid() == 0
+    else []
+)
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[Path]:
+    # Not under pytest's private temp dir: the unprivileged user must be able to run it.
+    out = Path(tempfile.mkdtemp(prefix="hatch-agent-"))
+    try:
+        out.chmod(0o755)
+        source = out / "hatch-agent.c"
+        source.write_bytes(
+            resources.files("hatchvm.images").joinpath("guest", *AGENT_SOURCE).read_bytes()
+        )
+        binary = out / "hatch-agent"
+        subprocess.run(["gcc", *AGENT_CFLAGS, "-o", str(binary), str(source)], check=True)
+        yield binary
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def talk(agent: Path, data: bytes) -> list[Frame]:
+    """Feed data on stdin until EOF; every frame the agent wrote (all must parse)."""
+    done = subprocess.run(
+        [*UNPRIVILEGED, str(agent), "--stdio"], input=data, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    frames, out = [], done.stdout
+    while out:
+        result = decode(out)
+        assert result is not None, f"a truncated frame from the agent: {out[:40]!r}"
+        frames.append(result[0])
+        out = out[result[1] :]
+    return frames
+
+
+def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: int) -> bytes:
+    kind, fields = kind_fields
+    return encode(Frame(kind, request_id, fields))
+
+
+def test_version(agent: Path) -> None:
+    out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout == "hatch-agent 1 (protocol 1)\n"
+
+
+def test_hello_and_ping(agent: Path) -> None:
+    hello, pong = talk(agent, request(hello_request("t"), 1) + request(ping_request(b"abc"), 2))
+    assert (hello.id, pong.id) == (1, 2)
+    assert hello.flags == END and pong.flags == END
+    assert parse_hello(hello).capabilities == {"ping", "sync"}
+    assert parse_hello(hello).version == VERSION
+    assert parse_ping(pong) == b"abc"
+
+
+def test_a_sync_without_privileges_reports_why(agent: Path) -> None:
+    (answer,) = talk(agent, request(sync_request(1, b"e" * 64), 7))
+    with pytest.raises(AgentRefused, match="clock_settime: Operation not permitted") as err:
+        check_reply(MsgType.SYNC, answer)
+    assert err.value.code == ErrorCode.FAILED
+    assert "RNDADDENTROPY: Operation not permitted" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (),  # nothing
+        (int_field(Tag.TIME_NS, 1),),  # no entropy
+        (int_field(Tag.TIME_NS, 1), (Tag.ENTROPY, b"e" * 15)),  # too little
+        (int_field(Tag.TIME_NS, 1), (Tag.ENTROPY, b"e" * 513)),  # too much
+        ((Tag.TIME_NS, b"\x01"), (Tag.ENTROPY, b"e" * 64)),  # not an integer
+    ],
+)
+def test_a_bad_sync_is_refused_before_anything_is_touched(
+    agent: Path, fields: tuple[tuple[int, bytes], ...]
+) -> None:
+    (answer,) = talk(agent, encode(Frame(MsgType.SYNC, 3, fields)))
+    assert (answer.type, answer.id) == (MsgType.ERROR, 3)
+    assert answer.get_int(Tag.CODE) == ErrorCode.BAD_FIELD
+
+
+def test_unknown_types_versions_and_malformed_fields_are_answered(agent: Path) -> None:
+    unknown = encode(Frame(0x42, 1))
+    v2 = HEADER.pack(b"HV", 2, MsgType.PING, 2, END, 0, 3) + b"new"
+    bad_fields = HEADER.pack(b"HV", VERSION, MsgType.PING, 3, END, 0, 4) + b"\x00\x04\x00\x00"
+    answers = talk(agent, unknown + v2 + bad_fields + request(ping_request(b"ok"), 4))
+    assert [(a.id, a.get_int(Tag.CODE)) for a in answers[:3]] == [
+        (1, ErrorCode.UNSUPPORTED),
+        (2, ErrorCode.VERSION),
+        (3, ErrorCode.BAD_FIELD),
+    ]
+    assert parse_ping(answers[3]) == b"ok"
+
+
+def test_garbage_is_skipped_to_the_next_frame(agent: Path) -> None:
+    oversized = HEADER.pack(b"HV", VERSION, MsgType.PING, 9, END, 0, 65537)
+    garbage = bytes(range(256)).replace(b"H", b"") * 40 + oversized
+    answers = talk(agent, garbage + request(ping_request(b"after"), 5))
+    complaints = [a for a in answers if a.type == MsgType.ERROR]
+    assert complaints and all(a.id == 0 for a in complaints)
+    assert complaints[0].get_int(Tag.CODE) == ErrorCode.BAD_FRAME
+    assert parse_ping(answers[-1]) == b"after"
+
+
+def test_random_input_never_crashes_it(agent: Path) -> None:
+    rng = random.Random(99)
+    parts = []
+    for _ in range(400):
+        if rng.random() < 0.3:  # a plausible header with random fields
+            payload = rng.randbytes(rng.randrange(0, 200))
+            kind = rng.choice([1, 2, 3, 0x7F, 0x81, rng.randrange(256)])
+            parts.append(HEADER.pack(b"HV", VERSION, kind, rng.randrange(1 << 32), 1, 0, 0))
+            parts[-1] = parts[-1][:12] + len(payload).to_bytes(4, "big") + payload
+        else:
+            parts.append(rng.randbytes(rng.randrange(1, 3000)))
+    answers = talk(agent, b"".join(parts))
+    assert answers  # it talked back, every frame well-formed (talk checks)
+    for answer in answers:
+        assert answer.version == VERSION and answer.flags == END
