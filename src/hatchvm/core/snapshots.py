@@ -264,11 +264,15 @@ class SnapshotService:
     async def _after_failed_capture(self, vm: VM, reason: str) -> str:
         """The VMM could not save the state: let the guest run on if it still can."""
         vm_dir = self.vms.vm_dir(vm.id)
+        resumed = False
         with contextlib.suppress(Exception):
-            if await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
-                await asyncio.to_thread(shutil.rmtree, self._resume_dir(vm.id), True)
-                await self.vms.update(vm.id, state=State.RUNNING, state_reason=None)
-                return State.RUNNING.value
+            resumed = await self.vms.vmm.resume_if_paused(vm.id, vm_dir)
+        if resumed:
+            await asyncio.to_thread(shutil.rmtree, self._resume_dir(vm.id), True)
+            # It may have stood paused a while: its clock is resynced like a restore's.
+            warning = await self.vms.after_resume(vm)
+            await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning)
+            return State.RUNNING.value
         await self.vms.vmm.kill(vm.id, vm_dir)
         await self.vms.detach_network(vm)
         await asyncio.to_thread(self.vms.drop_memory, vm.id)
