@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, RunningVM, VMMError
+from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, Feature, RunningVM, VMMError
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
 from hatchvm.vmm.overhead import memory_limit_mib
@@ -89,7 +89,8 @@ class QemuVMM:
         return self.run_dir / data / vm_dir.name
 
     async def capabilities(self) -> Capabilities:
-        return Capabilities(name="qemu", accel=self.accel, snapshots=True)
+        features = Feature.SNAPSHOTS | Feature.CONSOLE
+        return Capabilities(name="qemu", accel=self.accel, features=features)
 
     def memory_footprint_mib(self, mem_mib: int) -> int:
         return memory_limit_mib(mem_mib, self.tb_size_mib if self.accel == "tcg" else 0)
