@@ -28,14 +28,21 @@ from hatchvm.core.states import Op, State, guard
 from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
-from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
+from hatchvm.errors import (
+    BackendUnavailable,
+    BadRequest,
+    InternalError,
+    NotFound,
+    NotSupported,
+    QuotaExceeded,
+)
 from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
 from hatchvm.images import registry
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
-from hatchvm.vmm.base import VMM, BootSpec
+from hatchvm.vmm.base import VMM, BootSpec, Feature, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -111,6 +118,13 @@ class VMService:
     async def list(self, user_id: str) -> list[VM]:
         async with self.sessions() as session:
             return await repo.list_vms(session, user_id)
+
+    async def require(self, feature: Feature, vm_id: str | None = None) -> None:
+        """501 unless the VMM driver can do this (checked before anything is changed)."""
+        try:
+            (await self.vmm.capabilities()).require(feature, vm_id)
+        except VMMUnsupported as exc:
+            raise NotSupported(exc.message) from None
 
     @property
     def vms_dir(self) -> Path:
@@ -273,6 +287,7 @@ class VMService:
             tap_name=vm.tap_name,
             guest_mac=vm.guest_mac,
             mem_file=self.vm_dir(vm.id) / MEM_NAME,
+            vmlinux=image.vmlinux,
         )
 
     async def _boot(self, vm: VM, image: ImageArtifacts) -> None:
@@ -289,7 +304,8 @@ class VMService:
         """A VMM process of this VM runs (just started, or found at start-up): record its
         console and watch its life."""
         vm_dir = self.vm_dir(vm.id)
-        await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
+        if Feature.CONSOLE in (await self.vmm.capabilities()).features:
+            await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
         for hook in self.run_hooks:
             hook(vm)
 
