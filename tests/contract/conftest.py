@@ -11,16 +11,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -205,17 +202,3 @@ async def _cleanup(kit: Kit) -> None:
 @pytest.fixture
 def vm_id() -> str:
     return new_id("vm")
-
-
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll check() until it returns something true, or fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)

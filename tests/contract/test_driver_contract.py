@@ -19,7 +19,8 @@ from hatchvm.vmm.base import (
     VMMFilesMissing,
     VMMNotRunning,
 )
-from tests.contract.conftest import Kit, until
+from tests.contract.conftest import Kit
+from tests.support.wait import until
 
 BOOT_OUTPUT_TIMEOUT = 120.0  # a real guest under TCG prints its first line within seconds
 
