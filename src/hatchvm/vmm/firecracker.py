@@ -176,7 +176,7 @@ class FirecrackerVMM:
         # No guest agent yet: it speaks virtio-serial, which Firecracker has not (vsock only).
         return Capabilities(
             name="firecracker",
-            accel="kvm" if self.kvm_usable else "none (KVM unusable: guests cannot run)",
+            accel="kvm" if self.kvm_usable else "none",  # none: its guests cannot run here
             features=Feature.SNAPSHOTS | Feature.CONSOLE,
         )
 
