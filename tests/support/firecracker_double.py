@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,11 +299,13 @@ class Double:
                 if body["iface_id"] != match.group("id"):
                     raise Fault("The id from the path does not match the id from the body!")
                 tap = body["host_dev_name"]
-                if not Path(f"/sys/class/net/{tap}").exists():
+                try:  # this network namespace's (sysfs may show another's)
+                    socket.if_nametoindex(tap)
+                except OSError:
                     raise Fault(
                         f"Network interface error: Could not create the network device: "
                         f"Open tap device failed: {tap}"
-                    )
+                    ) from None
                 vm.ifaces[body["iface_id"]] = body
             case ("PUT", "/entropy"):
                 vm.entropy = True
