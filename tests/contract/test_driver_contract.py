@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -223,3 +227,29 @@ async def test_operations_on_a_dead_vm_fail_clearly(kit: Kit, vm_id: str) -> Non
 
 async def _gone(vmm: VMM, vm_id: str, vm_dir: Path) -> bool:
     return await vmm.alive(vm_id, vm_dir) is None
+
+
+@pytest.fixture
+def tap(vm_id: str) -> Iterator[str]:
+    """A TAP device in the test's network namespace (pytest runs in a fresh one as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("making a TAP device needs root")
+    name = "hvc" + vm_id[-8:]
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    yield name
+    subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+async def test_a_vm_with_a_nic_on_its_tap_boots_snapshots_and_restores(
+    kit: Kit, vm_id: str, tap: str
+) -> None:
+    vmm = kit.make()
+    spec = dataclasses.replace(kit.spec(vm_id), tap_name=tap, guest_mac="02:00:00:00:00:2a")
+    await vmm.boot(spec)
+    await vmm.resume(vm_id, spec.vm_dir)
+    if (await vmm.capabilities()).snapshots:
+        await vmm.snapshot(vm_id, spec.vm_dir, spec.vm_dir / "state")
+        await vmm.restore(spec, spec.vm_dir / "state")
+        await vmm.resume(vm_id, spec.vm_dir)
+    assert await vmm.alive(vm_id, spec.vm_dir) is not None
+    await vmm.kill(vm_id, spec.vm_dir)
