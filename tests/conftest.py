@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.netns import enter_fresh_netns, in_initial_netns
+
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresServer
+
+DATABASES = ["sqlite", "postgresql"]
 
 _VM_SKIP_REASON: str | None = None
 
@@ -65,13 +73,57 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test marked `postgres` runs once per database hatchd supports; the others on SQLite.
+    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker("postgres"):
+        metafunc.parametrize("database", DATABASES, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session, started on first use."""
+    from tests.support.postgres import skip_reason, start_postgres
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = start_postgres()
+    yield server
+    server.stop(keep_log=Path(tempfile.gettempdir()) / "hatchvm-test-logs" / "postgres.log")
+
+
 @pytest.fixture
-def daemon_factory() -> Iterator[object]:
+def database(request: pytest.FixtureRequest) -> str:
+    """The database hatchd runs on in this test: "sqlite" (default) or "postgresql"."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, database: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of that kind, as HATCH_DATABASE_URL names it."""
+    if database == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hatchvm.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = server.create_database()
+    yield server.socket_url(name)
+    server.drop_database(name)
+
+
+@pytest.fixture
+def daemon_factory(request: pytest.FixtureRequest, database: str) -> Iterator[object]:
     from tests.support.daemon import HatchDaemon
 
+    server: PostgresServer | None = None
+    if database == "postgresql":
+        server = request.getfixturevalue("postgres_server")
     made: list[HatchDaemon] = []
+    databases: list[str] = []
 
     def make(**env: str) -> HatchDaemon:
+        if server is not None and "HATCH_DATABASE_URL" not in env:
+            databases.append(server.create_database())
+            env["HATCH_DATABASE_URL"] = server.socket_url(databases[-1])
         d = HatchDaemon(**env)
         made.append(d)
         return d
@@ -79,3 +131,6 @@ def daemon_factory() -> Iterator[object]:
     yield make
     for d in made:
         d.cleanup()
+    for name in databases:
+        assert server is not None
+        server.drop_database(name)

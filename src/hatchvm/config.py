@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 _HTTP_URL = TypeAdapter(HttpUrl)
 _T = TypeVar("_T")
@@ -28,6 +30,44 @@ def _parse_addr(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT or :PORT, got {value!r}")
     return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+# What HATCH_DATABASE_URL may be; said in every refusal.
+_DATABASE_FORMS = (
+    "expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, "
+    "postgresql://USER@/DATABASE?host=/SOCKET/DIR, or sqlite:///PATH"
+)
+# Query parameters hatchd hands to asyncpg: where the server is, TLS and a statement timeout.
+# sslmode is libpq's name for asyncpg's ssl (same values: disable ... verify-full).
+_POSTGRES_PARAMS = {"host", "port", "ssl", "sslmode", "command_timeout"}
+
+
+def _sqlalchemy_database_url(value: str, data_dir: Path) -> str:
+    """HATCH_DATABASE_URL as SQLAlchemy's async drivers want it (ValueError: not usable)."""
+    if not value:
+        return f"sqlite+aiosqlite:///{data_dir / 'hatchvm.db'}"
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"not a URL: {_DATABASE_FORMS}") from None
+    if url.drivername in ("sqlite", "sqlite+aiosqlite"):
+        if not url.database or url.database == ":memory:":
+            raise ValueError(f"SQLite needs a file: {_DATABASE_FORMS}")
+        return f"sqlite+aiosqlite:///{Path(url.database).resolve()}"
+    if url.drivername not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(f"unsupported database {url.drivername!r}: {_DATABASE_FORMS}")
+    query = dict(url.query)
+    unknown = sorted(set(query) - _POSTGRES_PARAMS)
+    if unknown:
+        raise ValueError(
+            f"unsupported parameter {unknown[0]!r} (known: {', '.join(sorted(_POSTGRES_PARAMS))})"
+        )
+    if "sslmode" in query:
+        if "ssl" in query:
+            raise ValueError("give ssl or sslmode, not both")
+        query["ssl"] = query.pop("sslmode")
+    url = url.set(drivername="postgresql+asyncpg", query=query)
+    return url.render_as_string(hide_password=False)
 
 
 def _ipv4_list(value: str, parse: Callable[[str], _T]) -> list[_T]:
@@ -61,7 +101,9 @@ class Settings(BaseSettings):
         description="database, images, VM disks and consoles (made absolute at start-up)",
     )
     database_url: str = Field(
-        default="", description="empty: SQLite in the data dir; or postgresql://..."
+        default="",
+        description="empty: SQLite in the data dir; or postgresql://USER[:PASSWORD]@HOST[:PORT]"
+        "/DATABASE, postgresql://USER@/DATABASE?host=/SOCKET/DIR, sqlite:///PATH",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="least severe log level shown"
@@ -306,6 +348,12 @@ class Settings(BaseSettings):
         # so a relative path handed to it (a migration's exec: command) would point elsewhere.
         return value.expanduser().resolve()
 
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str) -> str:
+        _sqlalchemy_database_url(value, Path("."))
+        return value
+
     @field_validator("http_addr", "proxy_addr")
     @classmethod
     def _valid_addr(cls, value: str) -> str:
@@ -393,14 +441,7 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        url = self.database_url
-        if not url:
-            return f"sqlite+aiosqlite:///{self.data_dir / 'hatchvm.db'}"
-        if url.startswith(("postgresql://", "postgres://")):
-            return "postgresql+asyncpg://" + url.split("://", 1)[1]
-        if url.startswith("sqlite:///"):
-            return f"sqlite+aiosqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
-        return url
+        return _sqlalchemy_database_url(self.database_url, self.data_dir)
 
     @property
     def snapshots_dir(self) -> Path:

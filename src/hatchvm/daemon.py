@@ -29,7 +29,7 @@ from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
 from hatchvm.core.wake import WakeService
 from hatchvm.db.engine import make_engine, make_sessionmaker
-from hatchvm.db.migrate import upgrade
+from hatchvm.db.migrate import DatabaseUnreachable, upgrade
 from hatchvm.gateway.ssh import SSHGateway
 from hatchvm.images.registry import prune as prune_images
 from hatchvm.images.registry import register_default
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(PRIVATE_UMASK)  # every file hatchd or its QEMUs write is the daemon's alone
     try:
         uvloop.run(serve(settings))  # a faster event loop: the proxy is on it
-    except (StartupError, NetworkError, VMMError) as exc:
+    except (StartupError, DatabaseUnreachable, NetworkError, VMMError) as exc:
         print(f"hatchd: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

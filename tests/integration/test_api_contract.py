@@ -119,6 +119,7 @@ def test_revoked_key_is_refused(hatch, key) -> None:
     assert call(hatch, "GET", "/vms", key).status_code == 401
 
 
+@pytest.mark.postgres
 def test_unknown_paths_and_methods(hatch, key) -> None:
     r = call(hatch, "GET", "/vms/vm_doesnotexist", key)
     assert r.status_code == 404 and error_of(r) == "vm vm_doesnotexist not found"
@@ -132,8 +133,13 @@ def test_unknown_paths_and_methods(hatch, key) -> None:
     assert r.status_code == 405
     r = call(hatch, "GET", "/images/img_nope", key)
     assert r.status_code == 404 and error_of(r) == "image img_nope not found"
+    # No row can hold a NUL (PostgreSQL refuses it in text): absent, not a 500.
+    for path in ("/vms/vm_%00", "/snapshots/snap_%00", "/images/img_%00", "/vms/vm_%00/routes"):
+        assert call(hatch, "GET", path, key).status_code == 404, path
+    assert call(hatch, "DELETE", "/routes/rt_%00", key).status_code == 404
 
 
+@pytest.mark.postgres
 def test_images_listed(hatch, key) -> None:
     images = call(hatch, "GET", "/images", key).json()
     assert [i["id"] for i in images] == ["img_default"]
@@ -142,6 +148,7 @@ def test_images_listed(hatch, key) -> None:
     assert one["created_at"].endswith("Z")
 
 
+@pytest.mark.postgres
 def test_quota_isolation_and_conflicts(hatch, key) -> None:
     bob = hatch.create_key("bob")
     small = {"enable_network": False, "mem_mib": 128}
@@ -172,6 +179,7 @@ def test_quota_isolation_and_conflicts(hatch, key) -> None:
     assert r.status_code == 409 and error_of(r) == "vm is running, must be stopped"
 
 
+@pytest.mark.postgres
 def test_failed_create_leaves_only_an_error_row(daemon_factory) -> None:
     hatch = daemon_factory(HATCH_QEMU_BIN="/bin/false", HATCH_QEMU_ACCEL="tcg")
     hatch.start()

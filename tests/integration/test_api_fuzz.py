@@ -106,6 +106,7 @@ def schemathesis(hatch, key: str, phases: str, workdir: Path) -> Run:
     return Run(json.loads(report.read_text()), statuses, proc.stdout)
 
 
+@pytest.mark.postgres
 def test_api_against_its_own_document(hatch, tmp_path: Path) -> None:
     per_operation = schemathesis(
         hatch, hatch.create_key("fuzzer"), "examples,coverage,fuzzing", tmp_path / "operations"

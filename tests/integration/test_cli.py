@@ -32,6 +32,7 @@ def run(hatch, *args: str, key: str | None = None, stdin: str | None = None):
     )
 
 
+@pytest.mark.postgres
 def test_keys_create_list_revoke(hatch) -> None:
     created = run(hatch, "keys", "create", "--user", "carol")
     assert created.returncode == 0, created.stderr

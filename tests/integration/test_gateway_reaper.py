@@ -132,6 +132,7 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+@pytest.mark.postgres
 def test_idle_reaper_snapshots_only_idle_vms_with_a_waking_route(daemon_factory) -> None:
     hatch = daemon_factory(
         HATCH_IDLE_CHECK_INTERVAL="1", HATCH_IDLE_TIMEOUT="5", HATCH_MAX_SNAPSHOTS_PER_VM="2"

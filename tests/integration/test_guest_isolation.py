@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.support.outside import HOST_UPLINK, answers, outside_world
+from tests.support.outside import HOST_UPLINK, SSH_HELLO, answers, outside_world
 from tests.support.probe import latest_round, probe_results, probe_script
 from tests.support.wait import wait_for, wait_http
 
@@ -94,12 +94,16 @@ def test_a_guest_reaches_nothing_of_the_host(daemon_factory, outside, host_servi
         other = bob.create_vm(user_data=WEB_SERVER, mem_mib=256)  # another tenant's VM
     wait_http(f"http://{other['guest_ip']}:8080/")
     ssh_port = other["ssh_port"]
-    wait_for(lambda: answers("127.0.0.1", ssh_port).startswith(b"SSH-"), 120, "bob's dropbear")
+    wait_for(
+        lambda: answers("127.0.0.1", ssh_port, greeting=SSH_HELLO).startswith(b"SSH-"),
+        120,
+        "bob's dropbear",
+    )
 
     # Positive controls on the host's side: every listener the guest will try answers the host.
     assert answers(gateway, hatch.port).startswith(b"HTTP/1.1 ")
     assert answers(gateway, hatch.proxy_port).startswith(b"HTTP/1.1 ")
-    assert answers(gateway, ssh_port).startswith(b"SSH-")
+    assert answers(gateway, ssh_port, greeting=SSH_HELLO).startswith(b"SSH-")
     assert answers(HOST_UPLINK, hatch.port).startswith(b"HTTP/1.1 ")
     assert answers(HOST_LO, host_service).startswith(b"HTTP/1.0 200")
     assert answers(LAN, 80).startswith(b"HTTP/1.0 200")
@@ -138,7 +142,7 @@ def test_a_guest_reaches_nothing_of_the_host(daemon_factory, outside, host_servi
     }
     # Connections the host opens still get their replies: the proxy's and the SSH gateway's.
     assert "round 1" in via_proxy(hatch, route["subdomain"], "/probes").text
-    assert answers("127.0.0.1", ssh_port).startswith(b"SSH-")
+    assert answers("127.0.0.1", ssh_port, greeting=SSH_HELLO).startswith(b"SSH-")
 
 
 def test_egress_policy_defaults_and_operator_lists(daemon_factory, outside) -> None:
@@ -197,7 +201,7 @@ def test_egress_none_reaches_nothing_outside_but_is_reachable(daemon_factory, ou
     assert probe_results(offline["guest_ip"]) == blocked  # read over HTTP from the host
     # The host still reaches it: through a route, and through the SSH gateway.
     assert "round" in via_proxy(hatch, route["subdomain"], "/probes").text
-    assert answers("127.0.0.1", offline["ssh_port"]).startswith(b"SSH-")
+    assert answers("127.0.0.1", offline["ssh_port"], greeting=SSH_HELLO).startswith(b"SSH-")
     assert online["egress"] == "internet" and offline["egress"] == "none"
 
     # A daemon restart builds its tables afresh and puts every running guest's policy back.

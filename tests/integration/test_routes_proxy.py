@@ -64,6 +64,7 @@ def status_and_error(api, method: str, path: str, body: object) -> tuple[int, st
     return response.status_code, response.json().get("error", "")
 
 
+@pytest.mark.postgres
 def test_routes_api(api, hatch) -> None:
     vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
     route = api.create_route(vm["id"], target_port=8080, subdomain="myapp")
@@ -107,6 +108,18 @@ def test_routes_api(api, hatch) -> None:
             with pytest.raises(HatchAPIError) as err:
                 call()
             assert err.value.status == 404
+
+    # Two creates of one name at once: the unique index decides, one 201 and one 409.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        raced = list(
+            pool.map(
+                lambda _: api.request("POST", path, json={"subdomain": "race", "target_port": 80}),
+                range(2),
+            )
+        )
+    assert sorted(r.status_code for r in raced) == [201, 409], [r.text for r in raced]
+    assert "subdomain race is already in use" in next(r for r in raced if r.status_code == 409).text
+    assert api.delete_route(next(r for r in raced if r.status_code == 201).json()["id"])
 
     assert api.delete_route(generated["id"]) == {"status": "deleted"}
     with pytest.raises(HatchAPIError) as err:

@@ -179,6 +179,7 @@ def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
     assert api.get_snapshot(snap["id"]) == snap
 
 
+@pytest.mark.postgres
 def test_older_snapshot_by_id_quota_and_delete(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     boot = boot_id(vm)

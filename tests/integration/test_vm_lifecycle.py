@@ -216,6 +216,7 @@ def test_vm_without_network(api) -> None:
     assert api.start_vm(vm["id"])["state"] == "running"
 
 
+@pytest.mark.postgres
 def test_daemon_killed_and_restarted_keeps_running_vms(hatch) -> None:
     key = hatch.create_key("alice")
     with hatch.client(key) as api:

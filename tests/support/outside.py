@@ -39,11 +39,16 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def answers(host: str, port: int, timeout: float = 3.0) -> bytes:
-    """The first bytes a TCP service at host:port sends after an HTTP request ('' if none)."""
+HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n"
+# What an SSH client says first: the SSH gateway connects nothing before it (RFC 4253 4.2).
+SSH_HELLO = b"SSH-2.0-probe\r\n"
+
+
+def answers(host: str, port: int, timeout: float = 3.0, greeting: bytes = HTTP_REQUEST) -> bytes:
+    """The first bytes a TCP service at host:port sends after the greeting ('' if none)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")
+            sock.sendall(greeting)
             return sock.recv(256)
     except OSError:
         return b""

@@ -4,7 +4,8 @@ The guest's user_data serves /srv/www on port 8080 and runs rounds of probes; ea
 published whole (written aside, then renamed) as /probes: a line "round N", then one line
 "<name> reached|blocked" per probe. A TCP probe counts as reached only when the service sent
 bytes back, so "reached" always means something was listening and answered; an ICMP probe
-when an echo reply came back."""
+when an echo reply came back. A TCP probe opens with an SSH identification line: the SSH
+gateway answers nothing before one, and an HTTP server answers it with a 400."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ _HEAD = """#!/bin/sh
 mkdir -p /srv/www
 busybox httpd -p 8080 -h /srv/www
 tcp() {
-  if printf 'GET / HTTP/1.0\\r\\nHost: probe\\r\\n\\r\\n' | timeout 5 nc "$2" "$3" 2>/dev/null \\
+  if printf 'SSH-2.0-probe\\r\\n' | timeout 5 nc "$2" "$3" 2>/dev/null \\
       | head -c 64 | grep -q .; then
     echo "$1 reached"
   else

@@ -47,9 +47,46 @@ def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, var, va
     assert str(err.value).startswith(var + ":")
 
 
-def test_postgres_url_uses_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HATCH_DATABASE_URL", "postgresql://u:p@localhost/hatch")
-    assert load_settings().sqlalchemy_url == "postgresql+asyncpg://u:p@localhost/hatch"
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("postgresql://u:p@localhost/hatch", "postgresql+asyncpg://u:p@localhost/hatch"),
+        ("postgres://u:p%40ss@db:5433/hatch", "postgresql+asyncpg://u:p%40ss@db:5433/hatch"),
+        ("postgresql+asyncpg://u@db/hatch", "postgresql+asyncpg://u@db/hatch"),
+        # A Unix socket: no host before the path, its directory in ?host=.
+        (
+            "postgresql://u@/hatch?host=/var/run/postgresql",
+            "postgresql+asyncpg://u@/hatch?host=%2Fvar%2Frun%2Fpostgresql",
+        ),
+        ("postgresql:///hatch", "postgresql+asyncpg:///hatch"),
+        # libpq's sslmode is asyncpg's ssl: it was handed to asyncpg as is, a TypeError there.
+        ("postgresql://u@db/hatch?sslmode=require", "postgresql+asyncpg://u@db/hatch?ssl=require"),
+        ("sqlite:////var/lib/hatch/h.db", "sqlite+aiosqlite:////var/lib/hatch/h.db"),
+    ],
+)
+def test_database_urls(monkeypatch: pytest.MonkeyPatch, given: str, used: str) -> None:
+    monkeypatch.setenv("HATCH_DATABASE_URL", given)
+    assert load_settings().sqlalchemy_url == used
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("mysql://u@db/hatch", "unsupported database 'mysql'"),
+        ("postgresql+psycopg://u@db/hatch", "unsupported database 'postgresql+psycopg'"),
+        ("postgresql://u@db/hatch?application_name=x", "unsupported parameter 'application_name'"),
+        ("postgresql://u@db/hatch?ssl=require&sslmode=disable", "ssl or sslmode, not both"),
+        ("sqlite://", "SQLite needs a file"),
+        ("db.example.com", "not a URL"),
+    ],
+)
+def test_unusable_database_urls_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, given: str, message: str
+) -> None:
+    monkeypatch.setenv("HATCH_DATABASE_URL", given)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value).startswith("HATCH_DATABASE_URL: ") and message in str(err.value)
 
 
 def test_egress_lists(monkeypatch: pytest.MonkeyPatch) -> None:

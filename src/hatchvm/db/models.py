@@ -19,7 +19,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    """Now, to the microsecond: updated_at marks a VM's incarnation (the proxy pools guest
+    connections by it) and listings are newest first, both within one second too. The API
+    shows whole seconds."""
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

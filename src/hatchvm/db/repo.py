@@ -8,8 +8,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hatchvm.db.models import VM, ApiKey, Image, Route, Snapshot
 
 
+def _storable(value: str) -> bool:
+    """Whether a row could hold this text. PostgreSQL's text cannot hold NUL and refuses such a
+    query outright (SQLite just finds nothing), so an id from a URL like /vms/vm_%00 is looked
+    up only if it could exist: a 404, not a 500."""
+    return "\x00" not in value
+
+
 async def get_vm(session: AsyncSession, vm_id: str) -> VM | None:
-    return await session.get(VM, vm_id)
+    return await session.get(VM, vm_id) if _storable(vm_id) else None
 
 
 async def list_vms(session: AsyncSession, user_id: str | None = None) -> list[VM]:
@@ -48,7 +55,7 @@ async def used_allocations(session: AsyncSession) -> tuple[set[str], set[str], s
 
 
 async def get_image(session: AsyncSession, image_id: str) -> Image | None:
-    return await session.get(Image, image_id)
+    return await session.get(Image, image_id) if _storable(image_id) else None
 
 
 async def list_images(session: AsyncSession) -> list[Image]:
@@ -57,6 +64,8 @@ async def list_images(session: AsyncSession) -> list[Image]:
 
 
 async def key_by_hash(session: AsyncSession, key_hash: str) -> ApiKey | None:
+    if not _storable(key_hash):
+        return None
     return await session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
 
 
@@ -76,7 +85,7 @@ async def list_snapshots(session: AsyncSession, vm_id: str) -> list[Snapshot]:
 
 
 async def get_snapshot(session: AsyncSession, snapshot_id: str) -> Snapshot | None:
-    return await session.get(Snapshot, snapshot_id)
+    return await session.get(Snapshot, snapshot_id) if _storable(snapshot_id) else None
 
 
 async def count_snapshots(session: AsyncSession, vm_id: str) -> int:
@@ -93,10 +102,12 @@ async def list_routes(session: AsyncSession, vm_id: str) -> list[Route]:
 
 
 async def get_route(session: AsyncSession, route_id: str) -> Route | None:
-    return await session.get(Route, route_id)
+    return await session.get(Route, route_id) if _storable(route_id) else None
 
 
 async def route_by_subdomain(session: AsyncSession, subdomain: str) -> Route | None:
+    if not _storable(subdomain):
+        return None
     result = await session.execute(select(Route).where(Route.subdomain == subdomain))
     return result.scalar_one_or_none()
 
