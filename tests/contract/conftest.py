@@ -123,9 +123,17 @@ async def kit(
 ) -> AsyncIterator[Kit]:
     # Short paths: the drivers' sockets live under run_dir (Unix socket paths <= 108 bytes).
     root = Path(tempfile.mkdtemp(prefix="hvc-", dir="/tmp"))
+    try:
+        async for kit in _kits(request.param, root, monkeypatch):
+            yield kit
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _kits(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Kit]:
+    """The kit for one driver (skips where it cannot run); its VMM processes end after."""
     run_dir, vms_dir = root / "run", root / "vms"
     vms_dir.mkdir()
-    name: str = request.param
     kit: Kit
     if name == "fake":
         host = FakeHost()
@@ -145,7 +153,8 @@ async def kit(
         binary = str(launcher(root))
         kit = Kit(
             name,
-            lambda: FirecrackerVMM(binary, run_dir, kvm_usable=False),
+            # The double is Python: on a loaded machine it may take seconds to listen.
+            lambda: FirecrackerVMM(binary, run_dir, kvm_usable=False, start_timeout=60),
             _dummy_files(root),
             vms_dir,
             _kill_process,
@@ -186,7 +195,6 @@ async def kit(
         yield kit
     finally:
         await _cleanup(kit)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _cleanup(kit: Kit) -> None:

@@ -75,7 +75,7 @@ LOG_FIFO = "log.fifo"
 METRICS_FIFO = "metrics.fifo"
 LOG_MAX_BYTES = 1 << 20
 IFACE_ID = "eth0"
-API_READY_TIMEOUT = 5.0  # from exec to an answering API socket
+API_READY_TIMEOUT = 10.0  # from exec to an answering API socket (Firecracker takes ms)
 KILL_TIMEOUT = 10.0
 LOAD_TIMEOUT = 30.0  # a snapshot load maps the memory file: it reads only the state
 SNAPSHOT_TIMEOUT = 30.0  # plus the time to write guest RAM at SNAPSHOT_MIB_PER_S
@@ -146,8 +146,10 @@ class FirecrackerVMM:
         run_dir: Path,
         kvm_usable: bool = True,
         cgroups: VMCgroups | None = None,
+        start_timeout: float = API_READY_TIMEOUT,
     ) -> None:
         self.firecracker_bin = firecracker_bin
+        self.start_timeout = start_timeout
         self.run_dir = run_dir
         self.kvm_usable = kvm_usable
         self.cgroups = cgroups
@@ -255,7 +257,7 @@ class FirecrackerVMM:
         finally:
             os.close(out_fd)
         (vm_dir / PID_FILE).write_text(f"{pid}\n")
-        deadline = time.monotonic() + API_READY_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         # Not _is_ours yet: under the cgroup launcher it is `sh` until it execs Firecracker.
         if not await wait_api(api_socket, lambda: _running(pid), deadline):
             with contextlib.suppress(ProcessLookupError):
@@ -264,7 +266,7 @@ class FirecrackerVMM:
             _reap(pid)
             await self._forget(vm_id, vm_dir)
             raise VMMStartFailed(
-                f"firecracker did not open its API socket within {API_READY_TIMEOUT:g}s: "
+                f"firecracker did not open its API socket within {self.start_timeout:g}s: "
                 f"{_tail(out)}",
                 vm_id=vm_id,
                 op="start",
