@@ -186,7 +186,8 @@ class VMM(Protocol):
         ...
 
     def console_socket(self, vm_dir: Path) -> Path:
-        """A Unix socket that streams the guest's console while its VMM runs."""
+        """A Unix socket (QEMU) or named pipe (Firecracker) that streams the guest's console
+        while its VMM runs. Called only when capabilities() has CONSOLE."""
         ...
 
     async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
@@ -210,8 +211,9 @@ class VMM(Protocol):
         ...
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
-        """Pause the VM, write its device state to state_file and end the process. Its memory
-        is what the BootSpec's mem_file holds; its disks are consistent with it."""
+        """Pause the VM, write its device state to state_file and end the process. Afterwards
+        the BootSpec's mem_file holds its memory (QEMU's RAM already is that file; Firecracker
+        writes it); its disks are consistent with it. Called only with SNAPSHOTS."""
         ...
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
