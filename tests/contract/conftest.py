@@ -85,6 +85,12 @@ async def _kill_process(vmm: VMM, vm_id: str, vm_dir: Path) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def _stubborn_double(root: Path) -> None:
+    from tests.support.firecracker_double import launcher
+
+    launcher(root, guest="stubborn")
+
+
 def _dummy_files(root: Path) -> dict[str, Path]:
     files = {}
     for role in ("kernel", "vmlinux", "initrd", "rootfs"):
@@ -119,18 +125,18 @@ async def _kvm_problem() -> str | None:
 
 @pytest.fixture(params=DRIVERS)
 async def kit(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Kit]:
     # Short paths: the drivers' sockets live under run_dir (Unix socket paths <= 108 bytes).
     root = Path(tempfile.mkdtemp(prefix="hvc-", dir="/tmp"))
     try:
-        async for kit in _kits(request.param, root, monkeypatch):
+        async for kit in _kits(request.param, root):
             yield kit
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _kits(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Kit]:
+async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
     """The kit for one driver (skips where it cannot run); its VMM processes end after."""
     run_dir, vms_dir = root / "run", root / "vms"
     vms_dir.mkdir()
@@ -158,7 +164,7 @@ async def _kits(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> Async
             _dummy_files(root),
             vms_dir,
             _kill_process,
-            lambda: monkeypatch.setenv("FC_DOUBLE_GUEST", "stubborn"),
+            lambda: _stubborn_double(root),
         )
     elif name == "qemu":
         from hatchvm.vmm.accel import detect_accel

@@ -15,7 +15,8 @@ Run as the "firecracker binary" (see `launcher`): `firecracker_double --api-sock
   file (JSON with a checksum) that load verifies.
 - The "guest": on start it writes a few lines to the serial output (a named pipe, opened like
   Firecracker opens it: O_RDWR | O_NONBLOCK); Ctrl-Alt-Del makes it reset, so the process exits
-  0, unless FC_DOUBLE_GUEST=stubborn (a guest that ignores it).
+  0, unless it runs with FC_DOUBLE_GUEST=stubborn (a guest that ignores it: `launcher(dir,
+  guest="stubborn")`; the driver gives Firecracker none of hatchd's environment).
 """
 
 from __future__ import annotations
@@ -439,12 +440,13 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve(args.api_sock, args.id))
 
 
-def launcher(directory: Path) -> Path:
-    """An executable that runs the double with this interpreter: HATCH_FIRECRACKER_BIN."""
+def launcher(directory: Path, guest: str = "normal") -> Path:
+    """An executable that runs the double with this interpreter: HATCH_FIRECRACKER_BIN.
+    Called again with another guest, it changes what later starts get."""
     path = directory / "firecracker"
     path.write_text(
-        f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m tests.support.firecracker_double"
-        ' "$@"\n'
+        f"#!/bin/sh\nFC_DOUBLE_GUEST={guest} PYTHONPATH={REPO} exec {sys.executable}"
+        ' -m tests.support.firecracker_double "$@"\n'
     )
     path.chmod(0o755)
     return path

@@ -116,6 +116,12 @@ def _is_ours(pid: int, api_socket: Path) -> bool:
     return at < len(args) and args[at] == os.fsencode(api_socket)
 
 
+def _vmm_environment() -> dict[str, str]:
+    """What Firecracker gets of hatchd's environment: nothing it could leak (S3 and auth
+    secrets live there) should a guest escape into it; just enough to find programs."""
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+
+
 def _running(pid: int) -> bool:
     """The process exists and has not ended (a zombie has)."""
     try:
@@ -242,7 +248,7 @@ class FirecrackerVMM:
             pid = os.posix_spawnp(  # noqa: ASYNC221
                 cmd[0],
                 cmd,
-                os.environ,
+                _vmm_environment(),
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, out_fd, 1),
