@@ -3,16 +3,19 @@
 the REST API, where no real Firecracker can run. An explicit HATCH_VMM=firecracker starts
 although KVM is unusable here (with a warning); create, console, snapshot, restore, a daemon
 killed and restarted (the VM reattached), stop, start, a death behind hatchd's back and
-delete all go through the double's API contract. No guest runs, so nothing answers on the
-network: routes, wake and the SSH gateway over Firecracker are the real-Firecracker suite's
-(HATCH_TEST_VMM=firecracker on a KVM host)."""
+delete all go through the double's API contract; a networked VM's NIC is put on the TAP
+hatchd made, and a request to its route or a connection to its SSH port wakes it from its
+snapshot. No guest runs, so nothing answers those: what a woken guest serves over Firecracker
+is the real-Firecracker suite's (HATCH_TEST_VMM=firecracker on a KVM host)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hatchvm.ids import DEFAULT_IMAGE_ID
@@ -31,6 +34,7 @@ def hatch(daemon_factory, tmp_path: Path):
         HATCH_VMM="firecracker",
         HATCH_FIRECRACKER_BIN=str(launcher(tmp_path)),
         HATCH_STOP_TIMEOUT="5",
+        HATCH_PROXY_WAKE_TIMEOUT="2",  # nothing will answer after the wake
     )
     image_dir = d.data_dir / "images" / DEFAULT_IMAGE_ID
     _fake_image(image_dir)  # placeholders: the double opens but never reads them
@@ -82,3 +86,31 @@ def test_the_vm_lifecycle_through_hatchd_on_the_firecracker_double(hatch) -> Non
 
         api.delete_vm(vm["id"])
         assert not (hatch.data_dir / "vms" / vm["id"]).exists()
+
+
+def test_a_route_and_the_ssh_gateway_wake_a_networked_vm_on_the_double(hatch) -> None:
+    with hatch.client(hatch.create_key("alice")) as api:
+        vm = api.create_vm(mem_mib=128)  # networked: its NIC on the TAP hatchd made
+        assert vm["state"] == "running" and vm["guest_ip"]
+        log = hatch.data_dir / "vms" / vm["id"] / "firecracker.log"
+        wait_for(
+            lambda: log.exists() and "PUT /network-interfaces/eth0: ok" in log.read_text(),
+            10,
+            "the NIC configured",
+        )
+        api.create_route(vm["id"], target_port=8080, subdomain="fcwake")
+
+        api.snapshot_vm(vm["id"])
+        httpx.get(
+            f"http://127.0.0.1:{hatch.proxy_port}/",
+            headers={"Host": f"fcwake.hatch.local:{hatch.proxy_port}"},
+            timeout=30,
+        )  # nothing serves it: an error, after the wake
+        assert api.get_vm(vm["id"])["state"] == "running"
+        assert "waking vm from its latest snapshot" in hatch.log_tail(200)
+
+        api.snapshot_vm(vm["id"])
+        with socket.create_connection(("127.0.0.1", vm["ssh_port"]), timeout=30) as ssh:
+            ssh.sendall(b"SSH-2.0-OpenSSH_9.2 test\r\n")  # the gateway wakes after this line
+            wait_for(lambda: api.get_vm(vm["id"])["state"] == "running", 20, "the ssh wake")
+        api.delete_vm(vm["id"])
