@@ -13,6 +13,7 @@ from starlette.routing import Match
 
 from hatchvm.api.validation import describe_errors
 from hatchvm.errors import HatchError
+from hatchvm.vmm.base import VMMError, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.api")
 
@@ -42,6 +43,15 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.error("request failed", path=request.url.path, status=exc.status, error=exc.message)
         return error_response(exc.status, exc.message)
+
+    @app.exception_handler(VMMError)
+    async def _vmm(request: Request, exc: VMMError) -> JSONResponse:
+        status = 501 if isinstance(exc, VMMUnsupported) else 500
+        if status == 500:
+            log.error(
+                "vmm failed", path=request.url.path, vm_id=exc.vm_id, op=exc.op, error=str(exc)
+            )
+        return error_response(status, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

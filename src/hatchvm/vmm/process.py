@@ -96,3 +96,35 @@ async def _listen(socket: Path, reasons: list[str]) -> None:
         pass
     finally:
         writer.close()
+
+
+async def process_ended(pid: int, timeout: float) -> bool:
+    """True once process pid has ended (a pidfd: no polling), False if it still runs after
+    timeout seconds. It is not reaped: its watch (wait_process) reads how it ended."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        await asyncio.wait_for(_readable(pidfd), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+async def wait_process(pid: int) -> ExitInfo:
+    """Return once process pid has ended, with its exit code or signal when hatchd is its
+    reaper (no reason: VMMs without an event channel say nothing more)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return ExitInfo(at=datetime.now(UTC))
+    try:
+        await _readable(pidfd)
+        at = datetime.now(UTC)
+        code, sig = _reap(pidfd)
+    finally:
+        os.close(pidfd)
+    return ExitInfo(at=at, exit_code=code, signal=sig)
