@@ -13,6 +13,8 @@ from starlette.routing import Match
 
 from hatchvm.api.validation import describe_errors
 from hatchvm.errors import HatchError
+from hatchvm.images.errors import ImageError, UserDataError
+from hatchvm.net.errors import NetworkError
 from hatchvm.vmm.base import VMMError, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.api")
@@ -52,6 +54,18 @@ def install_error_handlers(app: FastAPI) -> None:
                 "vmm failed", path=request.url.path, vm_id=exc.vm_id, op=exc.op, error=str(exc)
             )
         return error_response(status, exc.message)
+
+    @app.exception_handler(ImageError)
+    async def _image(request: Request, exc: ImageError) -> JSONResponse:
+        if isinstance(exc, UserDataError):
+            return error_response(400, exc.message)
+        log.error("image or disk failed", path=request.url.path, error=exc.message)
+        return error_response(500, exc.message)
+
+    @app.exception_handler(NetworkError)
+    async def _network(request: Request, exc: NetworkError) -> JSONResponse:
+        log.error("host network failed", path=request.url.path, error=exc.message)
+        return error_response(500, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
