@@ -60,7 +60,7 @@ from hatchvm.vmm.fc_models import (
     Vm,
 )
 from hatchvm.vmm.overhead import memory_limit_mib
-from hatchvm.vmm.process import process_ended, wait_process
+from hatchvm.vmm.process import process_ended, processes_with_arg, wait_process
 
 log = structlog.get_logger("hatchvm.vmm")
 
@@ -207,19 +207,9 @@ class FirecrackerVMM:
         their command lines, so another daemon's or a test's are never counted."""
         root = sockets_dir(self.run_dir, vms_dir / "x").parent
         found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--api-sock" not in args or args.index(b"--api-sock") + 1 >= len(args):
-                continue
-            sock = Path(os.fsdecode(args[args.index(b"--api-sock") + 1]))
-            if sock.name == API_SOCKET and sock.parent.parent == root:
-                if _is_ours(int(entry.name), sock):
-                    found[sock.parent.name] = int(entry.name)
+        for pid, sock in processes_with_arg(b"--api-sock"):
+            if sock.name == API_SOCKET and sock.parent.parent == root and _is_ours(pid, sock):
+                found[sock.parent.name] = pid
         return found
 
     async def _spawn(self, vm_id: str, vm_dir: Path, vcpu_count: int, mem_mib: int) -> int:

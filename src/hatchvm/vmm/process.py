@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +22,21 @@ log = structlog.get_logger("hatchvm.vmm")
 _PR_SET_CHILD_SUBREAPER = 36
 EVENT_LINE_LIMIT = 64 << 10  # QMP event lines are small; a longer one is not read
 DRAIN_TIMEOUT = 2.0  # after the process is gone, its event socket reaches EOF at once
+
+
+def processes_with_arg(flag: bytes) -> Iterator[tuple[int, Path]]:
+    """(pid, the path given after `flag`) for every process whose command line has the flag:
+    how a driver finds its VMMs (QEMU's -pidfile, Firecracker's --api-sock) without trusting
+    pid files alone."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if flag in args and args.index(flag) + 1 < len(args):
+            yield int(entry.name), Path(os.fsdecode(args[args.index(flag) + 1]))
 
 
 def become_subreaper() -> bool:

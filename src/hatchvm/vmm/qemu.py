@@ -32,7 +32,7 @@ from hatchvm.vmm.base import (
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
 from hatchvm.vmm.overhead import memory_limit_mib
-from hatchvm.vmm.process import watch_process
+from hatchvm.vmm.process import processes_with_arg, watch_process
 from hatchvm.vmm.qmp import qmp_execute, qmp_session
 
 log = structlog.get_logger("hatchvm.vmm")
@@ -281,20 +281,11 @@ class QemuVMM:
         """The QEMUs whose files live under vms_dir (this daemon's), by VM id: read from
         their command lines, so another daemon's or a test's QEMUs are never counted."""
         found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-pidfile" not in args or args.index(b"-pidfile") + 1 >= len(args):
-                continue
-            pidfile = Path(os.fsdecode(args[args.index(b"-pidfile") + 1]))
+        for pid, pidfile in processes_with_arg(b"-pidfile"):
             if pidfile.name == PID_FILE and pidfile.parent.parent == vms_dir:
                 vm_id = pidfile.parent.name
-                if _is_ours(int(entry.name), vm_id):
-                    found[vm_id] = int(entry.name)
+                if _is_ours(pid, vm_id):
+                    found[vm_id] = pid
         return found
 
     async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
