@@ -22,8 +22,8 @@ TEXT = CONTENT_TYPE.removesuffix("; charset=utf-8")  # as the OpenAPI document n
     response_class=Response,
     responses={
         200: {
-            "description": "Prometheus text exposition format 0.0.4 (docs/api.md lists the "
-            "figures)",
+            "description": "Prometheus text exposition format 0.0.4 (the README's Metrics "
+            "section lists the figures)",
             "content": {TEXT: {"schema": {"type": "string"}}},
         },
         404: {"model": Error, "description": "HATCH_METRICS_ADDR serves them elsewhere"},
