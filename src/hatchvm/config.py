@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HATCH_", env_file=".env", extra="ignore")
 
     http_addr: str = Field(default=":8080", description="API listen address (HOST:PORT or :PORT)")
+    metrics_addr: str = Field(
+        default="",
+        description="where GET /metrics (Prometheus, no API key) is served: empty on the API's "
+        "address; HOST:PORT or :PORT for a listener of its own (then not on the API's)",
+    )
     data_dir: Path = Field(
         default=Path("./data"),
         description="database, images, VM disks and consoles (made absolute at start-up)",
@@ -367,6 +372,13 @@ class Settings(BaseSettings):
         _parse_addr(value)
         return value
 
+    @field_validator("metrics_addr")
+    @classmethod
+    def _valid_optional_addr(cls, value: str) -> str:
+        if value:
+            _parse_addr(value)
+        return value
+
     @field_validator("better_auth_url", "better_auth_verify_url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
@@ -441,6 +453,11 @@ class Settings(BaseSettings):
     @property
     def proxy_host_port(self) -> tuple[str, int]:
         return _parse_addr(self.proxy_addr)
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """The metrics listener's own address; None: /metrics is on the API's."""
+        return _parse_addr(self.metrics_addr) if self.metrics_addr else None
 
     @property
     def bridge_interface(self) -> ipaddress.IPv4Interface:

@@ -18,6 +18,7 @@ from hatchvm import __version__
 from hatchvm.agent.agents import Agents
 from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
+from hatchvm.api.metrics import metrics_app
 from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
@@ -35,6 +36,9 @@ from hatchvm.gateway.ssh import SSHGateway
 from hatchvm.images.registry import prune as prune_images
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
+from hatchvm.metrics import Metrics
+from hatchvm.metrics.listener import MetricsListener
+from hatchvm.metrics.scrape import Scrape
 from hatchvm.net.errors import NetworkError
 from hatchvm.private import PRIVATE_UMASK, make_private_dir, tighten_tree
 from hatchvm.proxy.server import Proxy
@@ -179,18 +183,23 @@ async def serve(settings: Settings) -> None:
         await network.setup()
     else:
         log.warning("not running as root: VMs can only be created with enable_network=false")
+    metrics = Metrics()
     consoles = Consoles(settings.console_max_bytes)
-    agents = Agents(settings.agent_timeout)
+    agents = Agents(settings.agent_timeout, metrics)
     vms = VMService(settings, sessions, vmm, network, consoles, agents)
-    liveness = Liveness(vms)
-    snapshots = SnapshotService(settings, vms, store)
+    liveness = Liveness(vms, metrics)
+    snapshots = SnapshotService(settings, vms, store, metrics)
     routes = RouteService(settings, vms)
     await routes.load()
     await reconcile(vms, snapshots)
     await prune_images(settings, sessions)
 
     verifier = build_verifier(settings, sessions)
-    app = create_app(Services(settings, sessions, verifier, vms, snapshots, routes))
+    scrape = Scrape(metrics, sessions)
+    app = create_app(
+        Services(settings, sessions, verifier, vms, snapshots, routes),
+        None if settings.metrics_host_port else scrape,
+    )
     host, port = settings.http_host_port
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
@@ -209,10 +218,12 @@ async def serve(settings: Settings) -> None:
         snapshots,
         max_failures=settings.wake_max_failures,
         backoff=settings.wake_retry_backoff,
+        metrics=metrics,
     )
-    proxy = Proxy(settings, vms, routes, wake, activity)
-    gateway = SSHGateway(settings, vms, wake, activity)
+    proxy = Proxy(settings, vms, routes, wake, activity, metrics)
+    gateway = SSHGateway(settings, vms, wake, activity, metrics=metrics)
     reaper = IdleReaper(settings, snapshots, routes, activity)
+    listener = await _start_metrics_listener(settings, scrape)
     try:
         await proxy.start()
     except OSError as exc:
@@ -224,6 +235,8 @@ async def serve(settings: Settings) -> None:
     try:
         await server.serve()
     finally:
+        if listener is not None:
+            await listener.close()
         await reaper.close()
         await gateway.close()
         await proxy.close()
@@ -233,6 +246,22 @@ async def serve(settings: Settings) -> None:
         await agents.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
+
+
+async def _start_metrics_listener(settings: Settings, scrape: Scrape) -> MetricsListener | None:
+    """GET /metrics on HATCH_METRICS_ADDR, when set (else the API's app serves it)."""
+    if settings.metrics_host_port is None:
+        return None
+    host, port = settings.metrics_host_port
+    listener = MetricsListener(metrics_app(scrape), host, port)
+    try:
+        await listener.start()
+    except OSError as exc:
+        raise StartupError(
+            f"metrics cannot listen on {settings.metrics_addr}: {exc.strerror}"
+        ) from None
+    log.info("metrics listening", addr=f"{host}:{port}")
+    return listener
 
 
 def _settings_help() -> str:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from hatchvm.db import repo
 from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import new_id
+from hatchvm.metrics import Metrics
 from hatchvm.snapshots import codec
 from hatchvm.snapshots.errors import ArtifactError
 from hatchvm.snapshots.manifest import ARTIFACT_NAMES, ArtifactRecord, SnapshotManifest
@@ -84,11 +86,20 @@ def _reset_dir(path: Path) -> None:
 
 
 class SnapshotService:
-    def __init__(self, settings: Settings, vms: VMService, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        vms: VMService,
+        store: ArtifactStore,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._s = settings
         self.vms = vms
         self.store = store
         vms.delete_hooks.append(self._forget_vm)
+        # A store that finds chunks it already holds reports the bytes saved to
+        # metrics.deduplicated(); today's store writes every artifact whole (so 0).
+        self.metrics = metrics or Metrics()
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -171,19 +182,23 @@ class SnapshotService:
         # Written first: a daemon that dies from here on finds which snapshot was under way.
         await asyncio.to_thread((resume / PENDING).write_text, snap_id)
         crashpoint("snapshot.begun")
+        began = time.monotonic()
         try:
             await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("capture")
             log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
             state = await self._after_failed_capture(vm, reason)
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
         crashpoint("snapshot.captured")
+        captured = time.monotonic()
         await self.vms.detach_network(vm)
         try:
             manifest = await self._store_artifacts(vm, snap_id)
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("store")
             log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
             with contextlib.suppress(ArtifactError):
                 await self.store.delete_prefix(self._prefix(vm.id, snap_id))
@@ -209,6 +224,8 @@ class SnapshotService:
         )
         crashpoint("snapshot.recorded")
         await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
+        stored = time.monotonic()
+        self.metrics.snapshot_taken(automatic, captured - began, stored - captured, snap.size_bytes)
         log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
         return snap
 
@@ -337,6 +354,7 @@ class SnapshotService:
 
         A restore that fails, or a daemon killed during one, leaves the VM's files exactly as
         they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
+        began = time.monotonic()
         prior = vm.state
         resume = self._resume_dir(vm.id)
         hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
@@ -349,6 +367,7 @@ class SnapshotService:
             try:
                 await self._unpack(vm, snap, prior)
             except ArtifactError as exc:
+                self.metrics.snapshot_failed("restore")
                 await self.vms.update(vm.id, state=prior)
                 log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
                 raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
@@ -363,6 +382,7 @@ class SnapshotService:
             warning = await self.vms.run(vm, restored=True)  # the guest's clock and RNG resynced
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("restore")
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
             await self.vms.detach_network(vm)
@@ -371,6 +391,7 @@ class SnapshotService:
             raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
         crashpoint("restore.running")
         await asyncio.to_thread(self._forget_previous, vm.id)
+        self.metrics.restored(hot, time.monotonic() - began)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
 

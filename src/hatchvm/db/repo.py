@@ -26,6 +26,12 @@ async def list_vms(session: AsyncSession, user_id: str | None = None) -> list[VM
     return list((await session.scalars(query)).all())
 
 
+async def vms_by_state(session: AsyncSession) -> dict[str, int]:
+    """How many VMs are in each state (states no VM is in are absent)."""
+    rows = (await session.execute(select(VM.state, func.count()).group_by(VM.state))).all()
+    return {str(state): int(count) for state, count in rows}
+
+
 async def user_totals(session: AsyncSession, user_id: str) -> tuple[int, int, int]:
     """The user's VM count, vCPUs and memory (MiB), over all their VMs."""
     query = select(
