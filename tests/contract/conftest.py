@@ -3,6 +3,9 @@
 - `fake`: the in-memory driver (vmm/fake.py);
 - `firecracker-double`: the Firecracker driver against the API double
   (tests/support/firecracker_double.py) given as its binary;
+- `firecracker-jailed`: the same under the jailer double (tests/support/jailer_double.py): each
+  VM's double runs chrooted in its jail as its own uid, so every file the driver hands it must
+  be placed in the jail with access for that uid (needs root);
 - `qemu` (marked vm): the QEMU driver booting the default guest image for real;
 - `firecracker` (marked vm): the Firecracker driver with a real Firecracker
   (HATCH_FIRECRACKER_BIN) and the default image's vmlinux; skipped, with the reason, where
@@ -24,11 +27,15 @@ import pytest
 from hatchvm.ids import new_id
 from hatchvm.vmm.base import VMM, BootSpec
 from hatchvm.vmm.fake import FakeHost, FakeVMM
+from hatchvm.vmm.fc_jail import Jailer, UidRange
 from hatchvm.vmm.firecracker import FirecrackerVMM
+
+JAIL_UIDS = UidRange(910_000, 64)  # no account on a test host has these
 
 DRIVERS = [
     "fake",
     "firecracker-double",
+    "firecracker-jailed",
     pytest.param("qemu", marks=pytest.mark.vm),
     pytest.param("firecracker", marks=pytest.mark.vm),
 ]
@@ -77,6 +84,7 @@ def _make_disk(disk: Path, vm_id: str, real: bool) -> None:
         create_vm_disk(disk, 64, vm_id.replace("_", "-"), None)
     else:
         disk.write_bytes(b"\0" * 4096)
+        disk.chmod(0o600)  # hatchd's disks are root's alone
 
 
 async def _kill_process(vmm: VMM, vm_id: str, vm_dir: Path) -> None:
@@ -96,6 +104,7 @@ def _dummy_files(root: Path) -> dict[str, Path]:
     for role in ("kernel", "vmlinux", "initrd", "rootfs"):
         files[role] = root / role
         files[role].write_bytes(b"\0" * 4096)
+        files[role].chmod(0o400)  # as the image builder leaves them: read-only, root's
     return files
 
 
@@ -161,6 +170,33 @@ async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
             name,
             # The double is Python: on a loaded machine it may take seconds to listen.
             lambda: FirecrackerVMM(binary, run_dir, kvm_usable=False, start_timeout=60),
+            _dummy_files(root),
+            vms_dir,
+            _kill_process,
+            lambda: _stubborn_double(root),
+        )
+    elif name == "firecracker-jailed":
+        from tests.support import jailer_double
+        from tests.support.firecracker_double import SWAGGER, launcher
+
+        if os.geteuid() != 0:
+            pytest.skip("the jailer chroots and changes uid: it needs root")
+        if not SWAGGER.exists():
+            pytest.fail(f"Firecracker's swagger file is missing: {SWAGGER}")
+        binary = str(launcher(root))
+        jailer_bin = str(jailer_double.launcher(root))
+        jails = root / "jails"
+        jails.mkdir(mode=0o700)
+
+        def jailed() -> VMM:
+            jailer = Jailer(jailer_bin, binary, jails, JAIL_UIDS)
+            return FirecrackerVMM(
+                binary, run_dir, kvm_usable=False, start_timeout=60, jailer=jailer
+            )
+
+        kit = Kit(
+            name,
+            jailed,
             _dummy_files(root),
             vms_dir,
             _kill_process,

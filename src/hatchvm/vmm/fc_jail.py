@@ -1,0 +1,370 @@
+"""Firecracker under its jailer (HATCH_FIRECRACKER_JAILER): each VM's Firecracker runs as its own
+uid and gid, chrooted into <chroot base>/<Firecracker's file name>/<jail id>/root, in a cgroup
+the jailer makes with the VM's limits (its --cgroup options).
+
+The jailer builds nothing a VM needs: hatchd fills the jail before it runs. The files Firecracker
+opens are hard links at fixed places (IN_JAIL), so the paths hatchd hands to the API are the same
+for every VM and a snapshot's drive paths stay valid for its restore; the VM's uid gets access to
+each through an ACL entry (acl.py): read for the shared, read-only image files and a snapshot being
+loaded, read-write for its own disk. The files stay root's and nothing else about them changes.
+The pipes (console, log, metrics) and the directory a snapshot is written to belong to the uid.
+
+What the jailed Firecracker writes (a snapshot) is taken out of the jail into the VM's directory,
+root's again with mode 0600, before anything trusts it: a jailed process owns its jail and could
+leave a symlink or a link to another file there.
+
+A jail lives exactly as long as its process: kill() removes it (ACL entries revoked first), and
+start-up removes those of VMs that no longer run. Beside root/ a file only root can write records
+which VM directory the jail belongs to, so a restarted hatchd finds its jailed processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hatchvm.vmm import acl
+from hatchvm.vmm.cgroups import Limits, VMCgroups
+
+API_SOCKET = "/run/api.sock"  # Firecracker's --api-sock, inside the jail
+RUN_DIR = "/run"  # its API socket and pipes
+SNAPSHOT_DIR = "/snapshot"  # where it writes a snapshot (its own) and reads one (linked in)
+# Where each file Firecracker opens is placed in the jail.
+IN_JAIL = {
+    "kernel": "/boot/vmlinux",
+    "initrd": "/boot/initrd",
+    "base": "/drives/base",
+    "disk": "/drives/disk",
+    "state": "/snapshot/state",
+    "mem": "/snapshot/mem",
+}
+NEW_STATE = "/snapshot/new.state"
+NEW_MEM = "/snapshot/new.mem"
+MARKER = "vm_dir"  # beside root/: the VM directory this jail belongs to
+MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "unchanged" to chown and setuid
+
+
+class JailError(Exception):
+    """A jail could not be built, filled, emptied or removed; the message says which."""
+
+
+def jail_id(vm_id: str) -> str:
+    """The jailer's --id: letters, digits and hyphens only (vm_ab12 -> vm-ab12)."""
+    return vm_id.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class UidRange:
+    """The uids (and gids: the same numbers) jailed Firecrackers run as, one per running VM."""
+
+    base: int
+    count: int
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(range(self.base, self.base + self.count))
+
+    def describe(self) -> str:
+        return f"{self.base}-{self.base + self.count - 1}"
+
+
+@dataclass(frozen=True)
+class Jail:
+    vm_id: str
+    dir: Path  # <chroot base>/<exec file name>/<jail id>
+
+    @property
+    def root(self) -> Path:
+        return self.dir / "root"
+
+    def host(self, in_jail: str) -> Path:
+        """Where a path Firecracker sees is on the host."""
+        return self.root / in_jail.lstrip("/")
+
+    def owner(self) -> int:
+        """The jail's uid (the owner of its root, which the jailed process cannot change)."""
+        return os.lstat(self.root).st_uid
+
+
+def check_uid_range(uids: UidRange) -> None:
+    """No existing user or group has an id in the range: a jailed Firecracker must own nothing
+    on the host but its jail."""
+    last = uids.base + uids.count - 1
+    for user in pwd.getpwall():
+        if uids.base <= user.pw_uid <= last:
+            raise JailError(
+                f"uid {user.pw_uid} of HATCH_FIRECRACKER_UID_BASE/_COUNT ({uids.describe()}) "
+                f"belongs to user {user.pw_name!r}: choose a range no account uses"
+            )
+    for group in grp.getgrall():
+        if uids.base <= group.gr_gid <= last:
+            raise JailError(
+                f"gid {group.gr_gid} of HATCH_FIRECRACKER_UID_BASE/_COUNT ({uids.describe()}) "
+                f"belongs to group {group.gr_name!r}: choose a range no group uses"
+            )
+
+
+def check_jail_base(base: Path, data_dir: Path, uid: int) -> None:
+    """The jails' directory can take hard links of the data dir's files (same filesystem) and
+    POSIX ACLs (how a jail's uid gets access to them)."""
+    if os.stat(base).st_dev != os.stat(data_dir).st_dev:
+        raise JailError(
+            f"{base} (HATCH_FIRECRACKER_CHROOT_BASE) is not on the filesystem of the data dir "
+            f"{data_dir}: VM files are hard-linked into the jails"
+        )
+    fd, probe = tempfile.mkstemp(dir=base, prefix=".acl-probe-")
+    os.close(fd)
+    try:
+        acl.grant(probe, uid, acl.READ)
+        acl.revoke(probe, uid)
+    except acl.ACLError as exc:
+        raise JailError(f"{base}: {exc}") from None
+    finally:
+        os.unlink(probe)
+
+
+def _is_ours(pid: int, jail: Jail) -> bool:
+    """pid is alive and is the Firecracker jailed in this jail: its command line names the jail
+    and the API socket it serves, seen through its own root, is this jail's."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if state == "Z" or not _has(args, b"--api-sock", API_SOCKET):
+        return False
+    if not _has(args, b"--id", jail_id(jail.vm_id)):
+        return False
+    try:
+        theirs = os.stat(f"/proc/{pid}/root{API_SOCKET}")
+        ours = os.stat(jail.host(API_SOCKET))
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def _has(args: list[bytes], flag: bytes, value: str) -> bool:
+    """args has flag followed by value."""
+    return arg_after(args, flag) == value
+
+
+def arg_after(args: list[bytes], flag: bytes) -> str | None:
+    if flag not in args or args.index(flag) + 1 >= len(args):
+        return None
+    return os.fsdecode(args[args.index(flag) + 1])
+
+
+class Jailer:
+    def __init__(
+        self,
+        jailer_bin: str,
+        firecracker_bin: str,
+        chroot_base: Path,
+        uids: UidRange,
+        cgroups: VMCgroups | None = None,
+    ) -> None:
+        self.jailer_bin = jailer_bin
+        self.firecracker_bin = firecracker_bin
+        self.chroot_base = chroot_base
+        self.uids = uids
+        self.cgroups = cgroups
+        # The jailer copies Firecracker into the jail under its file name, and names the jail's
+        # parent directory after it.
+        self.exec_name = Path(firecracker_bin).resolve().name
+
+    def describe(self) -> str:
+        return f"jails under {self.chroot_base / self.exec_name}, uids {self.uids.describe()}"
+
+    def jail(self, vm_id: str) -> Jail:
+        return Jail(vm_id, self.chroot_base / self.exec_name / jail_id(vm_id))
+
+    def jails(self) -> list[tuple[Jail, Path | None]]:
+        """Every jail on disk with the VM directory it belongs to (None: unknown)."""
+        found: list[tuple[Jail, Path | None]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted((self.chroot_base / self.exec_name).iterdir()):
+                vm_dir = self._vm_dir(entry)
+                vm_id = vm_dir.name if vm_dir is not None else entry.name
+                found.append((Jail(vm_id, entry), vm_dir))
+        return found
+
+    def recorded_vm_dir(self, name: str) -> Path | None:
+        """The VM directory the jail named name (a jail id) records."""
+        return self._vm_dir(self.chroot_base / self.exec_name / name)
+
+    @staticmethod
+    def _vm_dir(jail_dir: Path) -> Path | None:
+        try:
+            return Path((jail_dir / MARKER).read_text())
+        except OSError:
+            return None
+
+    def is_ours(self, pid: int, vm_id: str) -> bool:
+        return _is_ours(pid, self.jail(vm_id))
+
+    # ---- building a jail ---------------------------------------------------------------
+
+    def prepare(self, vm_id: str, vm_dir: Path) -> Jail:
+        """An empty jail for the VM with a free uid (one left behind is removed first)."""
+        jail = self.jail(vm_id)
+        self.remove(jail)
+        uid = self._free_uid()
+        try:
+            jail.dir.mkdir(mode=0o755, parents=True)
+            (jail.dir / MARKER).write_text(str(vm_dir))
+            jail.root.mkdir(mode=0o700)
+            os.chown(jail.root, uid, uid)  # the jailer does it too; here it claims the uid now
+            self._own_dir(jail, RUN_DIR)
+        except OSError as exc:
+            raise JailError(f"cannot build the jail {jail.root}: {exc.strerror}") from None
+        return jail
+
+    def _free_uid(self) -> int:
+        used = set()
+        for jail, _ in self.jails():
+            with contextlib.suppress(OSError):
+                used.add(jail.owner())
+        for uid in self.uids:
+            if uid not in used:
+                return uid
+        raise JailError(
+            f"all {self.uids.count} uids of HATCH_FIRECRACKER_UID_BASE/_COUNT "
+            f"({self.uids.describe()}) are taken by running VMs"
+        )
+
+    def _own_dir(self, jail: Jail, in_jail: str) -> Path:
+        """A directory of the jail that belongs to its uid (mode 0700)."""
+        path = jail.host(in_jail)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        uid = jail.owner()
+        os.chown(path, uid, uid)
+        return path
+
+    def make_fifo(self, jail: Jail, name: str) -> Path:
+        """A named pipe in the jail's run directory, the uid's."""
+        path = jail.host(f"{RUN_DIR}/{name}")
+        path.unlink(missing_ok=True)
+        os.mkfifo(path, 0o600)
+        uid = jail.owner()
+        os.chown(path, uid, uid)
+        return path
+
+    def place(self, jail: Jail, role: str, source: Path, writable: bool = False) -> str:
+        """Put source in the jail where Firecracker looks for role (a hard link; a copy if the
+        jail is on another filesystem), give the uid read (and write) access; its path in the
+        jail."""
+        in_jail = IN_JAIL[role]
+        dest = jail.host(in_jail)
+        try:
+            dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)
+            try:
+                os.link(source, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copyfile(source, dest)
+                dest.chmod(0o600 if writable else 0o400)
+        except OSError as exc:
+            raise JailError(f"cannot place {source} in the jail: {exc.strerror}") from None
+        try:
+            acl.grant(dest, jail.owner(), acl.READ | acl.WRITE if writable else acl.READ)
+        except acl.ACLError as exc:
+            raise JailError(str(exc)) from None
+        return in_jail
+
+    def snapshot_targets(self, jail: Jail) -> tuple[str, str]:
+        """Where the jailed Firecracker writes a snapshot: (state, memory), in the jail."""
+        self._own_dir(jail, SNAPSHOT_DIR)
+        for path in (NEW_STATE, NEW_MEM):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(jail.host(path))
+        return NEW_STATE, NEW_MEM
+
+    def take_out(self, jail: Jail, in_jail: str, dest: Path) -> None:
+        """Move a file the jailed Firecracker wrote to dest (out of its reach), root's with mode
+        0600. Anything but a regular file of its own (a symlink, a directory, a second name of
+        a file hatchd linked in) is refused and removed."""
+        try:
+            os.replace(jail.host(in_jail), dest)
+        except OSError as exc:
+            raise JailError(f"cannot take {in_jail} out of the jail: {exc.strerror}") from None
+        try:
+            fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            dest.unlink(missing_ok=True)
+            raise JailError(f"the jail's {in_jail} is not a regular file (removed)") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                _remove_any(dest)
+                raise JailError(f"the jail's {in_jail} is not a file of its own (removed)")
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o600)
+            with contextlib.suppress(OSError):
+                os.removexattr(fd, acl.XATTR)
+        finally:
+            os.close(fd)
+
+    # ---- running it --------------------------------------------------------------------
+
+    def command(self, jail: Jail, limits: Limits | None, firecracker_args: list[str]) -> list[str]:
+        """The jailer's command line: Firecracker as the jail's uid and gid, chrooted, in a
+        cgroup with these limits (none without cgroups)."""
+        uid = str(jail.owner())
+        cmd = [
+            self.jailer_bin,
+            "--id",
+            jail_id(jail.vm_id),
+            "--exec-file",
+            self.firecracker_bin,
+            "--uid",
+            uid,
+            "--gid",
+            uid,
+            "--chroot-base-dir",
+            str(self.chroot_base),
+        ]
+        if self.cgroups is not None and limits is not None:
+            cmd += ["--cgroup-version", str(self.cgroups.layout.version)]
+            cmd += ["--parent-cgroup", self.cgroups.parent]
+            for name, value in self.cgroups.properties(limits):
+                cmd += ["--cgroup", f"{name}={value}"]
+        return [*cmd, "--", *firecracker_args]
+
+    # ---- removing it -------------------------------------------------------------------
+
+    def remove(self, jail: Jail) -> None:
+        """Take the uid's ACL entries off the files linked in, then remove the jail (its
+        process has ended). Idempotent."""
+        if not jail.dir.exists():
+            return
+        try:
+            uid: int | None = jail.owner()
+        except OSError:
+            uid = None
+        if uid is not None:
+            for dirpath, _dirs, files in os.walk(jail.root):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(OSError, acl.ACLError):
+                        st = os.lstat(path)
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                            acl.revoke(path, uid)
+        shutil.rmtree(jail.dir, ignore_errors=True)
+        if jail.dir.exists():
+            raise JailError(f"cannot remove the jail {jail.dir}")
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
