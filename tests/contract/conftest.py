@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from hatchvm.ids import new_id
+from hatchvm.private import PRIVATE_UMASK
 from hatchvm.vmm.base import VMM, BootSpec
 from hatchvm.vmm.fake import FakeHost, FakeVMM
 from hatchvm.vmm.fc_jail import Jailer, UidRange
@@ -138,11 +139,14 @@ async def kit(
 ) -> AsyncIterator[Kit]:
     # Short paths: the drivers' sockets live under run_dir (Unix socket paths <= 108 bytes).
     root = Path(tempfile.mkdtemp(prefix="hvc-", dir="/tmp"))
+    umask = os.umask(0o022)
+    os.umask(umask)
     try:
         async for kit in _kits(request.param, root):
             yield kit
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        os.umask(umask)
 
 
 async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
@@ -187,6 +191,8 @@ async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
         jailer_bin = str(jailer_double.launcher(root))
         jails = root / "jails"
         jails.mkdir(mode=0o700)
+
+        os.umask(PRIVATE_UMASK)  # hatchd's (restored by the fixture)
 
         def jailed() -> VMM:
             jailer = Jailer(jailer_bin, binary, jails, JAIL_UIDS)

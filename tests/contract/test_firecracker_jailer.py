@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hatchvm.ids import new_id
+from hatchvm.private import PRIVATE_UMASK
 from hatchvm.vmm import acl, fc_jail
 from hatchvm.vmm.base import BootSpec, RunningVM, VMMError, VMMRequestFailed
 from hatchvm.vmm.cgroups import Limits, VMCgroups
@@ -82,6 +83,7 @@ class Setup:
 
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
+    umask = os.umask(PRIVATE_UMASK)  # hatchd's: whatever the jail needs open, it sets so
     root = Path(tempfile.mkdtemp(prefix="hvj-", dir="/tmp"))
     jails = root / "jails"
     jails.mkdir(mode=0o700)
@@ -95,6 +97,7 @@ async def setup() -> AsyncIterator[Setup]:
         for vm_id in await vmm.processes(root / "vms"):
             await vmm.kill(vm_id, root / "vms" / vm_id)
         shutil.rmtree(root, ignore_errors=True)
+        os.umask(umask)
 
 
 def _uid_of(pid: int) -> tuple[int, int]:

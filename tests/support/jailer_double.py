@@ -369,8 +369,12 @@ def _runtime_paths() -> list[Path]:
 
 
 def _bind_read_only(source: Path, chroot: Path) -> None:
-    target = chroot / source.relative_to("/")
-    target.mkdir(parents=True, exist_ok=True)
+    target = chroot
+    for part in source.relative_to("/").parts:
+        target = target / part
+        if not target.exists():
+            target.mkdir()
+            target.chmod(0o755)  # passable by the jail's uid, whatever the caller's umask
     src, dst = os.fsencode(source), os.fsencode(target)
     if _libc.mount(src, dst, None, MS_BIND | MS_REC, None) != 0:
         raise JailerError(f"Failed to bind mount {source}: {_errno()}")

@@ -263,7 +263,10 @@ class Jailer:
         in_jail = IN_JAIL[role]
         dest = jail.host(in_jail)
         try:
-            dest.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            parent = dest.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            if parent.stat().st_uid == 0:  # not one of the uid's own directories
+                parent.chmod(0o711)  # passable by the uid; explicit: hatchd's umask is 077
             dest.unlink(missing_ok=True)
             try:
                 os.link(source, dest)
