@@ -43,6 +43,7 @@ from hatchvm.vmm.base import (
     VMMStartFailed,
 )
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
+from hatchvm.vmm.environment import vmm_environment
 from hatchvm.vmm.fc_api import FirecrackerAPI, wait_api
 from hatchvm.vmm.fc_jail import Jailer, JailError, jail_id
 from hatchvm.vmm.fc_models import (
@@ -115,12 +116,6 @@ def _is_ours(pid: int, api_socket: Path) -> bool:
         return False
     at = args.index(b"--api-sock") + 1
     return at < len(args) and args[at] == os.fsencode(api_socket)
-
-
-def _vmm_environment() -> dict[str, str]:
-    """What Firecracker gets of hatchd's environment: nothing it could leak (S3 and auth
-    secrets live there) should a guest escape into it; just enough to find programs."""
-    return {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
 
 
 def _running(pid: int) -> bool:
@@ -293,7 +288,7 @@ class FirecrackerVMM:
             pid = os.posix_spawnp(  # noqa: ASYNC221
                 cmd[0],
                 cmd,
-                _vmm_environment(),
+                vmm_environment(),
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                     (os.POSIX_SPAWN_DUP2, out_fd, 1),
