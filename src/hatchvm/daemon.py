@@ -195,7 +195,8 @@ def raise_open_file_limit() -> int:
 async def serve(settings: Settings) -> None:
     raise_open_file_limit()
     make_private_dir(settings.data_dir)
-    if tightened := await asyncio.to_thread(tighten_tree, settings.data_dir):
+    tightened = await asyncio.to_thread(tighten_tree, settings.data_dir, (settings.jail_base,))
+    if tightened:
         log.info("made files in the data directory private", count=tightened)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)

@@ -28,6 +28,7 @@ import pwd
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class UidRange:
     base: int
     count: int
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         return iter(range(self.base, self.base + self.count))
 
     def describe(self) -> str:

@@ -13,6 +13,12 @@ resume() starts it once hatchd records the console. A snapshot pauses the guest 
 full snapshot (all guest RAM to the memory file, device state to the state file); a restore
 maps that memory file privately (it stays intact) in a fresh process. Deaths are seen through
 a pidfd: Firecracker has no event channel, so an exit says only its code or signal.
+
+With a jailer (vmm/fc_jail.py) Firecracker is started through it, chrooted as the VM's own uid:
+the files it is given are placed in its jail first and it is handed their paths there; the
+sockets directory under HATCH_RUN_DIR is then a link to the jail's /run. Neither --daemonize
+nor --new-pid-ns is passed, so the jailer execs Firecracker in the process hatchd started and
+everything above (pid file, pidfd, exit status) holds as unjailed.
 """
 
 from __future__ import annotations
