@@ -238,6 +238,39 @@ async def test_what_the_jailed_process_leaves_in_place_of_a_snapshot_is_refused(
     assert acl.users(setup.files["rootfs"]) == {}
 
 
+async def test_a_jailed_process_that_plants_symlinks_in_its_jail_cannot_redirect_hatchd(
+    setup: Setup,
+) -> None:
+    """What a compromised Firecracker could do, owning its jail: swap its /run for a link to
+    another directory and make /snapshot a link to a host directory. hatchd still reaches its
+    API through its own link, still recognises it by its root, and a snapshot is refused
+    without touching the directory linked to (the same snapshot works without: the other
+    tests)."""
+    vmm = setup.vmm()
+    spec = setup.spec(new_id("vm"))
+    pid = await vmm.boot(spec)
+    await vmm.resume(spec.vm_id, spec.vm_dir)
+    jail = setup.jailer().jail(spec.vm_id)
+    victim, decoy = setup.root / "victim", setup.root / "decoy"
+    for made in (victim, decoy):
+        made.mkdir()
+        made.chmod(0o755)
+    os.rename(jail.host("/run"), jail.host("/run.old"))
+    os.symlink(decoy, jail.host("/run"))
+    os.symlink(victim, jail.host("/snapshot"))
+    assert await vmm.alive(spec.vm_id, spec.vm_dir) == pid
+    assert await vmm.processes(setup.root / "vms") == {spec.vm_id: pid}
+    assert await vmm.resume_if_paused(spec.vm_id, spec.vm_dir) is True  # its API answers
+    with pytest.raises(VMMError, match="not a directory of its own") as err:
+        await vmm.snapshot(spec.vm_id, spec.vm_dir, spec.vm_dir / "state")
+    assert err.value.vm_id == spec.vm_id
+    st = victim.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode), list(victim.iterdir())) == (0, 0o755, [])
+    assert await vmm.alive(spec.vm_id, spec.vm_dir) == pid
+    await vmm.kill(spec.vm_id, spec.vm_dir)
+    assert not jail.dir.exists() and victim.is_dir() and decoy.is_dir()
+
+
 async def test_a_restarted_daemon_finds_the_jailed_process_and_sweeps_dead_jails(
     setup: Setup,
 ) -> None:

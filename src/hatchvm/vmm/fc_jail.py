@@ -2,6 +2,14 @@
 uid and gid, chrooted into <chroot base>/<Firecracker's file name>/<jail id>/root, in a cgroup
 the jailer makes with the VM's limits (its --cgroup options).
 
+A jailed process owns its jail (the jailer gives it the jail's root), so hatchd never goes
+through the jail to reach what it uses while the VM runs: the pipes are made beside root/ in the
+jail's own directory, root's alone, and hard-linked into the jail's /run; the API socket
+Firecracker creates there is linked out beside them once it appears (before any guest code has
+run); a process is recognised by its root directory (kernel state it cannot change, unlike its
+command line or its jail's contents); and what hatchd does inside a live jail (the snapshot
+directory) walks it one component at a time, refusing symlinks.
+
 The jailer builds nothing a VM needs: hatchd fills the jail before it runs. The files Firecracker
 opens are hard links at fixed places (IN_JAIL), so the paths hatchd hands to the API are the same
 for every VM and a snapshot's drive paths stay valid for its restore; the VM's uid gets access to
@@ -16,6 +24,12 @@ leave a symlink or a link to another file there.
 A jail lives exactly as long as its process: kill() removes it (ACL entries revoked first), and
 start-up removes those of VMs that no longer run. Beside root/ a file only root can write records
 which VM directory the jail belongs to, so a restarted hatchd finds its jailed processes.
+
+    <chroot base>/<exec file name>/<jail id>/   root's, 0700
+        vm_dir                     the VM directory it belongs to
+        api.sock                   hard link of Firecracker's API socket (hatchd connects here)
+        console.fifo, log.fifo, metrics.fifo   the pipes (the uid's), linked into root/run/
+        root/                      the chroot: the uid's
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ IN_JAIL = {
 NEW_STATE = "/snapshot/new.state"
 NEW_MEM = "/snapshot/new.mem"
 MARKER = "vm_dir"  # beside root/: the VM directory this jail belongs to
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "unchanged" to chown and setuid
 
 
@@ -132,34 +147,32 @@ def check_jail_base(base: Path, data_dir: Path, uid: int) -> None:
 
 
 def _is_ours(pid: int, jail: Jail) -> bool:
-    """pid is alive and is the Firecracker jailed in this jail: its command line names the jail
-    and the API socket it serves, seen through its own root, is this jail's."""
+    """pid is alive and chrooted in this jail: its root directory is the jail's (the real
+    jailer's pivot_root leaves a bind mount of the same directory there)."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        theirs = os.stat(f"/proc/{pid}/root")
+        ours = os.stat(jail.root)
     except OSError:
         return False
-    if state == "Z" or not _has(args, b"--api-sock", API_SOCKET):
-        return False
-    if not _has(args, b"--id", jail_id(jail.vm_id)):
-        return False
-    try:
-        theirs = os.stat(f"/proc/{pid}/root{API_SOCKET}")
-        ours = os.stat(jail.host(API_SOCKET))
-    except OSError:
-        return False
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    return state != "Z" and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
-def _has(args: list[bytes], flag: bytes, value: str) -> bool:
-    """args has flag followed by value."""
-    return arg_after(args, flag) == value
-
-
-def arg_after(args: list[bytes], flag: bytes) -> str | None:
-    if flag not in args or args.index(flag) + 1 >= len(args):
-        return None
-    return os.fsdecode(args[args.index(flag) + 1])
+def _open_dir(jail: Jail, in_jail: str) -> int:
+    """A directory of a live jail, walked from its root one component at a time: a symlink
+    anywhere on the way (the jailed process may have left one) is refused, not followed."""
+    fd = os.open(jail.root, _DIR)
+    for part in (p for p in in_jail.split("/") if p):
+        try:
+            next_fd = os.open(part, _DIR, dir_fd=fd)
+        except OSError as exc:
+            raise JailError(
+                f"the jail's {in_jail} is not a directory of its own ({exc.strerror})"
+            ) from None
+        finally:
+            os.close(fd)
+        fd = next_fd
+    return fd
 
 
 class Jailer:
@@ -196,10 +209,6 @@ class Jailer:
                 found.append((Jail(vm_id, entry), vm_dir))
         return found
 
-    def recorded_vm_dir(self, name: str) -> Path | None:
-        """The VM directory the jail named name (a jail id) records."""
-        return self._vm_dir(self.chroot_base / self.exec_name / name)
-
     @staticmethod
     def _vm_dir(jail_dir: Path) -> Path | None:
         try:
@@ -218,7 +227,7 @@ class Jailer:
         self.remove(jail)
         uid = self._free_uid()
         try:
-            jail.dir.mkdir(mode=0o755, parents=True)
+            jail.dir.mkdir(mode=0o700, parents=True)
             (jail.dir / MARKER).write_text(str(vm_dir))
             jail.root.mkdir(mode=0o700)
             os.chown(jail.root, uid, uid)  # the jailer does it too; here it claims the uid now
@@ -248,14 +257,32 @@ class Jailer:
         os.chown(path, uid, uid)
         return path
 
-    def make_fifo(self, jail: Jail, name: str) -> Path:
-        """A named pipe in the jail's run directory, the uid's."""
-        path = jail.host(f"{RUN_DIR}/{name}")
-        path.unlink(missing_ok=True)
+    def make_fifo(self, jail: Jail, name: str) -> str:
+        """A named pipe beside the jail's root, the uid's, linked into its /run; its path in
+        the jail."""
+        path = jail.dir / name
         os.mkfifo(path, 0o600)
         uid = jail.owner()
         os.chown(path, uid, uid)
-        return path
+        os.link(path, jail.host(f"{RUN_DIR}/{name}"))
+        return f"{RUN_DIR}/{name}"
+
+    def link_api_socket(self, jail: Jail) -> None:
+        """Link the API socket Firecracker created in the jail out beside the pipes, where
+        hatchd connects to it (called as soon as it appears: no guest code has run yet)."""
+        name = API_SOCKET.rsplit("/", 1)[1]
+        dest = jail.dir / name
+        fd = _open_dir(jail, RUN_DIR)
+        try:
+            dest.unlink(missing_ok=True)
+            os.link(name, dest, src_dir_fd=fd, follow_symlinks=False)
+        except OSError as exc:
+            raise JailError(f"cannot link the jail's API socket out: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if not stat.S_ISSOCK(os.lstat(dest).st_mode):
+            dest.unlink()
+            raise JailError(f"the jail's {API_SOCKET} is not a socket")
 
     def place(self, jail: Jail, role: str, source: Path, writable: bool = False) -> str:
         """Put source in the jail where Firecracker looks for role (a hard link; a copy if the
@@ -285,21 +312,43 @@ class Jailer:
         return in_jail
 
     def snapshot_targets(self, jail: Jail) -> tuple[str, str]:
-        """Where the jailed Firecracker writes a snapshot: (state, memory), in the jail."""
-        self._own_dir(jail, SNAPSHOT_DIR)
-        for path in (NEW_STATE, NEW_MEM):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(jail.host(path))
+        """Where the jailed Firecracker writes a snapshot: (state, memory), in the jail (its
+        /snapshot, made the uid's; the jail is live, so nothing there is followed)."""
+        name = SNAPSHOT_DIR.strip("/")
+        uid = jail.owner()
+        root = _open_dir(jail, "/")
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=root)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+        except OSError as exc:
+            raise JailError(
+                f"the jail's {SNAPSHOT_DIR} is not a directory of its own ({exc.strerror})"
+            ) from None
+        finally:
+            os.close(root)
+        try:
+            os.fchown(fd, uid, uid)
+            os.fchmod(fd, 0o700)
+            for path in (NEW_STATE, NEW_MEM):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path.rsplit("/", 1)[1], dir_fd=fd)
+        finally:
+            os.close(fd)
         return NEW_STATE, NEW_MEM
 
     def take_out(self, jail: Jail, in_jail: str, dest: Path) -> None:
         """Move a file the jailed Firecracker wrote to dest (out of its reach), root's with mode
         0600. Anything but a regular file of its own (a symlink, a directory, a second name of
         a file hatchd linked in) is refused and removed."""
+        where, name = in_jail.rsplit("/", 1)
+        fd = _open_dir(jail, where)
         try:
-            os.replace(jail.host(in_jail), dest)
+            os.replace(name, dest, src_dir_fd=fd)
         except OSError as exc:
             raise JailError(f"cannot take {in_jail} out of the jail: {exc.strerror}") from None
+        finally:
+            os.close(fd)
         try:
             fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:

@@ -16,7 +16,8 @@ a pidfd: Firecracker has no event channel, so an exit says only its code or sign
 
 With a jailer (vmm/fc_jail.py) Firecracker is started through it, chrooted as the VM's own uid:
 the files it is given are placed in its jail first and it is handed their paths there; the
-sockets directory under HATCH_RUN_DIR is then a link to the jail's /run. Neither --daemonize
+sockets directory under HATCH_RUN_DIR is then a link to the jail's own directory, where its
+API socket and pipes are linked out of the jail. Neither --daemonize
 nor --new-pid-ns is passed, so the jailer execs Firecracker in the process hatchd started and
 everything above (pid file, pidfd, exit status) holds as unjailed.
 """
@@ -171,8 +172,9 @@ class FirecrackerVMM:
     # ---- paths -------------------------------------------------------------------------
 
     def sockets(self, vm_dir: Path) -> Path:
-        """The API socket's and pipes' directory; under the jailer a link to the jail's /run
-        (hatchd's path to the socket stays short whatever the jail's is)."""
+        """The API socket's and pipes' directory; under the jailer a link to the jail's own
+        directory, where they are linked out of the jail (the path to the socket stays short
+        whatever the jail's is)."""
         return sockets_dir(self.run_dir, vm_dir)
 
     def _in_vmm(self, vm_dir: Path, name: str) -> str:
@@ -235,24 +237,17 @@ class FirecrackerVMM:
         return found
 
     def _jailed_processes(self, vms_dir: Path) -> dict[str, int]:
-        """The jailed Firecrackers of VMs under vms_dir: their --id names the jail, whose
-        record says which VM directory it belongs to."""
+        """The jailed Firecrackers of VMs under vms_dir: each jail records its VM's directory,
+        whose pid file names a process that must be chrooted in that jail (a jailed process
+        can rewrite its command line, not its root)."""
         assert self.jailer is not None
         found: dict[str, int] = {}
-        for pid, sock in processes_with_arg(b"--api-sock"):
-            if str(sock) != fc_jail.API_SOCKET:
+        for _, vm_dir in self.jailer.jails():
+            if vm_dir is None or vm_dir.parent != vms_dir:
                 continue
-            try:
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            name = fc_jail.arg_after(args, b"--id")
-            if not name or "/" in name or name.startswith("."):
-                continue
-            vm_dir = self.jailer.recorded_vm_dir(name)
-            if vm_dir is not None and vm_dir.parent == vms_dir:
-                if self.jailer.is_ours(pid, vm_dir.name):
-                    found[vm_dir.name] = pid
+            pid = _read_pid(vm_dir)
+            if pid is not None and self.jailer.is_ours(pid, vm_dir.name):
+                found[vm_dir.name] = pid
         return found
 
     async def _spawn(
@@ -285,6 +280,10 @@ class FirecrackerVMM:
                 cmd = self.cgroups.launcher(vm_id) + cmd
         else:
             cmd, paths = self._jail(vm_id, vm_dir, vcpu_count, mem_mib, files)
+        # Jailed, the socket is watched for where Firecracker makes it, then linked out.
+        wait_for = api_socket
+        if self.jailer is not None:
+            wait_for = self.jailer.jail(vm_id).host(fc_jail.API_SOCKET)
         out = vm_dir / OUT_FILE
         out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -311,7 +310,14 @@ class FirecrackerVMM:
         (vm_dir / PID_FILE).write_text(f"{pid}\n")
         deadline = time.monotonic() + self.start_timeout
         # Not _is_ours yet: under the cgroup launcher it is `sh` until it execs Firecracker.
-        if not await wait_api(api_socket, lambda: _running(pid), deadline):
+        started = await wait_api(wait_for, lambda: _running(pid), deadline)
+        if started and self.jailer is not None:
+            try:
+                self.jailer.link_api_socket(self.jailer.jail(vm_id))
+            except JailError as exc:
+                log.warning("jailed firecracker's api socket unusable", vm_id=vm_id, error=str(exc))
+                started = False
+        if not started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await process_ended(pid, KILL_TIMEOUT)
@@ -345,7 +351,7 @@ class FirecrackerVMM:
                 for role, (path, writable) in files.items()
             }
             sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            sock.symlink_to(jail.host(fc_jail.RUN_DIR))
+            sock.symlink_to(jail.dir)
         except (JailError, OSError) as exc:
             with contextlib.suppress(JailError):
                 self.jailer.remove(self.jailer.jail(vm_id))
