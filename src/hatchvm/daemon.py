@@ -83,6 +83,8 @@ async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
     if settings.vmm == "auto" and firecracker is not None and accel == "kvm":
         log.info("kvm works and firecracker is installed: guests run on firecracker")
         return _build_firecracker(settings, firecracker, True), accel
+    if settings.firecracker_jailer:
+        log.warning("HATCH_FIRECRACKER_JAILER is set but guests run on QEMU: it is not used")
     qemu = QemuVMM(
         settings.qemu_bin,
         accel,
@@ -278,6 +280,7 @@ def _settings_help() -> str:
         shown = (
             f"./{default}" if isinstance(default, Path) and not default.is_absolute() else default
         )
+        shown = "" if shown is None else shown
         lines.append(f"  HATCH_{name.upper()}={shown}")
         lines.append(f"      {field.description}")
     return "\n".join(lines)
