@@ -130,7 +130,9 @@ def test_a_route_and_the_ssh_gateway_wake_a_networked_vm_on_the_double(hatch) ->
             headers={"Host": f"fcwake.hatch.local:{hatch.proxy_port}"},
             timeout=30,
         )  # nothing serves it: an error, after the wake
-        assert api.get_vm(vm["id"])["state"] == "running"
+        # The proxy gives up after HATCH_PROXY_WAKE_TIMEOUT (2 s); the wake it started goes on,
+        # and on a loaded machine the double's restore can take longer than that.
+        wait_for(lambda: api.get_vm(vm["id"])["state"] == "running", 30, "the route's wake")
         assert "waking vm from its latest snapshot" in hatch.log_tail(200)
 
         api.snapshot_vm(vm["id"])

@@ -41,12 +41,8 @@ import jsonschema_rs
 import yaml
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parents[2]
-SWAGGER = Path(
-    os.environ.get(
-        "HATCH_FIRECRACKER_SWAGGER", REPO.parent / "shared/reference/firecracker-swagger.yaml"
-    )
-)
+from tests.support.fc_swagger import REPO, SWAGGER
+
 VERSION = "1.17.0-double"
 STATE_MAGIC = "firecracker-double-state"
 MIB = 1 << 20

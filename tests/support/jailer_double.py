@@ -40,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.fc_swagger import REPO, SWAGGER
+
 VERSION = "1.17.0-double"
 
 # name: (takes a value, may repeat, required, default)
@@ -354,8 +355,6 @@ def _write_new(path: str, text: str) -> None:
 def _runtime_paths() -> list[Path]:
     """What the Python Firecracker double needs to run: the interpreter, its libraries, this
     repository (its virtualenv, the double) and the swagger file's directory."""
-    from tests.support.firecracker_double import SWAGGER
-
     wanted = [Path("/usr"), Path(sys.base_prefix), REPO, SWAGGER.resolve().parent]
     for link in ("bin", "lib", "lib64", "sbin"):
         host = Path("/") / link
