@@ -24,6 +24,7 @@ from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.images.builder import CURRENT
 from hatchvm.vmm import acl
 from tests.support import jailer_double
+from tests.support.cgroups import cgroup_of, host_cgroups, limits_of
 from tests.support.firecracker_double import SWAGGER, launcher
 from tests.support.wait import wait_for
 from tests.unit.core_on_fake import _fake_image
@@ -161,6 +162,12 @@ def test_the_vm_lifecycle_through_hatchd_with_the_jailer_on_the_doubles(jailed_h
         pid = _fc_pid(hatch, vm["id"])
         uid = _uid(pid)
         assert JAIL_UID_BASE <= uid < JAIL_UID_BASE + 16
+        if (cgroups := host_cgroups(hatch.cgroup_parent)) is not None:
+            # The jailer made its cgroup, named after the jail, with the VM's limits.
+            name = vm["id"].replace("_", "-")
+            assert cgroup_of(pid, cgroups)[0] == f"/{hatch.cgroup_parent}/{name}"
+            memory, quota, period = limits_of(cgroups, name)
+            assert memory > 128 << 20 and (quota, period) == (100_000, 100_000)
         assert (_jail(hatch, vm["id"]) / "root" / "drives" / "disk").stat().st_ino == (
             vm_dir / "disk.ext4"
         ).stat().st_ino
