@@ -285,9 +285,9 @@ class Jailer:
             raise JailError(f"the jail's {API_SOCKET} is not a socket")
 
     def place(self, jail: Jail, role: str, source: Path, writable: bool = False) -> str:
-        """Put source in the jail where Firecracker looks for role (a hard link; a copy if the
-        jail is on another filesystem), give the uid read (and write) access; its path in the
-        jail."""
+        """Put source in the jail where Firecracker looks for role (a hard link; a copy of a
+        read-only file if the jail is on another filesystem: a writable one must be the file
+        itself), give the uid read (and write) access; its path in the jail."""
         in_jail = IN_JAIL[role]
         dest = jail.host(in_jail)
         try:
@@ -299,10 +299,10 @@ class Jailer:
             try:
                 os.link(source, dest)
             except OSError as exc:
-                if exc.errno != errno.EXDEV:
+                if exc.errno != errno.EXDEV or writable:
                     raise
                 shutil.copyfile(source, dest)
-                dest.chmod(0o600 if writable else 0o400)
+                dest.chmod(0o400)
         except OSError as exc:
             raise JailError(f"cannot place {source} in the jail: {exc.strerror}") from None
         try:
@@ -320,7 +320,8 @@ class Jailer:
         try:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=root)
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=root)
         except OSError as exc:
             raise JailError(
                 f"the jail's {SNAPSHOT_DIR} is not a directory of its own ({exc.strerror})"
