@@ -105,6 +105,7 @@ async def test_a_usable_jailer_is_given_to_the_firecracker_driver(
             {"firecracker_jailer": "/no/such/jailer"},
             "HATCH_FIRECRACKER_JAILER=/no/such/jailer is not an executable file",
         ),
+        ({"firecracker_jailer": "{not executable}"}, "is not an executable file"),
         (
             {"firecracker_uid_base": "65534", "firecracker_uid_count": "1"},
             "uid 65534 of HATCH_FIRECRACKER_UID_BASE/_COUNT (65534-65534) belongs to user",
@@ -122,6 +123,11 @@ async def test_a_jailer_that_cannot_work_stops_the_start_naming_the_setting(
     _kvm(monkeypatch, works=False)
     if "firecracker_chroot_base" in values and _same_fs("/dev/shm", tmp_path):
         pytest.skip("/dev/shm is on the same filesystem as the test's data dir here")
+    if values.get("firecracker_jailer") == "{not executable}":
+        plain = tmp_path / "jailer"
+        plain.write_text("#!/bin/sh\n")
+        plain.chmod(0o644)
+        values = {"firecracker_jailer": str(plain)}
     try:
         with pytest.raises(daemon.StartupError) as err:
             await daemon._build_vmm(_jailed(tmp_path, binary, **values))
