@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -306,17 +308,48 @@ def tap() -> Iterator[str]:
     subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
-async def test_a_jailed_vm_with_a_nic_opens_its_tap_as_its_uid(setup: Setup, tap: str) -> None:
+def _attach_as(uid: int, tap: str) -> str:
+    """What uid gets attaching to the TAP through /dev/net/tun: 'ok' or the error's name."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR)  # as a jail's node is: the uid may open it
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            flags = fc_jail.IFF_TAP | fc_jail.IFF_NO_PI
+            fcntl.ioctl(fd, fc_jail.TUNSETIFF, struct.pack("16sH", tap.encode(), flags))
+            os.write(write, b"ok")
+        except OSError as exc:
+            os.write(write, type(exc).__name__.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as answer:
+        return answer.read()
+
+
+async def test_a_jailed_vm_with_a_nic_opens_its_tap_as_its_uid_and_only_it_may(
+    setup: Setup, tap: str
+) -> None:
+    other = JAIL_UIDS.base + 63
+    assert _attach_as(other, tap) == "ok"  # the control: a TAP hatchd made has no owner
     vmm = setup.vmm()
     vm_id = new_id("vm")
     spec = setup.spec(vm_id, tap_name=tap, guest_mac="02:00:00:00:00:2b")
-    await vmm.boot(spec)
+    pid = await vmm.boot(spec)
+    uid = _uid_of(pid)[0]
     await vmm.resume(vm_id, spec.vm_dir)
     await vmm.snapshot(vm_id, spec.vm_dir, spec.vm_dir / "state")
-    await vmm.restore(spec, spec.vm_dir / "state")
+    pid = await vmm.restore(spec, spec.vm_dir / "state")
+    assert _uid_of(pid)[0] == uid  # its TAP reopened by the restored one
     await vmm.kill(vm_id, spec.vm_dir)
+    assert _attach_as(other, tap) == "PermissionError"  # another jail's uid may not
+    assert _attach_as(uid, tap) == "ok"
     spec = setup.spec(vm_id, tap_name="hvjnosuchtap", guest_mac="02:00:00:00:00:2b")
-    with pytest.raises(VMMRequestFailed, match="Open tap device failed"):
+    with pytest.raises(VMMError, match="TAP hvjnosuchtap does not exist"):
         await vmm.boot(spec)
 
 

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import pwd
 import shutil
+import socket
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +68,8 @@ NEW_STATE = "/snapshot/new.state"
 NEW_MEM = "/snapshot/new.mem"
 MARKER = "vm_dir"  # beside root/: the VM directory this jail belongs to
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+TUNSETIFF, TUNSETOWNER, TUNSETGROUP = 0x400454CA, 0x400454CC, 0x400454CE
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "unchanged" to chown and setuid
 
 
@@ -156,6 +161,27 @@ def _is_ours(pid: int, jail: Jail) -> bool:
     except OSError:
         return False
     return state != "Z" and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def give_tap(name: str, uid: int) -> None:
+    """Make the uid (and gid) the TAP's owner: a jailed Firecracker can attach to any TAP
+    without an owner through its jail's /dev/net/tun, but only to its own VM's one with."""
+    try:
+        socket.if_nametoindex(name)  # attaching to a missing one would create it
+    except OSError:
+        raise JailError(f"TAP {name} does not exist") from None
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JailError(f"cannot open /dev/net/tun: {exc.strerror}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETOWNER, uid)
+        fcntl.ioctl(fd, TUNSETGROUP, uid)
+    except OSError as exc:
+        raise JailError(f"cannot give TAP {name} to uid {uid}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _open_dir(jail: Jail, in_jail: str) -> int:

@@ -257,6 +257,7 @@ class FirecrackerVMM:
         vcpu_count: int,
         mem_mib: int,
         files: dict[str, tuple[Path, bool]],
+        tap: str | None,
     ) -> tuple[int, dict[str, str]]:
         """Start Firecracker (its API socket answering, nothing configured); its pid and the
         paths it is to be given for files (role: (host path, writable)): the same paths
@@ -279,7 +280,7 @@ class FirecrackerVMM:
                     raise VMMStartFailed(str(exc), vm_id=vm_id, op="start") from None
                 cmd = self.cgroups.launcher(vm_id) + cmd
         else:
-            cmd, paths = self._jail(vm_id, vm_dir, vcpu_count, mem_mib, files)
+            cmd, paths = self._jail(vm_id, vm_dir, vcpu_count, mem_mib, files, tap)
         # Jailed, the socket is watched for where Firecracker makes it, then linked out.
         wait_for = api_socket
         if self.jailer is not None:
@@ -338,8 +339,10 @@ class FirecrackerVMM:
         vcpu_count: int,
         mem_mib: int,
         files: dict[str, tuple[Path, bool]],
+        tap: str | None,
     ) -> tuple[list[str], dict[str, str]]:
-        """The VM's jail, filled (its pipes, its files), and the jailer's command line."""
+        """The VM's jail, filled (its pipes, its files; its TAP made the uid's), and the
+        jailer's command line."""
         assert self.jailer is not None
         sock = self.sockets(vm_dir)
         try:
@@ -350,6 +353,8 @@ class FirecrackerVMM:
                 role: self.jailer.place(jail, role, path, writable)
                 for role, (path, writable) in files.items()
             }
+            if tap is not None:
+                fc_jail.give_tap(tap, jail.owner())
             sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             sock.symlink_to(jail.dir)
         except (JailError, OSError) as exc:
@@ -403,7 +408,7 @@ class FirecrackerVMM:
         if spec.initrd is not None:
             files["initrd"] = (spec.initrd, False)
         pid, paths = await self._spawn(
-            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files
+            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files, spec.tap_name
         )
         self._write_record(spec)
         cmdline = spec.cmdline if "pci=off" in spec.cmdline else f"{spec.cmdline} pci=off"
@@ -600,7 +605,7 @@ class FirecrackerVMM:
             "mem": (spec.mem_file, False),
         }
         pid, paths = await self._spawn(
-            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files
+            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files, spec.tap_name
         )
         self._write_record(spec)
         try:
