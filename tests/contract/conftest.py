@@ -230,9 +230,18 @@ async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
         if (problem := await _kvm_problem()) is not None:
             pytest.skip(f"KVM does not run guests here ({problem}): Firecracker cannot")
         files = _image_files()
+        # HATCH_FIRECRACKER_JAILER set too: the real Firecracker under the real jailer.
+        jailer_bin = os.environ.get("HATCH_FIRECRACKER_JAILER")
+        jails = root / "jails"
+        jails.mkdir(mode=0o700)
+
+        def real() -> VMM:
+            jailer = Jailer(jailer_bin, binary, jails, JAIL_UIDS) if jailer_bin else None
+            return FirecrackerVMM(binary, run_dir, kvm_usable=True, jailer=jailer)
+
         kit = Kit(
             name,
-            lambda: FirecrackerVMM(binary, run_dir, kvm_usable=True),
+            real,
             files,
             vms_dir,
             _kill_process,

@@ -34,7 +34,7 @@ JAIL_UID_BASE = 910_300
 
 @pytest.fixture
 def hatch(daemon_factory, tmp_path: Path):
-    return _hatch(daemon_factory, tmp_path)
+    return _hatch(daemon_factory, tmp_path, HATCH_FIRECRACKER_JAILER="")
 
 
 @pytest.fixture
