@@ -277,18 +277,23 @@ async def test_a_restarted_daemon_finds_the_jailed_process_and_sweeps_dead_jails
     setup: Setup,
 ) -> None:
     first = setup.vmm()
-    alive, dead = setup.spec(new_id("vm")), setup.spec(new_id("vm"))
+    alive, dead, stray = (setup.spec(new_id("vm")) for _ in range(3))
     pid = await first.boot(alive)
     dead_pid = await first.boot(dead)
     os.kill(dead_pid, 9)  # dies while no daemon watches
     assert await process_ended(dead_pid, 30)
     _reap(dead_pid)
+    stray_pid = await first.boot(stray)
+    (stray.vm_dir / "firecracker.pid").unlink()  # as if hatchd died before writing it
     second = setup.vmm()
     assert await second.processes(setup.root / "vms") == {alive.vm_id: pid}
     assert await second.alive(alive.vm_id, alive.vm_dir) == pid
     await second.settle([RunningVM(alive.vm_id, alive.vm_dir, 1, 128)])
-    assert not setup.jailer().jail(dead.vm_id).dir.exists()
-    assert acl.users(dead.disk) == {}
+    for gone in (dead, stray):
+        assert not setup.jailer().jail(gone.vm_id).dir.exists()
+        assert acl.users(gone.disk) == {}
+    assert await process_ended(stray_pid, 30), "a process left in a swept jail is killed"
+    _reap(stray_pid)
     assert setup.jailer().jail(alive.vm_id).dir.exists()
     await second.resume(alive.vm_id, alive.vm_dir)
     await second.kill(alive.vm_id, alive.vm_dir)

@@ -41,6 +41,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -161,6 +162,24 @@ def _is_ours(pid: int, jail: Jail) -> bool:
     except OSError:
         return False
     return state != "Z" and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def processes_in(jail: Jail) -> list[int]:
+    """Every process chrooted in the jail (what a crash may have left without a pid file)."""
+    try:
+        ours = os.stat(jail.root)
+    except OSError:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                theirs = os.stat(entry / "root")
+            except OSError:  # gone, or a zombie
+                continue
+            if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+                found.append(int(entry.name))
+    return found
 
 
 def give_tap(name: str, uid: int) -> None:
@@ -422,10 +441,13 @@ class Jailer:
     # ---- removing it -------------------------------------------------------------------
 
     def remove(self, jail: Jail) -> None:
-        """Take the uid's ACL entries off the files linked in, then remove the jail (its
-        process has ended). Idempotent."""
+        """Kill whatever still runs in the jail (its Firecracker has normally ended already),
+        take the uid's ACL entries off the files linked in, then remove the jail. Idempotent."""
         if not jail.dir.exists():
             return
+        for pid in processes_in(jail):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         try:
             uid: int | None = jail.owner()
         except OSError:
