@@ -61,7 +61,7 @@ ARGUMENTS: dict[str, tuple[bool, bool, bool, str | None]] = {
     "version": (False, False, False, None),
 }
 FOLDERS = ("/", "/dev", "/dev/net", "/run")
-DEVICES = (("/dev/net/tun", 10, 200, True), ("/dev/kvm", 10, 232, True))
+DEVICES = (("/dev/net/tun", 10, 200), ("/dev/kvm", 10, 232))  # (path, major, minor)
 URANDOM = ("/dev/urandom", 1, 9)
 DEFAULT_NO_FILE = 2048
 UNEXPECTED = "which wasn't expected, or isn't valid in this context."
@@ -222,7 +222,7 @@ class Env:
             os.makedirs(folder, exist_ok=True)
             os.chmod(folder, 0o700)
             os.chown(folder, self.uid, self.gid)
-        for path, major, minor, _required in DEVICES:
+        for path, major, minor in DEVICES:
             self._mknod(path, major, minor)
         try:
             self._mknod(*URANDOM)
@@ -460,6 +460,7 @@ def _enable_up(path: Path, controller: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    os.closerange(3, 1 << 16)  # as the jailer: nothing but stdio is inherited
     try:
         if "--help" in args or "-h" in args:
             print(f"Jailer v{VERSION}\n\nOptions: " + ", ".join(f"--{a}" for a in ARGUMENTS))
