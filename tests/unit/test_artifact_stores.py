@@ -43,6 +43,7 @@ def test_keys_cannot_leave_the_store(tmp_path: Path) -> None:
 def _manifest(**changes: object) -> str:
     record = ArtifactRecord(key="k", raw_size=1, stored_size=1, sha256="0" * 64)
     data = SnapshotManifest(
+        version=1,  # the old format: one file per artifact
         snapshot_id="snap_1",
         vm_id="vm_1",
         mem_mib=128,
@@ -56,7 +57,9 @@ def test_manifest_round_trip_and_refusals() -> None:
     assert SnapshotManifest.parse(_manifest()).stored_size == 3
     with pytest.raises(ArtifactCorrupt, match="unreadable manifest"):
         SnapshotManifest.parse("{not json")
-    with pytest.raises(ArtifactCorrupt, match="version 2"):
+    with pytest.raises(ArtifactCorrupt, match="version 3"):
+        SnapshotManifest.parse(_manifest(version=3))
+    with pytest.raises(ArtifactCorrupt, match="version 2 without its chunks"):
         SnapshotManifest.parse(_manifest(version=2))
     with pytest.raises(ArtifactCorrupt, match="lists"):
         SnapshotManifest.parse(_manifest(artifacts={}))
