@@ -87,6 +87,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _old_format(snap: Snapshot) -> bool:
+    """Stored in its own files (manifest version 1), not as chunks; an unreadable manifest
+    counts as old: deleting its folder is harmless either way."""
+    try:
+        return SnapshotManifest.parse(snap.manifest).chunks is None
+    except ArtifactError:
+        return True
+
+
 def _reset_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -549,10 +558,11 @@ class SnapshotService:
         latest = self._resume_dir(vm.id) / LATEST
         if (await asyncio.to_thread(_read, latest) or "").split(" ")[0] == snap.id:
             await asyncio.to_thread(latest.unlink, True)
-        try:
-            await self.store.delete_prefix(self._prefix(vm.id, snap.id))  # an old-format one
-        except ArtifactError as exc:
-            log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
+        if _old_format(snap):
+            try:
+                await self.store.delete_prefix(self._prefix(vm.id, snap.id))
+            except ArtifactError as exc:
+                log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
         await self._collect(vm.user_id)
         log.info("snapshot deleted", vm_id=vm.id, snapshot_id=snap.id)
 
