@@ -38,8 +38,10 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3)
     args = parser.parse_args()
     z = zstandard.ZstdCompressor(level=args.level)
-    print(f"{'chunk':>6} {'file':>18} {'chunks':>7} {'added MiB':>9} {'alone MiB':>9} "
-          f"{'manifest KiB':>12}")
+    print(
+        f"{'chunk':>6} {'file':>18} {'chunks':>7} {'added MiB':>9} {'alone MiB':>9} "
+        f"{'manifest KiB':>12}"
+    )
     for size in SIZES:
         seen: dict[bytes, int] = {}
         zero = bytes(size)
@@ -60,8 +62,11 @@ def main() -> None:
                     added += stored
                 alone += stored
             manifest = count * MANIFEST_ENTRY
-            print(f"{size >> 10:>5}K {path.name:>18} {count:>7} {added / 2**20:>9.2f} "
-                  f"{alone / 2**20:>9.2f} {manifest / 1024:>12.1f}", flush=True)
+            print(
+                f"{size >> 10:>5}K {path.name:>18} {count:>7} {added / 2**20:>9.2f} "
+                f"{alone / 2**20:>9.2f} {manifest / 1024:>12.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@ Measured in one run, against baselines on the same files and the same guest stat
   snapshot: hatchd's POST /vms/{id}/snapshot (pause, save, compress, store) against `gzip -6`
             of the raw memory and disk files (what the Go reference implementation does);
   restore:  POST /vms/{id}/restore until the guest answers HTTP, against a raw
-            `qemu -incoming "exec:cat stream"` of the uncompressed migration stream.
+            `qemu -incoming "exec:cat stream"` of the uncompressed migration stream;
+  chunks:   what a second snapshot of the VM (idle in between) adds; what --vms VMs of one
+            user with the same workload store together, against each stored alone (in a
+            chunk store of its own, and in the old per-artifact format); rebuilding the files
+            from the store against the old format's whole-file decode (in-process, and end to
+            end to HTTP); on S3 (a SeaweedFS server started here), a restore that streams
+            from the bucket against a hot restore of the same VM.
 
 Run as root: `.venv/bin/python bench/snapshot.py [--rounds N]`. It enters a fresh network
 namespace of its own, so its bridge, TAPs and VMs vanish with it.
@@ -27,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.answers import first_answer
+from bench.chunk_store import cold_restores, decode_against_restore, s3_streaming, ten_vms
 from hatchvm.core.vms import DISK_NAME, MEM_NAME
 from hatchvm.net import links
 from hatchvm.net.alloc import tap_name
@@ -165,17 +172,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--touch-mib", type=int, default=MEM_MIB // 2)
     parser.add_argument("--keep", action="store_true", help="keep the files for a post-mortem")
+    parser.add_argument("--vms", type=int, default=10, help="VMs of one user for the dedup ratio")
     args = parser.parse_args()
     ensure_test_image()
     if in_initial_netns():
         enter_fresh_netns()
-    daemon = HatchDaemon(HATCH_MAX_SNAPSHOTS_PER_VM="50", HATCH_LOG_LEVEL="warning")
+    daemon = HatchDaemon(
+        HATCH_MAX_SNAPSHOTS_PER_VM="50",
+        HATCH_LOG_LEVEL="warning",
+        # Room for --vms VMs of one user besides the first.
+        HATCH_MAX_VMS_PER_USER=str(args.vms + 1),
+        HATCH_MAX_VCPUS_PER_USER=str(4 * (args.vms + 1)),
+        HATCH_MAX_MEM_MIB_PER_USER=str(MEM_MIB * (args.vms + 1)),
+        HATCH_MAX_DISK_MIB_PER_USER=str(2048 * (args.vms + 1)),
+    )
     daemon.start()
     key = daemon.create_key("bench")
     work = Path(tempfile.mkdtemp(prefix="hvs-", dir=daemon.data_dir))
     snap_times: list[float] = []
     hot_restores: list[float] = []
     raw_restores: list[float] = []
+    later_sizes: list[int] = []  # snapshots of the VM after a hot restore, idle in between
     try:
         with httpx.Client(
             base_url=daemon.url, timeout=600, headers={"Authorization": f"Bearer {key}"}
@@ -223,8 +240,9 @@ def main() -> None:
                 api.post(f"/vms/{vm_id}/restore").raise_for_status()
                 hot_restores.append(first_answer(url, timeout=300) - t0)
                 t0 = time.monotonic()
-                api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
+                later = api.post(f"/vms/{vm_id}/snapshot").raise_for_status().json()
                 snap_times.append(time.monotonic() - t0)
+                later_sizes.append(later["size_bytes"])
                 print(
                     f"round {i + 1}: raw qemu restore {raw_restores[-1]:.2f}s"
                     f"  hatchd restore {hot_restores[-1]:.2f}s"
@@ -235,12 +253,25 @@ def main() -> None:
             t0 = time.monotonic()
             api.post(f"/vms/{vm_id}/restore", json={"snapshot_id": first["id"]})
             cold_restore = first_answer(url, timeout=300) - t0
+            api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
+            old_decode, new_decode = decode_against_restore(daemon, first["id"])
+            old_cold, new_cold = cold_restores(api, daemon, vm, first["id"], url)
+            print(
+                f"decode {old_decode:.2f}s / chunks {new_decode:.2f}s;"
+                f" cold restore old {old_cold:.2f}s / chunks {new_cold:.2f}s",
+                flush=True,
+            )
+            api.delete(f"/vms/{vm_id}").raise_for_status()  # its memory, for the next VMs
+        print(f"{args.vms} VMs of one user, filling {args.touch_mib} MiB each ...", flush=True)
+        together, alone, old_alone = ten_vms(daemon, workload(args.touch_mib), MEM_MIB, args.vms)
     finally:
         if args.keep:
             daemon.stop()
             print(f"kept {daemon.data_dir}")
         else:
             daemon.cleanup()
+    print("S3: a VM on a SeaweedFS bucket ...", flush=True)
+    s3_hot, s3_cold, s3_size = s3_streaming(workload(args.touch_mib), MEM_MIB)
     snap_med = statistics.median(snap_times)
     raw_med, hot_med = statistics.median(raw_restores), statistics.median(hot_restores)
     size = first["size_bytes"]
@@ -256,6 +287,29 @@ def main() -> None:
     print(f"  restore to HTTP hatchd {hot_med:6.2f} s   raw qemu -incoming {raw_med:6.2f} s")
     print(f"    overhead      {hot_med / raw_med - 1:+6.1%}  (goal <= +20%)")
     print(f"  restore of an older snapshot (fetch, verify, unpack) {cold_restore:6.2f} s")
+    second = statistics.median(later_sizes)
+    print("chunk store")
+    print(
+        f"  second snapshot (idle between) adds {second / 2**20:6.2f} MiB of the first's"
+        f" {size / 2**20:.1f} MiB: {second / size:6.3f}  (goal <= 0.10)"
+    )
+    print(
+        f"  {args.vms} VMs of one user store {together / 2**20:6.1f} MiB; alone in chunk stores"
+        f" {alone / 2**20:.1f} MiB: {together / alone:6.3f}  (goal <= 0.3);"
+        f" old format alone {old_alone / 2**20:.1f} MiB: {together / old_alone:6.3f}"
+    )
+    print(
+        f"  rebuild files from the store {new_decode:6.2f} s   old whole-file decode"
+        f" {old_decode:6.2f} s: {new_decode / old_decode:6.2f}x  (goal <= 1)"
+    )
+    print(
+        f"  cold restore to HTTP: chunks {new_cold:6.2f} s   old format {old_cold:6.2f} s:"
+        f" {new_cold / old_cold:6.2f}x  (goal <= 1)"
+    )
+    print(
+        f"  S3 ({s3_size / 2**20:.0f} MiB stored): restore streamed from S3 {s3_cold:6.2f} s"
+        f"   hot restore {s3_hot:6.2f} s: {s3_cold / s3_hot:6.2f}x  (goal <= 3)"
+    )
 
 
 def hatchd_command(vm_id: str) -> list[str]:
