@@ -53,7 +53,7 @@ def ten_vms(
                 ns = f"alone{i}"  # a namespace of its own: nothing shared
                 written = chunks.write_chunks(ns, files, chunks.known(ns, {}), set())
                 listing = chunks.write_listing(listing_key(ns, "vm", snap["id"]), written)
-                alone += sum(written.new_packs.values()) + listing.size
+                alone += sum(p.size for p in written.new_packs.values()) + listing.size
                 for path in files.values():
                     old += codec.encode(path, scratch / "old.zst").stored_size
         finally:
@@ -92,7 +92,7 @@ def decode_against_restore(
                 out.mkdir()
                 dests = {name: out / name for name in packed}
                 t0 = time.monotonic()
-                store.restore(chunks_ref.namespace, listing, chunks_ref.packs, dests)
+                store.restore(chunks_ref.namespace, listing, chunks_ref.index_hashes(), dests)
                 new_times.append(time.monotonic() - t0)
                 shutil.rmtree(out)
         finally:

@@ -108,7 +108,8 @@ def test_chunk_store_round_trip_streams_and_verifies(store: ArtifactStore, tmp_p
         written = chunks.write_chunks(ns, {"mem": mem}, chunks.known(ns, {}), set())
         assert len(written.packs) >= 2
         listing = chunks.write_listing(listing_key(ns, "vm_c", "snap_1"), written)
-        chunks.restore(ns, listing, written.packs, {"mem": tmp_path / "out"})
+        hashes = {p: info.index_sha256 for p, info in written.new_packs.items()}
+        chunks.restore(ns, listing, hashes, {"mem": tmp_path / "out"})
         assert (tmp_path / "out").read_bytes() == mem.read_bytes()
         assert (tmp_path / "out").stat().st_blocks * 512 < 48 << 20  # holes stay holes
 
@@ -119,7 +120,7 @@ def test_chunk_store_round_trip_streams_and_verifies(store: ArtifactStore, tmp_p
         damaged[len(damaged) // 2] ^= 0xFF
         store.write_blob(key, bytes(damaged))
         with pytest.raises(ArtifactCorrupt, match=pack):
-            chunks.restore(ns, listing, written.packs, {"mem": tmp_path / "out"})
+            chunks.restore(ns, listing, hashes, {"mem": tmp_path / "out"})
     finally:
         chunks.close()
         store.delete_blobs([k for k, _ in store.list_blobs(f"users/{ns}/")])

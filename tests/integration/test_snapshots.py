@@ -221,7 +221,7 @@ def test_corrupted_or_missing_chunk_is_refused_and_retryable(api, hatch) -> None
     # The largest pack of the first snapshot (the second names it too: they share pages).
     chunks = manifest_of(hatch, first["id"]).chunks
     assert chunks is not None
-    pack = max(chunks.packs, key=lambda p: chunks.packs[p])
+    pack = max(chunks.packs, key=lambda p: chunks.packs[p].size)
     path = hatch.data_dir / "snapshots" / pack_key(namespace("alice"), pack)
     good = path.read_bytes()
     damaged = bytearray(good)

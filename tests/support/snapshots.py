@@ -48,7 +48,7 @@ def rebuild_files(hatch: Any, snap_id: str, dest: Path) -> dict[str, Path]:
     store = ChunkStore(LocalStore(hatch.data_dir / "snapshots"))
     try:
         listing = StoredListing(chunks.listing_key, chunks.listing_size, chunks.listing_sha256)
-        store.restore(chunks.namespace, listing, chunks.packs, files)
+        store.restore(chunks.namespace, listing, chunks.index_hashes(), files)
     finally:
         store.close()
     return files

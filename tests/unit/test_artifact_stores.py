@@ -73,7 +73,7 @@ def test_unique_bytes_counts_each_pack_once() -> None:
             "listing_key": "k",
             "listing_size": listing,
             "listing_sha256": "0" * 64,
-            "packs": packs,
+            "packs": {p: {"size": n, "index_sha256": "0" * 64} for p, n in packs.items()},
             "added_bytes": 0,
         }
         return json.dumps({"version": 2, "chunks": chunks})

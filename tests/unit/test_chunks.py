@@ -23,6 +23,7 @@ from hatchvm.snapshots.errors import ArtifactCorrupt, ArtifactMissing
 from hatchvm.snapshots.formats import PAGE
 from hatchvm.snapshots.gc import Collector, Committed
 from hatchvm.snapshots.local import LocalStore
+from hatchvm.snapshots.manifest import PackRecord
 
 MIB = 1 << 20
 
@@ -53,7 +54,7 @@ def store(tmp_path: Path) -> Iterator[ChunkStore]:
 
 
 def put(
-    store: ChunkStore, ns: str, snap: str, files: dict[str, Path], committed: dict[str, int]
+    store: ChunkStore, ns: str, snap: str, files: dict[str, Path], committed: dict[str, str]
 ) -> tuple[Written, StoredListing]:
     pins: set[str] = set()
     written = store.write_chunks(ns, files, store.known(ns, committed), pins)
@@ -66,8 +67,16 @@ def get(
 ) -> dict[str, bytes]:
     out.mkdir(exist_ok=True)
     dests = {name: out / name for name in written.listings}
-    store.restore(ns, listing, written.packs, dests)
+    store.restore(ns, listing, hashes(store, ns, written), dests)
     return {name: path.read_bytes() for name, path in dests.items()}
+
+
+def hashes(store: ChunkStore, ns: str, written: Written) -> dict[str, str]:
+    """Each pack's index sha256, as a snapshot's row records them."""
+    return {
+        p: hashlib.sha256(store.blobs.read_blob(f"users/{ns}/packs/{p}.idx")).hexdigest()
+        for p in written.packs
+    }
 
 
 def stored(tmp_path: Path) -> int:
@@ -96,14 +105,15 @@ def test_pages_are_stored_once_per_namespace(store: ChunkStore, tmp_path: Path) 
     # The same pages again, moved by a page and with a few new ones: only those are added.
     with (tmp_path / "b").open("wb") as f:
         f.write(b"".join(page("a", i) for i in range(300)) + page("new", 1) + page("new", 2))
-    second, listing = put(store, ns, "snap_2", {"mem": tmp_path / "b"}, first.new_packs)
+    committed = {p: info.index_sha256 for p, info in first.new_packs.items()}
+    second, listing = put(store, ns, "snap_2", {"mem": tmp_path / "b"}, committed)
     assert 0 < stored(tmp_path) - size < 3 * PAGE
-    assert set(first.new_packs) <= second.packs  # it names the first one's packs
+    assert set(first.new_packs) <= set(second.packs)  # it names the first one's packs
     got = get(store, ns, second, listing, tmp_path / "out")
     assert got["mem"] == (tmp_path / "b").read_bytes()
     # Another namespace shares nothing: it stores every page itself.
     other, _ = put(store, namespace("bob"), "snap_3", {"mem": tmp_path / "a"}, {})
-    assert not other.packs & first.packs
+    assert not set(other.packs) & set(first.packs)
     assert stored(tmp_path) > 2 * size - (64 << 10)
 
 
@@ -117,7 +127,7 @@ def test_a_damaged_chunk_or_missing_pack_is_refused(store: ChunkStore, tmp_path:
     damaged = bytearray(good)
     damaged[len(damaged) // 2] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    with pytest.raises(ArtifactCorrupt, match=f"pack {pack} is corrupt|fails its checksum"):
+    with pytest.raises(ArtifactCorrupt, match=f"pack {pack} (is corrupt|fails its checksum)"):
         get(store, ns, written, listing, tmp_path / "out")
     path.unlink()
     with pytest.raises(ArtifactMissing, match=f"pack {pack} is missing"):
@@ -128,7 +138,11 @@ def test_a_damaged_chunk_or_missing_pack_is_refused(store: ChunkStore, tmp_path:
     )
     bad = StoredListing(listing.key, listing.size, "0" * 64)
     with pytest.raises(ArtifactCorrupt, match="listing fails its sha256"):
-        store.restore(ns, bad, written.packs, {"mem": tmp_path / "out/mem"})
+        store.restore(ns, bad, hashes(store, ns, written), {"mem": tmp_path / "out/mem"})
+    wrong = dict.fromkeys(written.packs, "0" * 64)
+    store._indexes.clear()  # as a fresh daemon: the index is read and checked
+    with pytest.raises(ArtifactCorrupt, match=r"index of pack .* fails its checksum"):
+        store.restore(ns, listing, wrong, {"mem": tmp_path / "out/mem"})
 
 
 def test_collector_deletes_only_what_nothing_names(store: ChunkStore, tmp_path: Path) -> None:
@@ -138,7 +152,7 @@ def test_collector_deletes_only_what_nothing_names(store: ChunkStore, tmp_path: 
     memory_file(tmp_path / "b", "b")
     kept, _ = put(store, ns, "snap_kept", {"mem": tmp_path / "a"}, {})
     gone, _ = put(store, ns, "snap_gone", {"mem": tmp_path / "b"}, {})
-    packs = {p: 1 for p in kept.packs}
+    packs = {p: PackRecord(size=1, index_sha256="") for p in kept.packs}
 
     async def committed() -> Committed:
         return Committed({"snap_kept"}, packs)

@@ -43,6 +43,7 @@ from hatchvm.snapshots.manifest import (
     ARTIFACT_NAMES,
     ArtifactRecord,
     ChunkRecord,
+    PackRecord,
     SnapshotManifest,
 )
 from hatchvm.snapshots.store import ArtifactStore
@@ -269,7 +270,8 @@ class SnapshotService:
         ns = namespace(vm.user_id)
 
         def write_chunks() -> Written:
-            known = self.chunks.known(ns, writing.committed.packs)
+            committed = writing.committed.packs
+            known = self.chunks.known(ns, {p: r.index_sha256 for p, r in committed.items()})
             return self.chunks.write_chunks(ns, files, known, writing.pins)
 
         written = await asyncio.to_thread(write_chunks)
@@ -277,10 +279,14 @@ class SnapshotService:
         listing = await asyncio.to_thread(
             self.chunks.write_listing, listing_key(ns, vm.id, snap_id), written
         )
-        packs = {
-            pack: written.new_packs.get(pack) or writing.committed.packs[pack]
-            for pack in sorted(written.packs)
-        }
+        packs: dict[str, PackRecord] = {}
+        for pack in written.packs:
+            new = written.new_packs.get(pack)
+            packs[pack] = (
+                PackRecord(size=new.size, index_sha256=new.index_sha256)
+                if new is not None
+                else writing.committed.packs[pack]
+            )
         return SnapshotManifest(
             snapshot_id=snap_id,
             vm_id=vm.id,
@@ -299,7 +305,7 @@ class SnapshotService:
                 listing_size=listing.size,
                 listing_sha256=listing.sha256,
                 packs=packs,
-                added_bytes=sum(written.new_packs.values()) + listing.size,
+                added_bytes=sum(p.size for p in written.new_packs.values()) + listing.size,
             ),
         )
 
@@ -307,7 +313,7 @@ class SnapshotService:
         async def committed() -> Committed:
             async with self.vms.sessions() as session:
                 rows = await repo.user_snapshots(session, user_id)
-            packs: dict[str, int] = {}
+            packs: dict[str, PackRecord] = {}
             for row in rows:
                 with contextlib.suppress(ArtifactError):
                     chunks = SnapshotManifest.parse(row.manifest).chunks
@@ -471,7 +477,7 @@ class SnapshotService:
                 )
                 dests = {name: work / name for name in ARTIFACT_NAMES}
                 await asyncio.to_thread(
-                    self.chunks.restore, chunks.namespace, listing, chunks.packs, dests
+                    self.chunks.restore, chunks.namespace, listing, chunks.index_hashes(), dests
                 )
             else:
                 await self._decode_v1(manifest, work)

@@ -9,10 +9,12 @@ Layout, under the artifact store (HATCH_DATA_DIR/snapshots or s3://bucket/snapsh
 <ns> is derived from the user id: chunks are shared between the snapshots and VMs of one user
 and never across users (sharing would leak sizes and timings between tenants).
 
-Writing: pages are hashed, zero pages skipped, pages the user already stores are named, new
-ones are compressed in blocks and written in packs of about PACK_RAW raw bytes; then the
-listing. Reading fetches the blocks it needs in parallel (adjacent ones as one ranged read),
-verifies every chunk against its name and writes it straight into sparse files.
+Writing: pages are hashed, zero pages skipped, pages the user already stores are found by
+name in the indexes of their packs, new ones are compressed in blocks and written in packs of
+about PACK_RAW raw bytes; then the listing (runs of pages pointing into blocks). Reading
+fetches the blocks it needs in parallel (adjacent ones as one ranged read), verifies each
+against its index (whose own hash the snapshot's row holds) and writes the runs straight into
+sparse files.
 
 Everything here blocks; callers run it in a thread. Who may delete what is gc.py's business.
 """
@@ -23,13 +25,13 @@ import hashlib
 import os
 import secrets
 import threading
-from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
 import zstandard
 
 from hatchvm.snapshots.codec import data_extents
@@ -37,11 +39,11 @@ from hatchvm.snapshots.errors import ArtifactCorrupt, ArtifactError, ArtifactMis
 from hatchvm.snapshots.formats import (
     BLOCK_CHUNKS,
     BLOCK_WINDOW_LOG,
-    HASH_LEN,
     PAGE,
     Block,
     Listing,
     PackIndex,
+    Run,
     chunk_name,
     decode_listing,
     encode_listing,
@@ -56,6 +58,8 @@ _READ = 4 << 20
 _ZERO_READ = bytes(_READ)
 _ZERO_PAGE = bytes(PAGE)
 INDEX_CACHE = 512  # pack indexes kept in memory (packs never change, so never stale)
+
+log = structlog.get_logger("hatchvm.snapshots")
 
 
 def namespace(user_id: str) -> str:
@@ -79,7 +83,13 @@ def vm_listings(ns: str, vm_id: str) -> str:
     return f"{ROOT}/{ns}/manifests/{vm_id}/"
 
 
-Location = tuple[str, int]  # pack, block number
+Location = tuple[str, int, int]  # pack, block number, slot
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    size: int  # bytes stored: pack and index
+    index_sha256: str  # of the stored index: a restore checks the index against it
 
 
 @dataclass
@@ -87,30 +97,30 @@ class Known:
     """The chunks already stored in a user's committed packs: where each is."""
 
     where: dict[bytes, Location] = field(default_factory=dict)
-    block_sizes: dict[Location, int] = field(default_factory=dict)
+    block_sizes: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def add(self, pack: str, index: PackIndex) -> None:
         for number, block in enumerate(index.blocks):
             self.block_sizes[(pack, number)] = block.length
-            for name in block.names:
-                self.where.setdefault(name, (pack, number))
+        for name, (number, slot) in index.locations.items():
+            self.where.setdefault(name, (pack, number, slot))
 
 
 @dataclass(frozen=True)
 class ArtifactSummary:
     raw_size: int
     stored_size: int  # compressed bytes of the blocks a restore of it reads
-    sha256: str  # of its listing: raw size, page numbers, chunk names
+    sha256: str  # of its listing: raw size and runs
 
 
 @dataclass
 class Written:
     """Chunks stored (packs durable), listing not yet written."""
 
+    packs: list[str]  # every pack the runs point into, in the listing's order
     listings: dict[str, Listing]
     artifacts: dict[str, ArtifactSummary]
-    packs: set[str]  # every pack the listing's chunks are in
-    new_packs: dict[str, int]  # packs written now -> bytes (pack + index)
+    new_packs: dict[str, PackInfo]  # packs written now
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,9 @@ class _Compressors(threading.local):
         self.z = zstandard.ZstdCompressor(compression_params=params)
 
 
+_Sealed = tuple[Future[bytes], bytes, list[bytes], list[int]]  # data, raw sha256, names, sizes
+
+
 class _PackWriter:
     """New chunks -> blocks (compressed in the pool) -> packs (uploaded in the background).
     Each pack's id joins `pins` before a byte of it is written: the collector spares it."""
@@ -156,20 +169,20 @@ class _PackWriter:
         self._ns = ns
         self._pins = pins
         self.where: dict[bytes, Location] = {}
-        self.block_sizes: dict[Location, int] = {}
-        self.packs: dict[str, int] = {}
+        self.block_sizes: dict[tuple[str, int], int] = {}
+        self.packs: dict[str, PackInfo] = {}
         self._block: list[bytes] = []
         self._names: list[bytes] = []
         self._pack: str | None = None
-        self._blocks: list[tuple[Future[bytes], list[bytes], list[int]]] = []
+        self._blocks: list[_Sealed] = []
         self._raw = 0
-        self._uploads: list[Future[tuple[str, int, list[int]]]] = []
+        self._uploads: list[Future[tuple[str, PackInfo, list[int]]]] = []
 
     def add(self, name: bytes, page: bytes) -> Location:
         if self._pack is None:
             self._pack = secrets.token_hex(10)
             self._pins.add(self._pack)
-        where = (self._pack, len(self._blocks))
+        where = (self._pack, len(self._blocks), len(self._block))
         self.where[name] = where
         self._block.append(page)
         self._names.append(name)
@@ -182,7 +195,8 @@ class _PackWriter:
     def _seal_block(self) -> None:
         data = b"".join(self._block)
         future = self._c.cpu.submit(self._c.compress, data)
-        self._blocks.append((future, self._names, [len(p) for p in self._block]))
+        sha = hashlib.sha256(data).digest()
+        self._blocks.append((future, sha, self._names, [len(p) for p in self._block]))
         self._raw += len(data)
         self._block, self._names = [], []
 
@@ -198,21 +212,20 @@ class _PackWriter:
         if len(pending) > 2:  # bounds the memory held by packs waiting to be written
             pending[0].result()
 
-    def _upload(
-        self, pack: str, blocks: list[tuple[Future[bytes], list[bytes], list[int]]]
-    ) -> tuple[str, int, list[int]]:
-        datas = [future.result() for future, _, _ in blocks]
+    def _upload(self, pack: str, blocks: list[_Sealed]) -> tuple[str, PackInfo, list[int]]:
+        datas = [future.result() for future, _, _, _ in blocks]
         index, offset = [], 0
-        for data, (_, names, sizes) in zip(datas, blocks, strict=True):
-            index.append(Block(offset, len(data), tuple(names), tuple(sizes)))
+        for data, (_, sha, names, sizes) in zip(datas, blocks, strict=True):
+            index.append(Block(offset, len(data), sha, tuple(names), tuple(sizes)))
             offset += len(data)
         built = PackIndex(tuple(index))
         encoded = built.encode()
         # The pack before its index: an index never names bytes that are not there.
         self._c.blobs.write_blob(pack_key(self._ns, pack), b"".join(datas))
         self._c.blobs.write_blob(index_key(self._ns, pack), encoded)
-        self._c.remember(self._ns, pack, built)
-        return pack, offset + len(encoded), [len(d) for d in datas]
+        digest = hashlib.sha256(encoded).hexdigest()
+        self._c.remember(self._ns, pack, built, digest)
+        return pack, PackInfo(offset + len(encoded), digest), [len(d) for d in datas]
 
     def close(self) -> None:
         """Write what is left and wait until every pack is durable."""
@@ -221,10 +234,13 @@ class _PackWriter:
         for upload in done:
             upload.result()  # raises the first failure
         for upload in self._uploads:
-            pack, size, lengths = upload.result()
-            self.packs[pack] = size
+            pack, info, lengths = upload.result()
+            self.packs[pack] = info
             for number, length in enumerate(lengths):
                 self.block_sizes[(pack, number)] = length
+
+
+_Want = tuple[int, int, int, int]  # raw start, raw end, file descriptor, file offset
 
 
 class ChunkStore:
@@ -235,7 +251,7 @@ class ChunkStore:
         self.io = ThreadPoolExecutor(io_workers, thread_name_prefix="chunk-io")
         self._io_workers = io_workers
         self._compressors = _Compressors(level)
-        self._indexes: OrderedDict[tuple[str, str], PackIndex] = OrderedDict()
+        self._indexes: OrderedDict[tuple[str, str], tuple[PackIndex, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -247,35 +263,49 @@ class ChunkStore:
 
     # ---- indexes -----------------------------------------------------------------------
 
-    def index(self, ns: str, pack: str) -> PackIndex:
-        key = (ns, pack)
+    def index(self, ns: str, pack: str, sha256: str) -> PackIndex:
+        """The pack's index, checked against the sha256 a committed snapshot recorded."""
         with self._lock:
-            if key in self._indexes:
-                self._indexes.move_to_end(key)
-                return self._indexes[key]
-        try:
-            data = self.blobs.read_blob(index_key(ns, pack))
-        except ArtifactMissing:
-            raise ArtifactMissing(f"pack {pack} is missing (no index)") from None
-        index = PackIndex.decode(data, f"the index of pack {pack}")
-        self.remember(ns, pack, index)
-        return index
+            cached = self._indexes.get((ns, pack))
+            if cached is not None:
+                self._indexes.move_to_end((ns, pack))
+        if cached is None:
+            try:
+                data = self.blobs.read_blob(index_key(ns, pack))
+            except ArtifactMissing:
+                raise ArtifactMissing(f"pack {pack} is missing (no index)") from None
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == sha256:  # only a good index is worth decoding and keeping
+                cached = (PackIndex.decode(data, f"the index of pack {pack}"), digest)
+                self.remember(ns, pack, *cached)
+            else:
+                cached = (PackIndex(()), digest)
+        if cached[1] != sha256:
+            raise ArtifactCorrupt(f"the index of pack {pack} fails its checksum")
+        return cached[0]
 
-    def remember(self, ns: str, pack: str, index: PackIndex) -> None:
+    def remember(self, ns: str, pack: str, index: PackIndex, sha256: str) -> None:
         with self._lock:
-            self._indexes[(ns, pack)] = index
+            self._indexes[(ns, pack)] = (index, sha256)
             while len(self._indexes) > INDEX_CACHE:
                 self._indexes.popitem(last=False)
 
-    def _indexes_of(self, ns: str, packs: Iterable[str]) -> dict[str, PackIndex]:
-        packs = sorted(set(packs))
+    def _indexes_of(self, ns: str, packs: dict[str, str]) -> dict[str, PackIndex]:
+        """Indexes of packs (id -> index sha256), fetched in parallel."""
+        names = sorted(packs)
         with ThreadPoolExecutor(self._io_workers) as pool:  # not self.io: callers may be in it
-            return dict(zip(packs, pool.map(lambda p: self.index(ns, p), packs), strict=True))
+            found = pool.map(lambda p: self.index(ns, p, packs[p]), names)
+            return dict(zip(names, found, strict=True))
 
-    def known(self, ns: str, packs: Iterable[str]) -> Known:
+    def known(self, ns: str, packs: dict[str, str]) -> Known:
+        """What the user stores in these committed packs (id -> index sha256). A pack whose
+        index is missing or damaged is left out: its chunks are stored anew, not named."""
         known = Known()
-        for pack, index in self._indexes_of(ns, packs).items():
-            known.add(pack, index)
+        for pack in sorted(packs):
+            try:
+                known.add(pack, self.index(ns, pack, packs[pack]))
+            except ArtifactError as exc:
+                log.warning("pack not reused", pack=pack, reason=str(exc))
         return known
 
     # ---- writing -----------------------------------------------------------------------
@@ -285,81 +315,90 @@ class ChunkStore:
     ) -> Written:
         """Store every chunk of files the user does not hold yet; durable on return."""
         writer = _PackWriter(self, ns, pins)
+        numbers: dict[str, int] = {}  # pack -> its number in the listing
         listings: dict[str, Listing] = {}
-        used: dict[str, set[Location]] = {}
+        used: dict[str, set[tuple[str, int]]] = {}
         try:
             for artifact, path in files.items():
-                listing = Listing(path.stat().st_size, array("I"), bytearray())
-                blocks: set[Location] = set()
+                runs: list[Run] = []
+                last = (-2, 0, -1, -1, -1)  # the run being extended
+                blocks: set[tuple[str, int]] = set()
                 for number, page in _pages(path):
                     name = chunk_name(page)
-                    listing.pages.append(number)
-                    listing.names += name
                     where = known.where.get(name) or writer.where.get(name)
-                    blocks.add(where if where is not None else writer.add(name, page))
-                listings[artifact] = listing
+                    pack, block, slot = where if where is not None else writer.add(name, page)
+                    blocks.add((pack, block))
+                    if pack not in numbers:
+                        numbers[pack] = len(numbers)
+                    first, count, pack_no, run_block, run_slot = last
+                    if (
+                        first + count == number
+                        and pack_no == numbers[pack]
+                        and run_block == block
+                        and run_slot + count == slot
+                    ):
+                        last = (first, count + 1, pack_no, block, run_slot)
+                        runs[-1] = last
+                    else:
+                        last = (number, 1, numbers[pack], block, slot)
+                        runs.append(last)
+                listings[artifact] = Listing(path.stat().st_size, runs)
                 used[artifact] = blocks
         finally:
             writer.close()
         sizes = {**known.block_sizes, **writer.block_sizes}
+        packs = sorted(numbers, key=numbers.__getitem__)
         artifacts = {
             name: ArtifactSummary(
                 raw_size=listing.raw_size,
                 stored_size=sum(sizes[where] for where in used[name]),
-                sha256=listing.digest(),
+                sha256=listing.digest(packs),
             )
             for name, listing in listings.items()
         }
-        packs = {pack for blocks in used.values() for pack, _ in blocks}
-        return Written(listings, artifacts, packs, writer.packs)
+        return Written(packs, listings, artifacts, writer.packs)
 
     def write_listing(self, key: str, written: Written) -> StoredListing:
-        data = encode_listing(written.listings)
+        data = encode_listing(written.packs, written.listings)
         self.blobs.write_blob(key, data)
         return StoredListing(key, len(data), hashlib.sha256(data).hexdigest())
 
     # ---- reading -----------------------------------------------------------------------
 
-    def read_listing(self, listing: StoredListing) -> dict[str, Listing]:
+    def read_listing(self, listing: StoredListing) -> tuple[list[str], dict[str, Listing]]:
         try:
             data = self.blobs.read_blob(listing.key)
         except ArtifactMissing:
-            raise ArtifactMissing("its chunk listing is missing") from None
+            raise ArtifactMissing("its listing is missing") from None
         if hashlib.sha256(data).hexdigest() != listing.sha256:
-            raise ArtifactCorrupt("its chunk listing fails its sha256 checksum")
-        return decode_listing(data, "its chunk listing")
+            raise ArtifactCorrupt("its listing fails its sha256 checksum")
+        return decode_listing(data, "its listing")
 
     def restore(
-        self, ns: str, listing: StoredListing, packs: Iterable[str], dests: dict[str, Path]
+        self, ns: str, listing: StoredListing, packs: dict[str, str], dests: dict[str, Path]
     ) -> None:
-        """Rebuild each artifact as the sparse file dests[name]; every chunk verified."""
-        listings = self.read_listing(listing)
-        if set(listings) != set(dests):
-            raise ArtifactCorrupt(f"its chunk listing has {sorted(listings)}")
-        indexes = self._indexes_of(ns, packs)
-        where: dict[bytes, tuple[str, int, int, int]] = {}  # pack, block, slot offset, size
-        for pack, index in indexes.items():
-            found = index.locations
-            where.update(zip(found, ((pack, *at) for at in found.values()), strict=True))
+        """Rebuild each artifact as the sparse file dests[name]: every block verified before
+        a byte of it is written. packs: id -> index sha256, as the snapshot's row has them."""
+        order, listings = self.read_listing(listing)
+        if set(listings) != set(dests) or not set(order) <= set(packs):
+            raise ArtifactCorrupt("its listing does not match its manifest")
+        indexes = self._indexes_of(ns, {p: packs[p] for p in order})
         files = {name: dests[name].open("wb") for name in listings}
         try:
-            wants: dict[tuple[str, int], list[tuple[int, int, int, int, bytes]]] = {}
+            wants: dict[tuple[str, int], list[_Want]] = {}
             for artifact, items in listings.items():
                 fd = files[artifact].fileno()
                 os.ftruncate(fd, items.raw_size)  # sparse: untouched pages stay holes
-                names = bytes(items.names)
-                for i, page in enumerate(items.pages):
-                    name = names[i * HASH_LEN : (i + 1) * HASH_LEN]
-                    try:
-                        pack, number, slot, size = where[name]
-                    except KeyError:
-                        raise ArtifactMissing(
-                            f"chunk {name.hex()} of {artifact} is in no pack"
-                        ) from None
-                    key = (pack, number)
-                    if key not in wants:
-                        wants[key] = []
-                    wants[key].append((slot, size, fd, page * PAGE, name))
+                for page, count, pack_no, number, slot in items.runs:
+                    pack = order[pack_no]
+                    blocks = indexes[pack].blocks
+                    if number >= len(blocks) or slot + count >= len(blocks[number].slots):
+                        raise ArtifactCorrupt(f"its listing points outside pack {pack}")
+                    slots = blocks[number].slots
+                    want = (slots[slot], slots[slot + count], fd, page * PAGE)
+                    if want[3] + want[1] - want[0] > items.raw_size:
+                        raise ArtifactCorrupt(f"its listing runs past the end of {artifact}")
+                    wants.setdefault((pack, number), []).append(want)
             reads = _plan_reads(indexes, wants)
             futures = [self.io.submit(self._read_span, ns, *read, wants) for read in reads]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
@@ -379,7 +418,7 @@ class ChunkStore:
         start: int,
         end: int,
         blocks: list[tuple[int, Block]],
-        wants: dict[tuple[str, int], list[tuple[int, int, int, int, bytes]]],
+        wants: dict[tuple[str, int], list[_Want]],
     ) -> None:
         try:
             data = self.blobs.read_blob(pack_key(ns, pack), start, end - start)
@@ -390,38 +429,20 @@ class ChunkStore:
         view = memoryview(data)
         decompressor = zstandard.ZstdDecompressor()
         for number, block in blocks:
-            raw_size = sum(block.sizes)
             frame = view[block.offset - start : block.offset - start + block.length]
             try:
-                raw = decompressor.decompress(frame, max_output_size=raw_size)
+                raw = decompressor.decompress(frame, max_output_size=block.slots[-1])
             except zstandard.ZstdError:
                 raise ArtifactCorrupt(f"pack {pack} is corrupt (does not decompress)") from None
-            if len(raw) != raw_size:
-                raise ArtifactCorrupt(f"pack {pack} is corrupt (a block has the wrong size)")
-            _write_verified(memoryview(raw), pack, sorted(wants[(pack, number)]))
-
-
-def _write_verified(
-    raw: memoryview, pack: str, items: list[tuple[int, int, int, int, bytes]]
-) -> None:
-    """Check each wanted chunk against its name, then write runs of adjacent ones at once."""
-    sha256 = hashlib.sha256  # the hot loop of a restore: one lookup, not one per page
-    run_fd, run_src, run_dest, run_len = -1, 0, 0, 0
-    for slot, size, fd, dest, name in items:
-        if sha256(raw[slot : slot + size]).digest()[:HASH_LEN] != name:
-            raise ArtifactCorrupt(f"chunk {name.hex()} in pack {pack} fails its checksum")
-        if fd == run_fd and run_src + run_len == slot and run_dest + run_len == dest:
-            run_len += size
-            continue
-        if run_len:
-            os.pwrite(run_fd, raw[run_src : run_src + run_len], run_dest)
-        run_fd, run_src, run_dest, run_len = fd, slot, dest, size
-    if run_len:
-        os.pwrite(run_fd, raw[run_src : run_src + run_len], run_dest)
+            if hashlib.sha256(raw).digest() != block.sha256:
+                raise ArtifactCorrupt(f"block {number} of pack {pack} fails its checksum")
+            out = memoryview(raw)
+            for first, last, fd, offset in wants[(pack, number)]:
+                os.pwrite(fd, out[first:last], offset)
 
 
 def _plan_reads(
-    indexes: dict[str, PackIndex], wants: dict[tuple[str, int], list[object]]
+    indexes: dict[str, PackIndex], wants: dict[tuple[str, int], list[_Want]]
 ) -> list[tuple[str, int, int, list[tuple[int, Block]]]]:
     """Ranged reads covering every wanted block: neighbours share a read up to READ_SPAN."""
     by_pack: dict[str, list[int]] = {}
@@ -454,4 +475,12 @@ def _span(
     return pack, start, end, blocks
 
 
-__all__ = ["ArtifactError", "ChunkStore", "Known", "StoredListing", "Written", "namespace"]
+__all__ = [
+    "ArtifactError",
+    "ChunkStore",
+    "Known",
+    "PackInfo",
+    "StoredListing",
+    "Written",
+    "namespace",
+]

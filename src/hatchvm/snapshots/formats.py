@@ -1,10 +1,16 @@
-"""Binary formats of the chunk store: a pack's index and a snapshot's chunk listing.
+"""Binary formats of the chunk store: a pack's index and a snapshot's listing.
 
 A chunk is one page (4 KiB; the last of a file may be shorter), named by the first 16 bytes of
-its sha256. A pack holds blocks back to back; a block is one zstd frame of up to BLOCK_CHUNKS
-chunks. A pack's index (a separate small object) says, block by block, its compressed length
-and the names and lengths of its chunks. A listing says, per artifact (mem, disk, state), its
-raw size and which chunk is at which page; pages it does not name are zero (or holes).
+its sha256: the name is what dedup looks up. A pack holds blocks back to back; a block is one
+zstd frame of up to BLOCK_CHUNKS chunks. A pack's index (a separate small object) says, block
+by block, its compressed length, the sha256 of its raw bytes, and the names and lengths of its
+chunks. A listing names the packs a snapshot uses and, per artifact (mem, disk, state), its raw
+size and its runs: so many pages from this page on are the chunks of that block from that
+slot on. Pages no run covers are zero (or holes).
+
+Verification on read is a chain: the snapshot's row holds the sha256 of its listing and of
+every pack index it uses; an index holds the sha256 of every block; a block is hashed whole
+after it is decompressed, before any chunk of it is written.
 
 Both are zstd-compressed; integers are little-endian.
 """
@@ -13,10 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from array import array
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import accumulate, repeat
+from itertools import accumulate
 
 import zstandard
 
@@ -32,11 +37,13 @@ HASH_LEN = 16  # 128 bits of sha256: no accidental collision, and a forged one c
 BLOCK_CHUNKS = 2048
 BLOCK_WINDOW_LOG = 23  # the whole block is the window (level 3 alone would use 2 MiB)
 
-INDEX_MAGIC = b"HVPIDX01"
-LISTING_MAGIC = b"HVLIST01"
+INDEX_MAGIC = b"HVPIDX02"
+LISTING_MAGIC = b"HVLIST02"
 _U32 = struct.Struct("<I")
-_BLOCK = struct.Struct("<IH")  # compressed length, chunk count
-_ARTIFACT = struct.Struct("<QI")  # raw size, number of chunks
+_BLOCK = struct.Struct("<IH32s")  # compressed length, chunk count, sha256 of the raw bytes
+_ARTIFACT = struct.Struct("<QI")  # raw size, number of runs
+_RUN = struct.Struct("<IIHHH")  # first page, pages, pack number, block, first slot
+Run = tuple[int, int, int, int, int]
 
 
 def chunk_name(data: bytes | memoryview) -> bytes:
@@ -58,8 +65,14 @@ def _decompress(data: bytes, what: str) -> bytes:
 class Block:
     offset: int  # in the pack
     length: int  # compressed bytes
+    sha256: bytes  # of the raw bytes
     names: tuple[bytes, ...]
     sizes: tuple[int, ...]  # raw bytes of each chunk
+
+    @cached_property
+    def slots(self) -> tuple[int, ...]:
+        """Where each chunk starts in the raw bytes, and (last) where the last one ends."""
+        return tuple(accumulate(self.sizes, initial=0))
 
 
 @dataclass(frozen=True)
@@ -67,45 +80,44 @@ class PackIndex:
     blocks: tuple[Block, ...]
 
     @cached_property
-    def locations(self) -> dict[bytes, tuple[int, int, int]]:
-        """Each chunk's block number, offset in the block's raw bytes, and size."""
-        where: dict[bytes, tuple[int, int, int]] = {}
+    def locations(self) -> dict[bytes, tuple[int, int]]:
+        """Each chunk's block number and slot."""
+        where: dict[bytes, tuple[int, int]] = {}
         for number, block in enumerate(self.blocks):
-            slots = accumulate(block.sizes, initial=0)
-            where.update(zip(block.names, zip(repeat(number), slots, block.sizes), strict=False))
+            for slot, name in enumerate(block.names):
+                where.setdefault(name, (number, slot))
         return where
 
     def encode(self) -> bytes:
         out = bytearray(INDEX_MAGIC)
         out += _U32.pack(len(self.blocks))
         for b in self.blocks:
-            out += _BLOCK.pack(b.length, len(b.names))
-            out += array("H", b.sizes).tobytes()  # little-endian hosts only (x86, arm64)
+            out += _BLOCK.pack(b.length, len(b.names), b.sha256)
+            out += struct.pack(f"<{len(b.sizes)}H", *b.sizes)
             out += b"".join(b.names)
         return _compress(bytes(out))
 
     @classmethod
     def decode(cls, data: bytes, what: str) -> PackIndex:
-        raw = memoryview(_decompress(data, what))
+        raw = _decompress(data, what)
         try:
-            if bytes(raw[:8]) != INDEX_MAGIC:
+            if raw[:8] != INDEX_MAGIC:
                 raise ValueError("bad magic")
             (count,) = _U32.unpack_from(raw, 8)
             pos, offset = 12, 0
             blocks = []
             for _ in range(count):
-                length, n = _BLOCK.unpack_from(raw, pos)
+                length, n, sha = _BLOCK.unpack_from(raw, pos)
                 pos += _BLOCK.size
-                sizes = array("H")
-                sizes.frombytes(raw[pos : pos + 2 * n])
+                sizes = struct.unpack_from(f"<{n}H", raw, pos)
                 pos += 2 * n
                 names = tuple(
-                    bytes(raw[p : p + HASH_LEN]) for p in range(pos, pos + n * HASH_LEN, HASH_LEN)
+                    raw[p : p + HASH_LEN] for p in range(pos, pos + n * HASH_LEN, HASH_LEN)
                 )
                 pos += n * HASH_LEN
-                if len(names) != n or len(sizes) != n:
+                if len(names) != n or pos > len(raw):
                     raise ValueError("truncated")
-                blocks.append(Block(offset, length, names, tuple(sizes)))
+                blocks.append(Block(offset, length, sha, names, sizes))
                 offset += length
         except (ValueError, struct.error) as exc:
             raise ArtifactCorrupt(f"{what} is corrupt ({exc})") from None
@@ -114,63 +126,63 @@ class PackIndex:
 
 @dataclass
 class Listing:
-    """One artifact's chunks: page numbers (ascending) and the chunk at each."""
+    """One artifact: its size and its runs (first page, pages, pack number, block, slot)."""
 
     raw_size: int
-    pages: array  # array("I")
-    names: bytearray  # HASH_LEN bytes per page
+    runs: list[Run]
 
-    def name(self, i: int) -> bytes:
-        return bytes(self.names[i * HASH_LEN : (i + 1) * HASH_LEN])
-
-    def digest(self) -> str:
-        """sha256 of the raw size, pages and names: it pins the artifact's every byte."""
+    def digest(self, packs: list[str]) -> str:
+        """sha256 of the raw size and the runs (with pack ids): it pins every byte, since
+        every block a run points into is pinned by its hash."""
         sha = hashlib.sha256(struct.pack("<Q", self.raw_size))
-        sha.update(self.pages.tobytes())
-        sha.update(self.names)
+        for page, count, pack, block, slot in self.runs:
+            sha.update(_RUN.pack(page, count, 0, block, slot) + packs[pack].encode())
         return sha.hexdigest()
 
 
-def encode_listing(artifacts: dict[str, Listing]) -> bytes:
+def encode_listing(packs: list[str], artifacts: dict[str, Listing]) -> bytes:
     out = bytearray(LISTING_MAGIC)
+    out += _U32.pack(len(packs))
+    for pack in packs:
+        encoded = pack.encode()
+        out += bytes([len(encoded)]) + encoded
     out += _U32.pack(len(artifacts))
     for name, listing in artifacts.items():
         encoded = name.encode()
         out += bytes([len(encoded)]) + encoded
-        out += _ARTIFACT.pack(listing.raw_size, len(listing.pages))
-        # Page numbers as deltas: runs of 1 compress to almost nothing.
-        deltas = array("I", listing.pages)
-        for i in range(len(deltas) - 1, 0, -1):
-            deltas[i] -= deltas[i - 1]
-        out += deltas.tobytes()
-        out += listing.names
+        out += _ARTIFACT.pack(listing.raw_size, len(listing.runs))
+        for run in listing.runs:
+            out += _RUN.pack(*run)
     return _compress(bytes(out))
 
 
-def decode_listing(data: bytes, what: str) -> dict[str, Listing]:
-    raw = memoryview(_decompress(data, what))
+def decode_listing(data: bytes, what: str) -> tuple[list[str], dict[str, Listing]]:
+    raw = _decompress(data, what)
     try:
-        if bytes(raw[:8]) != LISTING_MAGIC:
+        if raw[:8] != LISTING_MAGIC:
             raise ValueError("bad magic")
-        (count,) = _U32.unpack_from(raw, 8)
-        pos = 12
+        pos = 8
+        packs: list[str] = []
+        (count,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        for _ in range(count):
+            n = raw[pos]
+            packs.append(raw[pos + 1 : pos + 1 + n].decode())
+            pos += 1 + n
+        (count,) = _U32.unpack_from(raw, pos)
+        pos += 4
         artifacts: dict[str, Listing] = {}
         for _ in range(count):
             n = raw[pos]
-            name = bytes(raw[pos + 1 : pos + 1 + n]).decode()
+            name = raw[pos + 1 : pos + 1 + n].decode()
             pos += 1 + n
-            raw_size, chunks = _ARTIFACT.unpack_from(raw, pos)
+            raw_size, runs = _ARTIFACT.unpack_from(raw, pos)
             pos += _ARTIFACT.size
-            pages = array("I")
-            pages.frombytes(raw[pos : pos + 4 * chunks])
-            pos += 4 * chunks
-            for i in range(1, len(pages)):
-                pages[i] += pages[i - 1]
-            names = bytearray(raw[pos : pos + HASH_LEN * chunks])
-            pos += HASH_LEN * chunks
-            if len(pages) != chunks or len(names) != HASH_LEN * chunks:
-                raise ValueError("truncated")
-            artifacts[name] = Listing(raw_size, pages, names)
+            items = list(_RUN.iter_unpack(raw[pos : pos + runs * _RUN.size]))
+            pos += runs * _RUN.size
+            if len(items) != runs or any(run[2] >= len(packs) for run in items):
+                raise ValueError("truncated or bad pack number")
+            artifacts[name] = Listing(raw_size, items)
     except (ValueError, struct.error, IndexError, UnicodeDecodeError) as exc:
         raise ArtifactCorrupt(f"{what} is corrupt ({exc})") from None
-    return artifacts
+    return packs, artifacts

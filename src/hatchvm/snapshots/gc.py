@@ -27,6 +27,7 @@ import structlog
 
 from hatchvm.crashpoints import crashpoint
 from hatchvm.snapshots.chunks import ROOT
+from hatchvm.snapshots.manifest import PackRecord
 from hatchvm.snapshots.store import ArtifactStore
 
 log = structlog.get_logger("hatchvm.snapshots")
@@ -37,7 +38,7 @@ class Committed:
     """What a user's snapshot rows name: snapshot ids and every pack their chunks are in."""
 
     snapshots: set[str]
-    packs: dict[str, int]  # pack -> bytes
+    packs: dict[str, PackRecord]
 
 
 CommittedFn = Callable[[], Awaitable[Committed]]

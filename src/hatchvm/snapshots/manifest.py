@@ -35,6 +35,13 @@ class ArtifactRecord(BaseModel):
         return ArtifactInfo(self.raw_size, self.stored_size, self.sha256)
 
 
+class PackRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int  # bytes stored: the pack and its index
+    index_sha256: str  # of its index, which holds the sha256 of every block
+
+
 class ChunkRecord(BaseModel):
     """Where a version-2 snapshot's chunks are."""
 
@@ -44,8 +51,11 @@ class ChunkRecord(BaseModel):
     listing_key: str
     listing_size: int
     listing_sha256: str
-    packs: dict[str, int]  # every pack its chunks are in -> bytes (pack + index)
+    packs: dict[str, PackRecord]  # every pack its chunks are in
     added_bytes: int  # what it added to the store: new packs and its listing
+
+    def index_hashes(self) -> dict[str, str]:
+        return {pack: record.index_sha256 for pack, record in self.packs.items()}
 
 
 class SnapshotManifest(BaseModel):
@@ -93,6 +103,7 @@ def unique_bytes(rows: Iterable[tuple[int, str]]) -> int:
         if not isinstance(chunks, dict):
             total += size
             continue
-        packs.update(chunks.get("packs") or {})
+        for pack, record in (chunks.get("packs") or {}).items():
+            packs[pack] = int(record["size"])
         total += int(chunks.get("listing_size") or 0)
     return total + sum(packs.values())
