@@ -37,5 +37,11 @@ class InternalError(HatchError):
     status = 500
 
 
+class NotSupported(HatchError):
+    """The VM's VMM driver lacks a capability the operation needs."""
+
+    status = 501
+
+
 class BackendUnavailable(HatchError):
     status = 503

@@ -32,6 +32,7 @@ ERRORS: dict[int, str] = {
     409: "The VM's state (or the resource's use) forbids the operation",
     413: "The request body is over 1 MiB (the connection is closed)",
     500: "The operation failed inside hatchd (the message says why; the reason is logged)",
+    501: "The VM's VMM driver cannot do this yet (the message names the capability)",
     503: "Something hatchd needs is missing or unreachable (the image, the network, the "
     "authentication server)",
 }

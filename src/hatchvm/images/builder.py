@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from hatchvm import private
+from hatchvm.images.errors import ImageError
 
 BUILDER_VERSION = 5
 KERNEL_META = "linux-image-cloud-amd64"
@@ -67,7 +68,7 @@ ARTIFACT_NAMES = {
 Progress = Callable[[str], None]
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(ImageError):
     """The build failed; the message says which step and why."""
 
 
