@@ -129,20 +129,29 @@ async def make_stream(hatch_cmd: list[str], vm_dir: Path, state: Path, stream: P
         await proc.wait()
 
 
-async def cont_when_loaded(sock: Path, timeout: float = 120) -> None:
+async def cont_when_loaded(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """The stream was saved from a paused guest, so QEMU stays paused once it has loaded it:
-    say `cont` as soon as it has (as hatchd does)."""
+    say `cont` as soon as it has (as hatchd does). A QEMU in the foreground binds its QMP
+    socket a moment before it listens on it: a refused connection is tried again."""
     deadline = time.monotonic() + timeout
-    while not sock.exists():
+    while True:
+        if proc.poll() is not None:
+            raise VMMError(f"qemu exited with {proc.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError(sock)
+        if sock.exists():
+            try:
+                async with qmp_session(sock) as qmp:
+                    while (await qmp.execute("query-status")).get("status") == "inmigrate":
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(sock)
+                        await asyncio.sleep(0.005)
+                    await qmp.execute("cont")
+                    return
+            except VMMError as exc:
+                if "QMP connect" not in str(exc):
+                    raise
         await asyncio.sleep(0.005)
-    async with qmp_session(sock) as qmp:
-        while (await qmp.execute("query-status")).get("status") == "inmigrate":
-            if time.monotonic() > deadline:
-                raise TimeoutError(sock)
-            await asyncio.sleep(0.005)
-        await qmp.execute("cont")
 
 
 def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: str) -> float:
@@ -160,7 +169,7 @@ def raw_restore(cmd: list[str], stream: Path, disk_src: Path, disk: Path, url: s
             stderr=sink,
         )
     try:
-        asyncio.run(cont_when_loaded(sock))
+        asyncio.run(cont_when_loaded(sock, proc))
         return first_answer(url, timeout=120) - t0
     except (TimeoutError, VMMError) as exc:
         raise RuntimeError(f"raw qemu restore failed ({exc}): {log.read_text()[-2000:]}") from None
