@@ -157,7 +157,7 @@ class _Compressors(threading.local):
         self.z = zstandard.ZstdCompressor(compression_params=params)
 
 
-_Sealed = tuple[Future[bytes], bytes, list[bytes], list[int]]  # data, raw sha256, names, sizes
+_Sealed = tuple[Future[bytes], list[bytes], list[int]]  # compressed data, names, sizes
 
 
 class _PackWriter:
@@ -195,8 +195,7 @@ class _PackWriter:
     def _seal_block(self) -> None:
         data = b"".join(self._block)
         future = self._c.cpu.submit(self._c.compress, data)
-        sha = hashlib.sha256(data).digest()
-        self._blocks.append((future, sha, self._names, [len(p) for p in self._block]))
+        self._blocks.append((future, self._names, [len(p) for p in self._block]))
         self._raw += len(data)
         self._block, self._names = [], []
 
@@ -213,9 +212,10 @@ class _PackWriter:
             pending[0].result()
 
     def _upload(self, pack: str, blocks: list[_Sealed]) -> tuple[str, PackInfo, list[int]]:
-        datas = [future.result() for future, _, _, _ in blocks]
+        datas = [future.result() for future, _, _ in blocks]
         index, offset = [], 0
-        for data, (_, sha, names, sizes) in zip(datas, blocks, strict=True):
+        for data, (_, names, sizes) in zip(datas, blocks, strict=True):
+            sha = hashlib.sha256(data).digest()
             index.append(Block(offset, len(data), sha, tuple(names), tuple(sizes)))
             offset += len(data)
         built = PackIndex(tuple(index))
@@ -430,12 +430,14 @@ class ChunkStore:
         decompressor = zstandard.ZstdDecompressor()
         for number, block in blocks:
             frame = view[block.offset - start : block.offset - start + block.length]
+            if hashlib.sha256(frame).digest() != block.sha256:
+                raise ArtifactCorrupt(f"block {number} of pack {pack} fails its checksum")
             try:
                 raw = decompressor.decompress(frame, max_output_size=block.slots[-1])
             except zstandard.ZstdError:
                 raise ArtifactCorrupt(f"pack {pack} is corrupt (does not decompress)") from None
-            if hashlib.sha256(raw).digest() != block.sha256:
-                raise ArtifactCorrupt(f"block {number} of pack {pack} fails its checksum")
+            if len(raw) != block.slots[-1]:
+                raise ArtifactCorrupt(f"block {number} of pack {pack} has the wrong size")
             out = memoryview(raw)
             for first, last, fd, offset in wants[(pack, number)]:
                 os.pwrite(fd, out[first:last], offset)
