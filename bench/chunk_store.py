@@ -101,19 +101,26 @@ def decode_against_restore(
 
 
 def cold_restores(
-    api: httpx.Client, daemon: HatchDaemon, vm: dict[str, Any], snap_id: str, url: str
+    api: httpx.Client,
+    daemon: HatchDaemon,
+    vm: dict[str, Any],
+    snap_id: str,
+    url: str,
+    rounds: int = 3,
 ) -> tuple[float, float]:
     """End to end, to the guest's first HTTP answer: restoring snap_id from the chunk store
-    against restoring an old-format copy of it (made here, as an older hatchd wrote them)."""
+    against restoring an old-format copy of it (made here, as an older hatchd wrote them);
+    medians of rounds, interleaved (the order swapped each round), so drift hits both alike."""
     old_id = make_old_format(daemon, snap_id, copy=True)
-    times: dict[str, float] = {}
-    for which in (old_id, snap_id):
-        t0 = time.monotonic()
-        api.post(f"/vms/{vm['id']}/restore", json={"snapshot_id": which}).raise_for_status()
-        times[which] = first_answer(url, timeout=300) - t0
-        api.post(f"/vms/{vm['id']}/snapshot").raise_for_status()
+    times: dict[str, list[float]] = {old_id: [], snap_id: []}
+    for i in range(rounds):
+        for which in (old_id, snap_id) if i % 2 == 0 else (snap_id, old_id):
+            t0 = time.monotonic()
+            api.post(f"/vms/{vm['id']}/restore", json={"snapshot_id": which}).raise_for_status()
+            times[which].append(first_answer(url, timeout=300) - t0)
+            api.post(f"/vms/{vm['id']}/snapshot").raise_for_status()
     api.delete(f"/snapshots/{old_id}").raise_for_status()
-    return times[old_id], times[snap_id]
+    return statistics.median(times[old_id]), statistics.median(times[snap_id])
 
 
 def s3_streaming(workload: str, mem_mib: int, rounds: int = 2) -> tuple[float, float, int]:
