@@ -123,7 +123,7 @@ def cold_restores(
     return statistics.median(times[old_id]), statistics.median(times[snap_id])
 
 
-def s3_streaming(workload: str, mem_mib: int, rounds: int = 2) -> tuple[float, float, int]:
+def s3_streaming(workload: str, mem_mib: int, rounds: int = 3) -> tuple[float, float, int]:
     """A VM on an S3 store: its hot restore against restoring its first snapshot, which
     streams from S3; medians to the first HTTP answer, and the first snapshot's size."""
     from tests.support.s3 import start_s3, weed_binary
