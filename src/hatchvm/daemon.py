@@ -229,6 +229,7 @@ async def serve(settings: Settings) -> None:
     routes = RouteService(settings, vms)
     await routes.load()
     await reconcile(vms, snapshots)
+    await snapshots.collect_all()  # what a crash left in the chunk store
     await prune_images(settings, sessions)
 
     verifier = build_verifier(settings, sessions)
@@ -281,6 +282,7 @@ async def serve(settings: Settings) -> None:
         await liveness.close()
         await consoles.close()
         await agents.close()
+        snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 
