@@ -178,7 +178,10 @@ async def test_a_flood_of_frames_nobody_asked_for_is_cut_off(tmp_path: Path) -> 
         channel.close()
 
 
-async def test_too_many_frames_for_one_request_are_cut_off(tmp_path: Path) -> None:
+async def test_frames_past_the_credit_granted_are_cut_off(tmp_path: Path) -> None:
+    """An agent that ignores the window: however slow the consumer, no more than the window
+    is ever queued, and the frame past it drops the connection."""
+
     async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_frame(reader)
         for _ in range(QUEUE_FRAMES * 4):
@@ -189,9 +192,12 @@ async def test_too_many_frames_for_one_request_are_cut_off(tmp_path: Path) -> No
     sock = tmp_path / "a.sock"
     async with fake_agent(sock, chatty):
         channel = AgentChannel("vm_t", sock)
-        with pytest.raises(ProtocolError, match="queued for one request"):
-            async for _frame in channel.stream(0x10, (), 2.0):
+        taken = 0
+        with pytest.raises(ProtocolError, match="frames granted for one answer"):
+            async for _frame in channel.stream(0x10, (), 2.0, window=4):
+                taken += 1
                 await asyncio.sleep(0.01)  # a slow consumer
+        assert taken <= 4
         channel.close()
 
 
