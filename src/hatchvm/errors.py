@@ -37,5 +37,17 @@ class InternalError(HatchError):
     status = 500
 
 
+class BadGateway(HatchError):
+    """Something behind hatchd (a guest) answered nonsense."""
+
+    status = 502
+
+
 class BackendUnavailable(HatchError):
     status = 503
+
+
+class GatewayTimeout(HatchError):
+    """Something behind hatchd (a guest) stopped answering midway."""
+
+    status = 504
