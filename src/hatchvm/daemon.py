@@ -21,6 +21,9 @@ from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.console import Consoles
+from hatchvm.core.execs import ExecService
+from hatchvm.core.files import FileService
+from hatchvm.core.guest import GuestService
 from hatchvm.core.liveness import Liveness
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
@@ -156,8 +159,27 @@ async def serve(settings: Settings) -> None:
     await reconcile(vms, snapshots)
     await prune_images(settings, sessions)
 
+    activity = Activity(vms)
+    wake = WakeService(
+        vms,
+        snapshots,
+        max_failures=settings.wake_max_failures,
+        backoff=settings.wake_retry_backoff,
+    )
+    guest = GuestService(settings, vms, wake, activity)
     verifier = build_verifier(settings, sessions)
-    app = create_app(Services(settings, sessions, verifier, vms, snapshots, routes))
+    app = create_app(
+        Services(
+            settings,
+            sessions,
+            verifier,
+            vms,
+            snapshots,
+            routes,
+            ExecService(guest),
+            FileService(guest),
+        )
+    )
     host, port = settings.http_host_port
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
@@ -168,13 +190,6 @@ async def serve(settings: Settings) -> None:
         accel=accel,
         data_dir=str(settings.data_dir),
         auth=verifier.name,
-    )
-    activity = Activity(vms)
-    wake = WakeService(
-        vms,
-        snapshots,
-        max_failures=settings.wake_max_failures,
-        backoff=settings.wake_retry_backoff,
     )
     proxy = Proxy(settings, vms, routes, wake, activity)
     gateway = SSHGateway(settings, vms, wake, activity)
