@@ -2,9 +2,9 @@
 stream or collect its output, start one in the background, and list, read, signal or forget
 background processes.
 
-Whatever the agent sends is bounded here too: output past the caller's limit is dropped (and
-the answer says truncated), and a command that outlives its own timeout by GRACE_S is given up
-on (AgentTimeout), whatever the agent does."""
+Whatever the agent sends is bounded here too: output past the limit the agent was given is a
+protocol error (it drops that itself), and a command that outlives its own timeout by GRACE_S is
+given up on (AgentTimeout), whatever the agent does."""
 
 from __future__ import annotations
 
@@ -185,17 +185,17 @@ class Execution:
             await self.close()
 
     async def collect(self, limit: int) -> Result:
-        """Everything, each stream cut at limit bytes."""
+        """Everything, each stream at most limit bytes (the limit it was started with: the
+        agent drops the rest and says so)."""
         kept = {"stdout": bytearray(), "stderr": bytearray()}
-        cut = False
         async for event in self.events():
             if isinstance(event, Exit):
                 out, err = bytes(kept["stdout"]), bytes(kept["stderr"])
-                return Result(event, out, err, truncated=cut or event.truncated)
+                return Result(event, out, err, truncated=event.truncated)
             buf = kept[event.stream]
-            room = max(0, limit - len(buf))
-            cut = cut or len(event.data) > room
-            buf += event.data[:room]
+            if len(buf) + len(event.data) > limit:
+                raise ProtocolError(f"more than the {limit} bytes of {event.stream} asked for")
+            buf += event.data
         raise ProtocolError("the answer ended without an exit")
 
     async def close(self) -> None:
