@@ -151,7 +151,8 @@ def main() -> None:
     daemon.start()
     assert daemon.proc is not None
     key = daemon.create_key("soak")
-    samples: list[tuple[int, int]] = []
+    samples: list[tuple[int, int]] = []  # after each cycle of phase 1
+    during: list[tuple[int, int]] = []  # every 2 s of phase 2
     try:
         with httpx.Client(
             base_url=daemon.url, timeout=300, headers={"Authorization": f"Bearer {key}"}
@@ -174,26 +175,27 @@ def main() -> None:
             ]
             for worker in workers:
                 worker.start()
+            while any(worker.is_alive() for worker in workers):  # sampled while they cycle
+                during.append(resources(daemon.proc.pid))
+                workers[0].join(2.0)
             for worker in workers:
                 worker.join()
             report(f"phase 2 ({args.vms} VMs at once)", phase2)
-            end = resources(daemon.proc.pid)
     finally:
         daemon.cleanup()
-    first = samples[: max(len(samples) // 10, 1)]
-    last = samples[-max(len(samples) // 10, 1) :]
     print()
-    print("hatchd       first 10% of phase 1   last 10% of phase 1   after phase 2")
-    print(
-        f"resident     {statistics.median(s[0] for s in first) / 1024:8.1f} MiB"
-        f"          {statistics.median(s[0] for s in last) / 1024:8.1f} MiB"
-        f"          {end[0] / 1024:8.1f} MiB"
-    )
-    print(
-        f"descriptors  {statistics.median(s[1] for s in first):8.0f}"
-        f"              {statistics.median(s[1] for s in last):8.0f}"
-        f"              {end[1]:8.0f}"
-    )
+    print("hatchd                    first 10%        last 10%   (medians)")
+    for name, series in (("phase 1", samples), ("phase 2", during)):
+        tenth = max(len(series) // 10, 1)
+        first, last = series[:tenth], series[-tenth:]
+        print(
+            f"{name} resident     {statistics.median(s[0] for s in first) / 1024:8.1f} MiB"
+            f"    {statistics.median(s[0] for s in last) / 1024:8.1f} MiB"
+        )
+        print(
+            f"{name} descriptors  {statistics.median(s[1] for s in first):8.0f}"
+            f"        {statistics.median(s[1] for s in last):8.0f}"
+        )
     errors = phase1.errors + phase2.errors
     print(f"errors: {len(errors)}")
     sys.exit(1 if errors else 0)

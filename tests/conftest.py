@@ -28,6 +28,25 @@ def _vm_prerequisites() -> str | None:
     for tool in ("qemu-system-x86_64", "nft", "ip", "mkfs.ext4"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run scripts/setup)"
+    if os.environ.get("HATCH_TEST_VMM") == "firecracker":
+        return _firecracker_prerequisites()
+    return None
+
+
+def _firecracker_prerequisites() -> str | None:
+    """HATCH_TEST_VMM=firecracker runs the VM tests on a real Firecracker: it needs the binary
+    and a host where KVM really runs guests."""
+    import asyncio
+
+    from hatchvm.vmm.accel import probe
+
+    binary = os.environ.get("HATCH_FIRECRACKER_BIN", "firecracker")
+    if shutil.which(binary) is None:
+        return f"HATCH_TEST_VMM=firecracker but {binary} is not found (set HATCH_FIRECRACKER_BIN)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "HATCH_TEST_VMM=firecracker but /dev/kvm is missing or not accessible"
+    if (problem := asyncio.run(probe("qemu-system-x86_64", "kvm"))) is not None:
+        return f"HATCH_TEST_VMM=firecracker but KVM does not run guests here: {problem}"
     return None
 
 

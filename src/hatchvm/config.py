@@ -114,7 +114,9 @@ class Settings(BaseSettings):
     )
 
     vmm: Literal["auto", "qemu", "firecracker"] = Field(
-        default="auto", description="which VMM runs the guests"
+        default="auto",
+        description="which VMM runs the guests: auto takes firecracker where KVM works and its "
+        "binary is installed, qemu otherwise",
     )
     qemu_bin: str = Field(default="qemu-system-x86_64", description="the QEMU binary")
     qemu_accel: Literal["auto", "kvm", "tcg"] = Field(

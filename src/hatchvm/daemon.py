@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,8 +47,10 @@ from hatchvm.snapshots.local import LocalStore
 from hatchvm.snapshots.s3 import S3Store
 from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.vmm.accel import detect_accel
-from hatchvm.vmm.base import VMMError
+from hatchvm.vmm.accel import probe as probe_accel
+from hatchvm.vmm.base import VMM, VMMError
 from hatchvm.vmm.cgroups import CgroupError, VMCgroups, find_layout
+from hatchvm.vmm.firecracker import FirecrackerVMM
 from hatchvm.vmm.process import become_subreaper
 from hatchvm.vmm.qemu import QemuVMM
 
@@ -58,17 +61,48 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def _build_vmm(settings: Settings, accel: str) -> QemuVMM:
-    if settings.vmm == "firecracker":
-        raise StartupError("HATCH_VMM=firecracker: the Firecracker driver is not available yet")
+async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
+    """The VMM driver and the acceleration it uses. `auto` takes Firecracker only where KVM
+    really runs a guest and its binary is installed, QEMU otherwise. An explicit
+    HATCH_VMM=firecracker starts even where KVM is unusable (with a warning: its guests will
+    not run), so the driver can be exercised against a stand-in binary."""
     make_private_dir(settings.run_dir)
-    return QemuVMM(
+    firecracker = shutil.which(settings.firecracker_bin)
+    if settings.vmm == "firecracker":
+        if firecracker is None:
+            raise StartupError(
+                f"HATCH_VMM=firecracker but {settings.firecracker_bin} is not found "
+                "(set HATCH_FIRECRACKER_BIN)"
+            )
+        problem = await _kvm_problem(settings)
+        if problem is not None:
+            log.warning(
+                "firecracker chosen but KVM is unusable: guests will not run", reason=problem
+            )
+        fc = FirecrackerVMM(
+            firecracker, settings.run_dir, problem is None, _build_cgroups(settings)
+        )
+        return fc, "kvm" if problem is None else "none"
+    accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
+    if settings.vmm == "auto" and firecracker is not None and accel == "kvm":
+        log.info("kvm works and firecracker is installed: guests run on firecracker")
+        return FirecrackerVMM(firecracker, settings.run_dir, True, _build_cgroups(settings)), accel
+    qemu = QemuVMM(
         settings.qemu_bin,
         accel,
         settings.run_dir,
         settings.qemu_tb_size_mib,
         _build_cgroups(settings),
     )
+    return qemu, accel
+
+
+async def _kvm_problem(settings: Settings) -> str | None:
+    """Why KVM cannot run a guest here, or None. /dev/kvm can exist while guests hang under it,
+    so a tiny guest is booted under KVM (with QEMU, the one tool at hand for it)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is missing or not accessible"
+    return await probe_accel(settings.qemu_bin, "kvm")
 
 
 def _build_cgroups(settings: Settings) -> VMCgroups | None:
@@ -141,8 +175,7 @@ async def serve(settings: Settings) -> None:
 
     if not become_subreaper():
         log.warning("cannot become the subreaper of VMM processes: exit codes will be unknown")
-    accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
-    vmm = _build_vmm(settings, accel)
+    vmm, accel = await _build_vmm(settings)
     network: HostNetwork | None = None
     if os.geteuid() == 0:
         network = HostNetwork(settings)
@@ -187,6 +220,7 @@ async def serve(settings: Settings) -> None:
     log.info(
         "hatchd listening",
         addr=f"{host}:{port}",
+        vmm=(await vmm.capabilities()).name,
         accel=accel,
         data_dir=str(settings.data_dir),
         auth=verifier.name,

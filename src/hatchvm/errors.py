@@ -43,6 +43,12 @@ class BadGateway(HatchError):
     status = 502
 
 
+class NotSupported(HatchError):
+    """The VM's VMM driver lacks a capability the operation needs."""
+
+    status = 501
+
+
 class BackendUnavailable(HatchError):
     status = 503
 

@@ -67,6 +67,8 @@ class HatchDaemon:
             "HATCH_QEMU_ACCEL": "auto",
             "HATCH_STOP_TIMEOUT": "30",
             "HATCH_LOG_LEVEL": "info",
+            # The VM tests on a real Firecracker: HATCH_TEST_VMM=firecracker (see conftest).
+            **({"HATCH_VMM": vmm} if (vmm := os.environ.get("HATCH_TEST_VMM")) else {}),
             **env,
         }
         if with_image:

@@ -6,7 +6,9 @@ import subprocess
 
 
 def qemu_pids(vm_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"hatch-{vm_id}"], capture_output=True, text=True)
+    """The VM's VMM processes: QEMU (named hatch-<id>) or Firecracker (its API socket)."""
+    pattern = f"hatch-{vm_id}|/{vm_id}/api.sock"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 

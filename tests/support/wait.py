@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -32,3 +33,17 @@ def http_text(url: str, timeout: float = 2.0) -> str | None:
 
 def wait_http(url: str, timeout: float = 120.0) -> str:
     return wait_for(lambda: http_text(url), timeout, f"HTTP 200 from {url}")
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll check() until it returns something true, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)

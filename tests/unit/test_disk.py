@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hatchvm.errors import BadRequest
 from hatchvm.images.disk import create_vm_disk
+from hatchvm.images.errors import UserDataError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,
@@ -120,13 +120,13 @@ def test_modes_do_not_depend_on_umask(tmp_path: Path) -> None:
 
 def test_bad_user_data_creates_nothing(tmp_path: Path) -> None:
     disk = tmp_path / "disk.ext4"
-    with pytest.raises(BadRequest, match="user_data: unsupported cloud-config key 'users'"):
+    with pytest.raises(UserDataError, match="user_data: unsupported cloud-config key 'users'"):
         create_vm_disk(disk, 64, "vm-abc", "#cloud-config\nusers: []\n")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_hostname_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BadRequest, match="hostname"):
+    with pytest.raises(UserDataError, match="hostname"):
         create_vm_disk(tmp_path / "disk.ext4", 64, "a b\n", None)
     assert list(tmp_path.iterdir()) == []
 

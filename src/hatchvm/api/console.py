@@ -10,6 +10,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from hatchvm.api.deps import Svc, User
 from hatchvm.api.openapi import AUTHENTICATED, ERRORS, REF
 from hatchvm.core.console import Consoles
+from hatchvm.vmm.base import Feature
 
 router = APIRouter(tags=["vms"])
 
@@ -20,7 +21,7 @@ _JSON_ERRORS = {
         "description": ERRORS[status],
         "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
     }
-    for status in (*AUTHENTICATED, 400, 404)
+    for status in (*AUTHENTICATED, 400, 404, 501)
 }
 
 TAIL_READ = 1 << 20  # the tail is cut from at most this much of the console
@@ -47,6 +48,7 @@ async def get_console(
     follow: bool = False,
 ) -> PlainTextResponse | StreamingResponse:
     await svc.vms.get(user, vm_id)  # 404 for a VM that is not the caller's
+    await svc.vms.require(Feature.CONSOLE, vm_id)
     vm_dir = svc.vms.vm_dir(vm_id)
     new_output = svc.vms.consoles.follow(vm_id) if follow else None
     text = Consoles.tail(vm_dir, TAIL_READ).decode(errors="replace")

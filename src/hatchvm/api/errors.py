@@ -13,6 +13,9 @@ from starlette.routing import Match
 
 from hatchvm.api.validation import describe_errors
 from hatchvm.errors import HatchError
+from hatchvm.images.errors import ImageError, UserDataError
+from hatchvm.net.errors import NetworkError
+from hatchvm.vmm.base import VMMError, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.api")
 
@@ -42,6 +45,27 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             log.error("request failed", path=request.url.path, status=exc.status, error=exc.message)
         return error_response(exc.status, exc.message)
+
+    @app.exception_handler(VMMError)
+    async def _vmm(request: Request, exc: VMMError) -> JSONResponse:
+        status = 501 if isinstance(exc, VMMUnsupported) else 500
+        if status == 500:
+            log.error(
+                "vmm failed", path=request.url.path, vm_id=exc.vm_id, op=exc.op, error=str(exc)
+            )
+        return error_response(status, exc.message)
+
+    @app.exception_handler(ImageError)
+    async def _image(request: Request, exc: ImageError) -> JSONResponse:
+        if isinstance(exc, UserDataError):
+            return error_response(400, exc.message)
+        log.error("image or disk failed", path=request.url.path, error=exc.message)
+        return error_response(500, exc.message)
+
+    @app.exception_handler(NetworkError)
+    async def _network(request: Request, exc: NetworkError) -> JSONResponse:
+        log.error("host network failed", path=request.url.path, error=exc.message)
+        return error_response(500, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -32,6 +32,7 @@ ERRORS: dict[int, str] = {
     409: "The VM's state (or the resource's use) forbids the operation",
     413: "The request body is over 1 MiB (the connection is closed)",
     500: "The operation failed inside hatchd (the message says why; the reason is logged)",
+    501: "The VM's VMM driver cannot do this yet (the message names the capability)",
     502: "The VM's guest agent answered nonsense (the connection to it was dropped)",
     503: "Something hatchd needs is missing or unreachable (the image, the network, the "
     "authentication server, a VM's guest agent)",
@@ -40,8 +41,9 @@ ERRORS: dict[int, str] = {
 
 # Every call through a VM's guest agent: bad input or a command that cannot run (400), the
 # VM, a path or a process not found (404), no agent or a state or file that forbids it (409),
-# the agent answering nonsense (502), absent or busy (503), stalling (504).
-GUEST = (400, 404, 409, 502, 504)
+# a VMM driver without an agent channel (501), the agent answering nonsense (502), absent or
+# busy (503), stalling (504).
+GUEST = (400, 404, 409, 501, 502, 504)
 
 # Every authenticated operation: a bad key, an unreachable auth server, a body too large.
 AUTHENTICATED = (401, 413, 503)

@@ -29,7 +29,7 @@ SNAPSHOT_LINKS = links(
 @router.post(
     "/vms/{vm_id}/snapshot",
     status_code=201,
-    responses={**errors(403, 404, 409, 500), **SNAPSHOT_LINKS},
+    responses={**errors(403, 404, 409, 500, 501), **SNAPSHOT_LINKS},
 )
 async def snapshot_vm(vm_id: str, user: User, svc: Svc) -> Snapshot:
     return render_snapshot(await svc.snapshots.snapshot(user, vm_id))
@@ -37,7 +37,7 @@ async def snapshot_vm(vm_id: str, user: User, svc: Svc) -> Snapshot:
 
 @router.post(
     "/vms/{vm_id}/restore",
-    responses={**errors(400, 404, 409, 500), **links(200, **VM_LINKS)},
+    responses={**errors(400, 404, 409, 500, 501), **links(200, **VM_LINKS)},
     openapi_extra=json_body(RestoreRequest, required=False),
 )
 async def restore_vm(vm_id: str, request: Request, user: User, svc: Svc) -> VM:

@@ -12,16 +12,16 @@ from hatchvm.cli.output import print_error
 from hatchvm.client import HatchAPIError
 from hatchvm.config import ConfigError
 from hatchvm.errors import HatchError
-from hatchvm.images.builder import ImageBuildError
+from hatchvm.images.errors import ImageError
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-EXPECTED = (HatchAPIError, HatchError, ConfigError, ImageBuildError, OSError)
+EXPECTED = (HatchAPIError, HatchError, ConfigError, ImageError, OSError)
 
 
 def one_line(exc: BaseException) -> str:
-    if isinstance(exc, HatchError):
+    if isinstance(exc, HatchError | ImageError):
         return exc.message
     if isinstance(exc, HatchAPIError) and exc.status:
         return f"{exc.message} (HTTP {exc.status})"

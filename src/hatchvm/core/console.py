@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from hatchvm.vmm.fifo import is_fifo, open_fifo
+
 log = structlog.get_logger("hatchvm.console")
 
 CONSOLE_LOG = "console.log"
@@ -35,7 +37,9 @@ class ConsoleRecorder:
         self.followers: set[asyncio.Queue[bytes | None]] = set()
         self.task: asyncio.Task[None] | None = None
 
-    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def run(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | asyncio.BaseTransport
+    ) -> None:
         path = self.vm_dir / CONSOLE_LOG
         out = _open_append(path)
         try:
@@ -83,7 +87,10 @@ class Consoles:
         if current is not None and current.task is not None and not current.task.done():
             return
         try:
-            reader, writer = await asyncio.open_unix_connection(str(socket))
+            if is_fifo(socket):  # Firecracker writes the serial console to a named pipe
+                reader, writer = await open_fifo(socket)
+            else:
+                reader, writer = await asyncio.open_unix_connection(str(socket))
         except OSError as exc:
             log.warning("guest console not recorded", vm_id=vm_id, reason=str(exc))
             return

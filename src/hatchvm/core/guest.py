@@ -1,7 +1,9 @@
 """Reaching into a user's VM through its guest agent: the checks every exec, process and file
 call goes through, and what the agent's failures mean as answers.
 
-A call names the caller's VM (another user's is 404, like everywhere). An image whose manifest
+A call names the caller's VM (another user's is 404, like everywhere). A VMM driver without an
+agent channel (Firecracker, for now) is a 501 at once, like its other missing features; an
+image whose manifest
 says it has no agent is a 409 at once; a sleeping VM (stopped, snapshotted) is woken first
 through the same shared wake as the proxy; then the call waits for the agent to have said hello
 (a guest just booted or woken), up to HATCH_AGENT_READY_TIMEOUT (503 after), and a hello
@@ -41,6 +43,7 @@ from hatchvm.errors import (
     NotFound,
 )
 from hatchvm.images.builder import UNKNOWN_AGENT
+from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -62,6 +65,7 @@ class GuestService:
         """The VM's agent channel, ready for a call needing capability; the VM is in use
         meanwhile, and the agent's failures come out as HatchErrors."""
         vm = await self.vms.get(user_id, vm_id)
+        await self.vms.require(Feature.AGENT, vm.id)
         await self._check_image(vm, capability)
         vm = await self.wake.ensure_running(vm)
         with self.activity.connection(vm.id), translated(vm.id):

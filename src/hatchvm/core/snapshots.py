@@ -36,6 +36,7 @@ from hatchvm.snapshots import codec
 from hatchvm.snapshots.errors import ArtifactError
 from hatchvm.snapshots.manifest import ARTIFACT_NAMES, ArtifactRecord, SnapshotManifest
 from hatchvm.snapshots.store import ArtifactStore
+from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -118,6 +119,7 @@ class SnapshotService:
         automatic (the idle reaper): at the quota, the oldest automatic snapshot makes room,
         once the new one is safely stored."""
         await self.vms.get(user_id, vm_id)
+        await self.vms.require(Feature.SNAPSHOTS, vm_id)
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             guard(Op.SNAPSHOT, vm.state)
@@ -127,6 +129,8 @@ class SnapshotService:
     async def snapshot_if_idle(self, user_id: str, vm_id: str, cutoff: datetime) -> Snapshot | None:
         """The reaper's snapshot: automatic, and only if the VM is still running and still
         unused since cutoff once its lock is held (a request may have just woken it)."""
+        if not (await self.vms.vmm.capabilities()).snapshots:
+            return None  # the driver cannot: the VM keeps running
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             if vm.state != State.RUNNING or vm.last_activity_at >= cutoff:
@@ -311,6 +315,7 @@ class SnapshotService:
     async def restore(self, user_id: str, vm_id: str, snapshot_id: str | None = None) -> VM:
         """Resume the VM from a snapshot (default: its latest); the VM ends `running`."""
         await self.vms.get(user_id, vm_id)
+        await self.vms.require(Feature.SNAPSHOTS, vm_id)
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.get(user_id, vm_id)
             async with self.vms.sessions() as session:

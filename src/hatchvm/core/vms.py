@@ -29,14 +29,21 @@ from hatchvm.core.states import Op, State, guard
 from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Image, utcnow
-from hatchvm.errors import BackendUnavailable, BadRequest, InternalError, NotFound, QuotaExceeded
+from hatchvm.errors import (
+    BackendUnavailable,
+    BadRequest,
+    InternalError,
+    NotFound,
+    NotSupported,
+    QuotaExceeded,
+)
 from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
 from hatchvm.images import registry
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
-from hatchvm.vmm.base import VMM, BootSpec
+from hatchvm.vmm.base import VMM, BootSpec, Feature, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -114,6 +121,13 @@ class VMService:
     async def list(self, user_id: str) -> list[VM]:
         async with self.sessions() as session:
             return await repo.list_vms(session, user_id)
+
+    async def require(self, feature: Feature, vm_id: str | None = None) -> None:
+        """501 unless the VMM driver can do this (checked before anything is changed)."""
+        try:
+            (await self.vmm.capabilities()).require(feature, vm_id)
+        except VMMUnsupported as exc:
+            raise NotSupported(exc.message) from None
 
     @property
     def vms_dir(self) -> Path:
@@ -276,6 +290,7 @@ class VMService:
             tap_name=vm.tap_name,
             guest_mac=vm.guest_mac,
             mem_file=self.vm_dir(vm.id) / MEM_NAME,
+            vmlinux=image.vmlinux,
         )
 
     async def _boot(self, vm: VM, image: ImageArtifacts) -> None:
@@ -292,8 +307,11 @@ class VMService:
         """A VMM process of this VM runs (just started, or found at start-up): record its
         console, connect to its guest agent and watch its life."""
         vm_dir = self.vm_dir(vm.id)
-        await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
-        await self.agents.attach(vm.id, self.vmm.agent_socket(vm_dir), restored=restored)
+        features = (await self.vmm.capabilities()).features
+        if Feature.CONSOLE in features:
+            await self.consoles.record(vm.id, vm_dir, self.vmm.console_socket(vm_dir))
+        if Feature.AGENT in features:
+            await self.agents.attach(vm.id, self.vmm.agent_socket(vm_dir), restored=restored)
         for hook in self.run_hooks:
             hook(vm)
 
@@ -314,6 +332,10 @@ class VMService:
         """A guest that slept in a snapshot wakes with the clock and RNG state it was frozen
         with: the agent sets the host's time and reseeds the RNG. Bounded by
         HATCH_AGENT_TIMEOUT; a guest without an agent runs on, with the warning returned."""
+        capabilities = await self.vmm.capabilities()
+        if Feature.AGENT not in capabilities.features:
+            driver = capabilities.name
+            return f"clock not synced, RNG not reseeded: the {driver} driver has no guest agent"
         return await self.agents.after_resume(vm.id)
 
     def drop_memory(self, vm_id: str) -> None:

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from hatchvm import private
+from hatchvm.images.errors import ImageError
 
 BUILDER_VERSION = 6
 KERNEL_META = "linux-image-cloud-amd64"
@@ -71,7 +72,7 @@ Progress = Callable[[str], None]
 UNKNOWN_AGENT = "unknown"
 
 
-class ImageBuildError(Exception):
+class ImageBuildError(ImageError):
     """The build failed; the message says which step and why."""
 
 

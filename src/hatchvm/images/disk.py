@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from hatchvm.errors import BadRequest, InternalError
+from hatchvm.images.errors import DiskError, UserDataError
 
 MAX_USER_DATA = 64 * 1024
 # What a cloud-config may expand to (shlex quoting adds a little; YAML aliases could add
@@ -44,13 +44,13 @@ class GuestSeed:
 def _check_key(key: str) -> str:
     key = key.strip()
     if "\n" in key or not key.startswith(_KEY_TYPES) or len(key.split()) < 2:
-        raise BadRequest(f"user_data: not an SSH public key: {key[:40]!r}")
+        raise UserDataError(f"user_data: not an SSH public key: {key[:40]!r}")
     return key
 
 
 def _runcmd_script(commands: object) -> str:
     if not isinstance(commands, list):
-        raise BadRequest("user_data: runcmd must be a list")
+        raise UserDataError("user_data: runcmd must be a list")
     lines = ["#!/bin/sh"]
     size = 0
     for cmd in commands:
@@ -59,10 +59,10 @@ def _runcmd_script(commands: object) -> str:
         elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
             line = shlex.join(cmd)
         else:
-            raise BadRequest("user_data: runcmd entries must be strings or lists of strings")
+            raise UserDataError("user_data: runcmd entries must be strings or lists of strings")
         size += len(line) + 1
         if size > MAX_SEED:  # checked as it grows: aliases repeat one entry without limit
-            raise BadRequest(f"user_data: runcmd expands to over {MAX_SEED // 1024} KiB")
+            raise UserDataError(f"user_data: runcmd expands to over {MAX_SEED // 1024} KiB")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -71,22 +71,22 @@ def _parse_cloud_config(text: str) -> GuestSeed:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise BadRequest(f"user_data: invalid cloud-config YAML: {exc}") from None
+        raise UserDataError(f"user_data: invalid cloud-config YAML: {exc}") from None
     if data is None:
         return GuestSeed()
     if not isinstance(data, dict):
-        raise BadRequest("user_data: cloud-config must be a YAML mapping")
+        raise UserDataError("user_data: cloud-config must be a YAML mapping")
     unknown = sorted(set(map(str, data)) - _CLOUD_CONFIG_KEYS)
     if unknown:
-        raise BadRequest(
+        raise UserDataError(
             f"user_data: unsupported cloud-config key {unknown[0]!r} "
             f"(supported: {', '.join(sorted(_CLOUD_CONFIG_KEYS))})"
         )
     keys = data.get("ssh_authorized_keys") or []
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise BadRequest("user_data: ssh_authorized_keys must be a list of strings")
+        raise UserDataError("user_data: ssh_authorized_keys must be a list of strings")
     if sum(len(k) for k in keys) > MAX_SEED:
-        raise BadRequest(f"user_data: ssh_authorized_keys expand to over {MAX_SEED // 1024} KiB")
+        raise UserDataError(f"user_data: ssh_authorized_keys expand to over {MAX_SEED // 1024} KiB")
     script = _runcmd_script(data["runcmd"]) if data.get("runcmd") else None
     return _checked_seed(GuestSeed(script=script, ssh_keys=[_check_key(k) for k in keys]))
 
@@ -96,13 +96,14 @@ def _checked_seed(seed: GuestSeed) -> GuestSeed:
     file can hold), its aliases can multiply the text."""
     text = "\n".join([seed.script or "", *seed.ssh_keys])
     if "\x00" in text:
-        raise BadRequest("user_data: must not contain NUL bytes")
+        raise UserDataError("user_data: must not contain NUL bytes")
     try:
         size = len(text.encode())
     except UnicodeEncodeError:
-        raise BadRequest("user_data: must not contain lone surrogates (\\ud800-\\udfff)") from None
+        message = "user_data: must not contain lone surrogates (\\ud800-\\udfff)"
+        raise UserDataError(message) from None
     if size > MAX_SEED:
-        raise BadRequest(f"user_data: cloud-config expands to over {MAX_SEED // 1024} KiB")
+        raise UserDataError(f"user_data: cloud-config expands to over {MAX_SEED // 1024} KiB")
     return seed
 
 
@@ -111,9 +112,9 @@ def parse_user_data(user_data: str | None) -> GuestSeed:
     if user_data is None or not user_data.strip():
         return GuestSeed()
     if len(user_data.encode()) > MAX_USER_DATA:
-        raise BadRequest(f"user_data: larger than {MAX_USER_DATA // 1024} KiB")
+        raise UserDataError(f"user_data: larger than {MAX_USER_DATA // 1024} KiB")
     if "\x00" in user_data:
-        raise BadRequest("user_data: must not contain NUL bytes")
+        raise UserDataError("user_data: must not contain NUL bytes")
     if user_data.startswith("#cloud-config"):
         return _parse_cloud_config(user_data)
     if user_data.startswith("#!"):
@@ -123,7 +124,7 @@ def parse_user_data(user_data: str | None) -> GuestSeed:
             if line.strip().startswith(_KEY_MARKER)
         ]
         return GuestSeed(script=user_data, ssh_keys=keys)
-    raise BadRequest("user_data: must be a shell script starting with #! or #cloud-config")
+    raise UserDataError("user_data: must be a shell script starting with #! or #cloud-config")
 
 
 def _write(path: Path, content: str, mode: int) -> None:
@@ -142,13 +143,13 @@ def create_vm_disk(path: Path, size_mib: int, hostname: str, user_data: str | No
     """Make the VM's writable disk (sparse ext4, label "hatchdisk"), pre-seeded for the overlay
     upper layer: /etc/hostname, /etc/hatch/user-data, /root/.ssh/authorized_keys.
 
-    Raises BadRequest for bad user_data, InternalError when mkfs.ext4 fails. Only a complete
+    Raises UserDataError for bad user_data, DiskError when mkfs.ext4 fails. Only a complete
     disk ever carries the final name."""
     seed = parse_user_data(user_data)
     if not hostname or any(c.isspace() or c in "/\0" for c in hostname) or len(hostname) > 64:
-        raise BadRequest(f"invalid hostname {hostname!r}")
+        raise UserDataError(f"invalid hostname {hostname!r}")
     if size_mib < MIN_DISK_MIB:
-        raise BadRequest(f"disk size must be at least {MIN_DISK_MIB} MiB")
+        raise UserDataError(f"disk size must be at least {MIN_DISK_MIB} MiB")
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         _mkdir(stage, 0o755)
@@ -178,5 +179,5 @@ def create_vm_disk(path: Path, size_mib: int, hostname: str, user_data: str | No
         )
         if result.returncode != 0:
             tmp_disk.unlink(missing_ok=True)
-            raise InternalError(f"mkfs.ext4 of the VM disk failed: {result.stderr.strip()}")
+            raise DiskError(f"mkfs.ext4 of the VM disk failed: {result.stderr.strip()}")
         tmp_disk.rename(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -10,7 +11,51 @@ from typing import Protocol
 
 
 class VMMError(Exception):
-    """A VMM failed to do what it was asked; the message says what and why."""
+    """A VMM failed to do what it was asked; the message says what and why.
+
+    Drivers raise the subclasses below, naming the VM and the operation; the API renders them
+    (api/errors.py). The tree:
+
+        VMMError
+        ├── VMMStartFailed     the VMM process did not come up (bad binary, files, config)
+        ├── VMMNotRunning      the operation needs a running VMM process and there is none
+        ├── VMMFilesMissing    a file the operation needs (kernel, disk, memory, state) is absent
+        ├── VMMTimeout         the VMM did not answer or finish within its bound
+        ├── VMMRequestFailed   the VMM refused a request (QMP error, Firecracker fault_message)
+        └── VMMUnsupported     the driver lacks the capability (declared in its Capabilities)
+    """
+
+    def __init__(self, message: str, *, vm_id: str | None = None, op: str | None = None) -> None:
+        if vm_id is not None and op is not None:
+            message = f"{op} of {vm_id}: {message}"
+        super().__init__(message)
+        self.message = message
+        self.vm_id = vm_id
+        self.op = op
+
+
+class VMMStartFailed(VMMError):
+    pass
+
+
+class VMMNotRunning(VMMError):
+    pass
+
+
+class VMMFilesMissing(VMMError):
+    pass
+
+
+class VMMTimeout(VMMError):
+    pass
+
+
+class VMMRequestFailed(VMMError):
+    pass
+
+
+class VMMUnsupported(VMMError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -19,7 +64,7 @@ class BootSpec:
 
     vm_id: str
     vm_dir: Path  # per-VM directory: the driver's pid file, control socket, console.log
-    kernel: Path  # compressed bzImage for QEMU, ELF vmlinux for Firecracker
+    kernel: Path  # compressed bzImage (QEMU)
     initrd: Path | None
     rootfs: Path  # read-only base image, first virtio disk (/dev/vda)
     disk: Path  # writable per-VM disk, second virtio disk (/dev/vdb)
@@ -32,6 +77,7 @@ class BootSpec:
     # snapshot only has to save the device state.
     mem_file: Path | None = None
     incoming: bool = False  # wait for a device-state stream instead of booting the kernel
+    vmlinux: Path | None = None  # the same kernel as an uncompressed ELF (Firecracker boots it)
 
 
 @dataclass(frozen=True)
@@ -82,12 +128,42 @@ class RunningVM:
     mem_mib: int
 
 
+class Feature(enum.Flag):
+    """What a driver can do beyond boot, stop and kill. core checks a feature before it calls
+    (require()), so a missing one is a clear 501, never a hang or a crash."""
+
+    NONE = 0
+    SNAPSHOTS = enum.auto()  # snapshot() and restore()
+    CONSOLE = enum.auto()  # console_socket() streams the guest's console
+    AGENT = enum.auto()  # a host-guest channel for the guest agent (virtio-serial or vsock)
+    TEMPLATES = enum.auto()  # warm templates: many VMs restored from one shared memory image
+
+
+FEATURE_NAMES = {
+    Feature.SNAPSHOTS: "snapshots",
+    Feature.CONSOLE: "console recording",
+    Feature.AGENT: "the guest agent",
+    Feature.TEMPLATES: "warm templates",
+}
+
+
 @dataclass(frozen=True)
 class Capabilities:
     name: str
     accel: str  # "kvm", "tcg", ...
-    snapshots: bool = False
+    features: Feature = Feature.NONE
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def snapshots(self) -> bool:
+        return Feature.SNAPSHOTS in self.features
+
+    def require(self, feature: Feature, vm_id: str | None = None) -> None:
+        """Raise VMMUnsupported unless the driver has feature."""
+        if feature not in self.features:
+            what = FEATURE_NAMES.get(feature, str(feature.name).lower())
+            where = f" (vm {vm_id})" if vm_id else ""
+            raise VMMUnsupported(f"the {self.name} driver does not support {what} yet{where}")
 
 
 class VMM(Protocol):
@@ -110,11 +186,13 @@ class VMM(Protocol):
         ...
 
     def console_socket(self, vm_dir: Path) -> Path:
-        """A Unix socket that streams the guest's console while its VMM runs."""
+        """A Unix socket (QEMU) or named pipe (Firecracker) that streams the guest's console
+        while its VMM runs. Called only when capabilities() has CONSOLE."""
         ...
 
-    def agent_socket(self, vm_dir: Path) -> Path | None:
-        """The Unix socket of the guest agent's port while the VMM runs, if it has one."""
+    def agent_socket(self, vm_dir: Path) -> Path:
+        """The Unix socket of the guest agent's port while the VMM runs. Called only when
+        capabilities() has AGENT."""
         ...
 
     async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
@@ -138,8 +216,9 @@ class VMM(Protocol):
         ...
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
-        """Pause the VM, write its device state to state_file and end the process. Its memory
-        is what the BootSpec's mem_file holds; its disks are consistent with it."""
+        """Pause the VM, write its device state to state_file and end the process. Afterwards
+        the BootSpec's mem_file holds its memory (QEMU's RAM already is that file; Firecracker
+        writes it); its disks are consistent with it. Called only with SNAPSHOTS."""
         ...
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +22,21 @@ log = structlog.get_logger("hatchvm.vmm")
 _PR_SET_CHILD_SUBREAPER = 36
 EVENT_LINE_LIMIT = 64 << 10  # QMP event lines are small; a longer one is not read
 DRAIN_TIMEOUT = 2.0  # after the process is gone, its event socket reaches EOF at once
+
+
+def processes_with_arg(flag: bytes) -> Iterator[tuple[int, Path]]:
+    """(pid, the path given after `flag`) for every process whose command line has the flag:
+    how a driver finds its VMMs (QEMU's -pidfile, Firecracker's --api-sock) without trusting
+    pid files alone."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if flag in args and args.index(flag) + 1 < len(args):
+            yield int(entry.name), Path(os.fsdecode(args[args.index(flag) + 1]))
 
 
 def become_subreaper() -> bool:
@@ -96,3 +112,35 @@ async def _listen(socket: Path, reasons: list[str]) -> None:
         pass
     finally:
         writer.close()
+
+
+async def process_ended(pid: int, timeout: float) -> bool:
+    """True once process pid has ended (a pidfd: no polling), False if it still runs after
+    timeout seconds. It is not reaped: its watch (wait_process) reads how it ended."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        await asyncio.wait_for(_readable(pidfd), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+async def wait_process(pid: int) -> ExitInfo:
+    """Return once process pid has ended, with its exit code or signal when hatchd is its
+    reaper (no reason: VMMs without an event channel say nothing more)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return ExitInfo(at=datetime.now(UTC))
+    try:
+        await _readable(pidfd)
+        at = datetime.now(UTC)
+        code, sig = _reap(pidfd)
+    finally:
+        os.close(pidfd)
+    return ExitInfo(at=at, exit_code=code, signal=sig)

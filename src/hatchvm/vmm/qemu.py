@@ -18,11 +18,22 @@ from pathlib import Path
 
 import structlog
 
-from hatchvm.vmm.base import BootSpec, Capabilities, ExitInfo, RunningVM, VMMError
+from hatchvm.vmm.base import (
+    BootSpec,
+    Capabilities,
+    ExitInfo,
+    Feature,
+    RunningVM,
+    VMMError,
+    VMMFilesMissing,
+    VMMNotRunning,
+    VMMStartFailed,
+)
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
+from hatchvm.vmm.environment import vmm_environment
 from hatchvm.vmm.overhead import memory_limit_mib
-from hatchvm.vmm.process import watch_process
+from hatchvm.vmm.process import processes_with_arg, watch_process
 from hatchvm.vmm.qmp import qmp_execute, qmp_session
 
 log = structlog.get_logger("hatchvm.vmm")
@@ -93,7 +104,8 @@ class QemuVMM:
         return self.run_dir / data / vm_dir.name
 
     async def capabilities(self) -> Capabilities:
-        return Capabilities(name="qemu", accel=self.accel, snapshots=True)
+        features = Feature.SNAPSHOTS | Feature.CONSOLE | Feature.AGENT
+        return Capabilities(name="qemu", accel=self.accel, features=features)
 
     def memory_footprint_mib(self, mem_mib: int) -> int:
         return memory_limit_mib(mem_mib, self.tb_size_mib if self.accel == "tcg" else 0)
@@ -207,7 +219,7 @@ class QemuVMM:
     def console_socket(self, vm_dir: Path) -> Path:
         return self.sockets(vm_dir) / CONSOLE_SOCKET
 
-    def agent_socket(self, vm_dir: Path) -> Path | None:
+    def agent_socket(self, vm_dir: Path) -> Path:
         return self.sockets(vm_dir) / AGENT_SOCKET
 
     async def boot(self, spec: BootSpec) -> int:
@@ -227,7 +239,7 @@ class QemuVMM:
             try:
                 await asyncio.to_thread(self.cgroups.create, spec.vm_id, limits)
             except CgroupError as exc:
-                raise VMMError(str(exc)) from None
+                raise VMMStartFailed(str(exc), vm_id=spec.vm_id, op="boot") from None
             cmd = self.cgroups.launcher(spec.vm_id) + cmd
         log_path = spec.vm_dir / QEMU_LOG
         with log_path.open("ab") as qlog:
@@ -237,9 +249,12 @@ class QemuVMM:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=qlog,
                     stderr=qlog,
+                    env=vmm_environment(),
                 )
             except OSError as exc:
-                raise VMMError(f"cannot run {self.qemu_bin}: {exc.strerror}") from None
+                raise VMMStartFailed(
+                    f"cannot run {self.qemu_bin}: {exc.strerror}", vm_id=spec.vm_id, op="boot"
+                ) from None
             try:
                 code = await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
             except TimeoutError:
@@ -249,33 +264,30 @@ class QemuVMM:
         pid = _read_pid(spec.vm_dir)
         if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
             await self.kill(spec.vm_id, spec.vm_dir)
-            raise VMMError(f"qemu failed to start (exit {code}): {_tail(log_path)}")
+            raise VMMStartFailed(
+                f"qemu failed to start (exit {code}): {_tail(log_path)}",
+                vm_id=spec.vm_id,
+                op="boot",
+            )
         for name in SOCKETS:
             (sock / name).chmod(0o600)
         status = await qmp_execute(sock / QMP_SOCKET, "query-status")
         if status.get("status") != ("inmigrate" if spec.incoming else "prelaunch"):
             await self.kill(spec.vm_id, spec.vm_dir)
-            raise VMMError(f"qemu started but the VM is {status.get('status')}")
+            raise VMMStartFailed(
+                f"qemu started but the VM is {status.get('status')}", vm_id=spec.vm_id, op="boot"
+            )
         return pid
 
     async def processes(self, vms_dir: Path) -> dict[str, int]:
         """The QEMUs whose files live under vms_dir (this daemon's), by VM id: read from
         their command lines, so another daemon's or a test's QEMUs are never counted."""
         found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"-pidfile" not in args or args.index(b"-pidfile") + 1 >= len(args):
-                continue
-            pidfile = Path(os.fsdecode(args[args.index(b"-pidfile") + 1]))
+        for pid, pidfile in processes_with_arg(b"-pidfile"):
             if pidfile.name == PID_FILE and pidfile.parent.parent == vms_dir:
                 vm_id = pidfile.parent.name
-                if _is_ours(int(entry.name), vm_id):
-                    found[vm_id] = int(entry.name)
+                if _is_ours(pid, vm_id):
+                    found[vm_id] = pid
         return found
 
     async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
@@ -303,7 +315,7 @@ class QemuVMM:
             except ProcessLookupError:
                 pass
             if not await _wait_gone(pid, vm_id, 10):
-                raise VMMError(f"qemu pid {pid} of {vm_id} survived SIGKILL")
+                raise VMMError(f"qemu pid {pid} survived SIGKILL", vm_id=vm_id, op="kill")
             _reap(pid)
         await self._forget(vm_id, vm_dir)
 
@@ -342,7 +354,7 @@ class QemuVMM:
         """With x-ignore-shared the file-backed RAM is skipped: only device state (about
         0.1 MB) is written. `stop` drains and flushes the disks first, so they match."""
         if await self.alive(vm_id, vm_dir) is None:
-            raise VMMError(f"{vm_id} has no running qemu to snapshot")
+            raise VMMNotRunning("no running qemu to snapshot", vm_id=vm_id, op="snapshot")
         state_file.unlink(missing_ok=True)
         async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
@@ -354,7 +366,9 @@ class QemuVMM:
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         if spec.mem_file is None or not spec.mem_file.exists() or not state_file.exists():
-            raise VMMError(f"{spec.vm_id}: memory or device state file is missing")
+            raise VMMFilesMissing(
+                "memory or device state file is missing", vm_id=spec.vm_id, op="restore"
+            )
         pid = await self.boot(dataclasses.replace(spec, incoming=True))
         try:
             async with qmp_session(self.sockets(spec.vm_dir) / QMP_SOCKET) as qmp:
@@ -384,7 +398,7 @@ class QemuVMM:
             await qmp.execute("cont")
             status = (await qmp.execute("query-status")).get("status")
         if status != "running":
-            raise VMMError(f"{vm_id} is {status} after cont, not running")
+            raise VMMError(f"the vm is {status} after cont, not running", vm_id=vm_id, op="resume")
 
     async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
         pid = await self.alive(vm_id, vm_dir)
