@@ -18,12 +18,14 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 class HatchAPIError(Exception):
-    """The API answered with an error: .status and .message from {"error": ...}."""
+    """The API answered with an error: .status and .message from {"error": ...}, .body the
+    whole answer (an exec that timed out carries its output there)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(f"{message} ({status})" if status else message)
         self.status = status
         self.message = message
+        self.body = body or {}
 
 
 class HatchConnectionError(HatchAPIError):
@@ -35,11 +37,14 @@ def _result(response: httpx.Response) -> Any:
     """The JSON of a successful answer, or HatchAPIError with the server's message."""
     if response.is_success:
         return response.json()
+    body: dict[str, Any] = {}
     try:
-        message = response.json().get("error") or response.text
+        parsed = response.json()
+        body = parsed if isinstance(parsed, dict) else {}
+        message = body.get("error") or response.text
     except ValueError:
         message = response.text.strip() or response.reason_phrase
-    raise HatchAPIError(response.status_code, str(message))
+    raise HatchAPIError(response.status_code, str(message), body)
 
 
 def _fields(**values: Any) -> dict[str, Any]:

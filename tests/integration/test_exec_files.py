@@ -145,8 +145,13 @@ def test_output_is_cut_at_1_mib_per_stream_and_says_so(world: World) -> None:
 
 def test_a_timeout_kills_the_command_and_its_children(world: World) -> None:
     vm = world.vm["id"]
-    result = world.alice.exec(vm, "sleep 300 & echo $! > /tmp/child; wait", timeout_s=1)
-    assert result["timed_out"] is True
+    with pytest.raises(HatchAPIError) as err:
+        world.alice.exec(vm, "echo begun; sleep 300 & echo $! > /tmp/child; wait", timeout_s=1)
+    # An error naming the timeout, with what the command wrote until it was killed.
+    assert err.value.status == 504
+    assert err.value.message == "the command timed out after 1 s (timeout_s) and was killed"
+    result = err.value.body
+    assert result["timed_out"] is True and result["stdout"] == "begun\n"
     assert result["exit_code"] is None and result["signal"] == 9
     child = world.alice.exec(vm, ["cat", "/tmp/child"])["stdout"].strip()
     # The whole process group went: the child that would have slept 300 s is gone.
@@ -200,6 +205,14 @@ def test_the_cli_streams_and_exits_with_the_commands_code(world: World) -> None:
         [*cli, "exec", "vm_000000000000", "--", "true"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 255 and "vm vm_000000000000 not found" in done.stderr
+    done = subprocess.run(
+        [*cli, "exec", world.vm["id"], "--timeout", "1", "--", "sleep", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 124 and "timed out after 1 s" in done.stderr
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "in.txt"

@@ -16,6 +16,7 @@ from hatchvm.api.openapi import AUTHENTICATED, GUEST, REF, errors, json_body, js
 from hatchvm.api.outputs import (
     ExecEvent,
     ExecResult,
+    ExecTimedOut,
     Process,
     render_exec,
     render_exit,
@@ -44,6 +45,12 @@ async def _command(request: Request) -> tuple[ExecRequest, Command]:
     responses={
         201: {"model": Process, "description": "background: the process, started"},
         **errors(*AUTHENTICATED, 500, *GUEST),
+        504: {
+            "model": ExecTimedOut,
+            "description": "The command ran past timeout_s and was killed with its process "
+            "group (the error names it; the output until then comes with it), or the guest "
+            "agent stopped answering midway",
+        },
     },
     openapi_extra=json_body(ExecRequest, required=True),
 )
@@ -52,7 +59,11 @@ async def exec_vm(vm_id: str, request: Request, user: User, svc: Svc) -> ExecRes
     if body.background:
         process = await svc.execs.start_background(user, vm_id, command)
         return JSONResponse(render_process(process).model_dump(), status_code=201)
-    return render_exec(await svc.execs.run(user, vm_id, command))
+    result = render_exec(await svc.execs.run(user, vm_id, command))
+    if result.timed_out:  # an error naming the timeout, with what the command wrote until then
+        error = f"the command timed out after {command.timeout_s:g} s (timeout_s) and was killed"
+        return JSONResponse({"error": error, **result.model_dump()}, status_code=504)
+    return result
 
 
 @router.post(

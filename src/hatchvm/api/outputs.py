@@ -135,6 +135,10 @@ class ExecResult(Output):
     truncated: bool  # a stream went past the 1 MiB kept
 
 
+class ExecTimedOut(ExecResult):
+    error: str  # "the command timed out after 1 s (timeout_s) and was killed"
+
+
 class ExecEvent(Output):
     """One line of a streamed exec (application/x-ndjson)."""
 

@@ -96,6 +96,8 @@ def _stream(
             stream.write(event.get("data") or "")
             stream.flush()
         elif kind == "exit":
+            if event.get("timed_out"):
+                print_error(f"the command timed out after {timeout or 60:g} s (--timeout)")
             return exit_status(event)
         elif kind == "error":
             print_error(str(event.get("error")))
