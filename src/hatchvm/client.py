@@ -184,6 +184,14 @@ class HatchClient:
     def restore_vm(self, vm_id: str, snapshot_id: str | None = None) -> Any:
         return self._call(*_Routes.restore_vm(vm_id, snapshot_id))
 
+    def fork_vm(self, vm_id: str, count: int = 1) -> Any:
+        """count new VMs running from this one as it is now (or as its latest snapshot
+        holds it): the list of them."""
+        return self._call("POST", f"/vms/{vm_id}/fork", {"count": count}, timeout=300)
+
+    def fork_snapshot(self, snapshot_id: str, count: int = 1) -> Any:
+        return self._call("POST", f"/snapshots/{snapshot_id}/fork", {"count": count}, timeout=300)
+
     def list_snapshots(self, vm_id: str) -> Any:
         return self._call("GET", f"/vms/{vm_id}/snapshots")
 

@@ -24,6 +24,7 @@ from hatchvm.core.activity import Activity
 from hatchvm.core.console import Consoles
 from hatchvm.core.execs import ExecService
 from hatchvm.core.files import FileService
+from hatchvm.core.forks import ForkService
 from hatchvm.core.guest import GuestService
 from hatchvm.core.liveness import Liveness
 from hatchvm.core.network import HostNetwork
@@ -211,6 +212,7 @@ async def serve(settings: Settings) -> None:
             routes,
             ExecService(guest),
             FileService(guest),
+            ForkService(settings, vms, snapshots, guest),
         )
     )
     host, port = settings.http_host_port

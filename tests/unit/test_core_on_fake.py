@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchvm.core.forks import ForkService
 from hatchvm.core.guest import GuestService
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.snapshots import PENDING, STATE_NAME
@@ -202,6 +203,21 @@ async def test_without_the_agent_exec_and_files_are_501_and_nothing_is_woken(
         )
     assert (await core.state(vm.id)).state == State.SNAPSHOTTED
     assert len(core.host.calls) == calls
+
+
+async def test_without_the_fork_capability_fork_is_501_and_the_parent_untouched(
+    core: Core,
+) -> None:
+    guest = GuestService(core.settings, core.vms, core.wake, core.activity)
+    forks = ForkService(core.settings, core.vms, core.snapshots, guest)
+    vm = await core.create()
+    calls = len(core.host.calls)
+    with pytest.raises(NotFound):
+        await forks.fork_vm("mallory", vm.id, 1)
+    with pytest.raises(NotSupported) as err:
+        await forks.fork_vm(USER, vm.id, 1)
+    assert err.value.message == f"the fake driver does not support fork yet (vm {vm.id})"
+    assert len(core.host.calls) == calls and len(await core.vms.list(USER)) == 1
 
 
 # ---- reconciliation after a crash mid-snapshot -----------------------------------------

@@ -41,7 +41,7 @@ def test_every_route_is_an_operation(doc) -> None:
         list_snapshots get_snapshot delete_snapshot create_route list_routes delete_route
         list_images get_image get_console exec_vm exec_vm_stream list_processes get_process
         kill_process delete_process upload_file download_file stat_file list_files
-        delete_file""".split()
+        delete_file fork_vm fork_snapshot""".split()
     )
 
 
@@ -133,6 +133,8 @@ def test_request_bodies(doc) -> None:
         "exec_vm_stream": True,
         "kill_process": False,
         "upload_file": True,
+        "fork_vm": False,  # count defaults to 1
+        "fork_snapshot": False,
     }
     schema = bodies["create_vm"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/VMCreate"}

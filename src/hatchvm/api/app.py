@@ -8,6 +8,7 @@ from hatchvm.api import (
     console,
     exec,
     files,
+    forks,
     health,
     images,
     openapi,
@@ -32,7 +33,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
-    for module in (health, vms, snapshots, routes, images, console, exec, processes, files):
+    for module in (health, vms, snapshots, forks, routes, images, console, exec, processes, files):
         app.include_router(module.router)
     openapi.install(app)
     return app

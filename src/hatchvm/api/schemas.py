@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from hatchvm.agent.exec import Command
+from hatchvm.core.forks import MAX_FORK_COUNT
 from hatchvm.core.subdomains import RESERVED, SUBDOMAIN, subdomain_problem
 from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.net.egress import Egress
@@ -96,6 +97,15 @@ class VMCreate(StrictInput):
 class RestoreRequest(StrictInput):
     snapshot_id: str | None = Field(
         default=None, min_length=1, max_length=64, description="default: the latest snapshot"
+    )
+
+
+class ForkRequest(StrictInput):
+    count: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_FORK_COUNT,
+        description="how many new VMs (each one counts in the caller's quotas)",
     )
 
 
@@ -221,6 +231,7 @@ class KillRequest(StrictInput):
 INPUT_MODELS: tuple[type[BaseModel], ...] = (
     VMCreate,
     RestoreRequest,
+    ForkRequest,
     RouteCreate,
     ExecRequest,
     KillRequest,

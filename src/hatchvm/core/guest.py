@@ -66,13 +66,14 @@ class GuestService:
         meanwhile, and the agent's failures come out as HatchErrors."""
         vm = await self.vms.get(user_id, vm_id)
         await self.vms.require(Feature.AGENT, vm.id)
-        await self._check_image(vm, capability)
+        await self.check_agent_image(vm, capability)
         vm = await self.wake.ensure_running(vm)
         with self.activity.connection(vm.id), translated(vm.id):
             channel = await self._ready(vm, capability)
             yield channel
 
-    async def _check_image(self, vm: VM, capability: str) -> None:
+    async def check_agent_image(self, vm: VM, capability: str) -> None:
+        """409 when the VM's image says it has no agent."""
         key = (vm.image_id, vm.image_version)
         if key not in self._image_agents:
             try:

@@ -36,6 +36,7 @@ from hatchvm.snapshots import codec
 from hatchvm.snapshots.errors import ArtifactError
 from hatchvm.snapshots.manifest import ARTIFACT_NAMES, ArtifactRecord, SnapshotManifest
 from hatchvm.snapshots.store import ArtifactStore
+from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
@@ -391,6 +392,32 @@ class SnapshotService:
             await asyncio.to_thread(self._swap_in, vm.id, work, prior)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def materialize(self, vm: VM, snap: Snapshot, dest: Path) -> None:
+        """The snapshot's files (mem, disk, state) as new files in dest, the VM's own files
+        left as they are: copied from them when they still equal it, else fetched, checked and
+        unpacked from the store. The caller holds the VM's lock."""
+        resume = self._resume_dir(vm.id)
+        hot = vm.state == State.SNAPSHOTTED and await asyncio.to_thread(self._latest, vm.id)
+        if hot == snap.id:
+            vm_dir = self.vms.vm_dir(vm.id)
+            for name, source in (
+                ("mem", vm_dir / MEM_NAME),
+                ("disk", vm_dir / DISK_NAME),
+                ("state", resume / STATE_NAME),
+            ):
+                await asyncio.to_thread(copy_sparse, source, dest / name)
+            return
+        manifest = SnapshotManifest.parse(snap.manifest)
+        try:
+            for name in ARTIFACT_NAMES:
+                record = manifest.artifacts[name]
+                packed = await self.store.fetch(record.key, dest)
+                await asyncio.to_thread(codec.decode, packed, dest / name, record.info())
+                if packed.is_relative_to(dest):
+                    await asyncio.to_thread(packed.unlink)
+        except ArtifactError as exc:
+            raise InternalError(f"snapshot {snap.id} cannot be used: {exc}") from exc
 
     def _kept_files(self, vm_id: str) -> dict[str, Path]:
         """What a restore replaces, by the name it is kept under in PREVIOUS_DIR."""

@@ -50,6 +50,10 @@ log = structlog.get_logger("hatchvm.core")
 DISK_NAME = "disk.ext4"
 MEM_NAME = "mem"  # guest RAM, file-backed: it is the memory image of a snapshot
 RESUME_DIR = "resume"  # device state of the VM's latest snapshot, while its RAM is in MEM_NAME
+# Present in a fork's child for its whole life: its MEM_NAME is a frozen memory image shared
+# with its siblings (hard links), mapped privately and never written; its RAM (what it changed)
+# goes into its snapshots' device state.
+MEM_PRIVATE = "mem-private"
 
 # Called with a VM just created, or about to be deleted (under its lock): other parts (snapshots,
 # routes, the SSH gateway) follow the VM's life without VMService knowing them.
@@ -174,6 +178,27 @@ class VMService:
             await hook(vm)
         return vm
 
+    async def reserve(
+        self, user_id: str, cfg: VMConfig, image_version: str | None, vm_id: str
+    ) -> VM:
+        """A new VM's row (`starting`) with its addresses, within the user's quotas and the
+        host's room, for a caller that makes the VM itself (a fork) holding its lock."""
+        async with self._user_locks.hold(user_id), self.admission.lock:
+            return await self._insert(vm_id, user_id, cfg, image_version)
+
+    async def discard(self, vm: VM) -> None:
+        """A VM that never became the user's (a fork that failed): everything of it goes,
+        its row last. The caller holds its lock."""
+        await self.teardown(vm)
+        for hook in self.delete_hooks:
+            await hook(vm)
+        self.agents.detach(vm.id)
+        async with self.sessions() as session, session.begin():
+            row = await repo.get_vm(session, vm.id)
+            if row is not None:
+                await session.delete(row)
+        self.invalidate(vm.id)
+
     async def load_image(self, image_id: str) -> Image:
         async with self.sessions() as session:
             image = await repo.get_image(session, image_id)
@@ -290,6 +315,7 @@ class VMService:
             tap_name=vm.tap_name,
             guest_mac=vm.guest_mac,
             mem_file=self.vm_dir(vm.id) / MEM_NAME,
+            mem_shared=not (self.vm_dir(vm.id) / MEM_PRIVATE).exists(),
             vmlinux=image.vmlinux,
         )
 

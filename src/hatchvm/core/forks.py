@@ -1,0 +1,275 @@
+"""Forks: new VMs of the caller's running from one VM's memory and disk at one moment.
+
+The moment is frozen first, into a work directory of this call: a running parent is paused
+only while its device state is written and its memory and disk are copied (sparse), then runs
+on (its clock resynced); a snapshotted one, or any stored snapshot, gives its files (copied
+from the VM's own when they still equal it, else unpacked from the store). The parent's files
+are never touched, so the children never see what it writes later.
+
+Every child hard-links the frozen memory file and maps it privately (copy-on-write: N children
+share the pages they only read), gets its own sparse copy of the disk and of the device state,
+and is restored with its NIC unplugged. Its agent then sets its clock and reseeds its RNG (the
+restore's SYNC), and, before the NIC is plugged in, gives it its own address, MAC, hostname,
+SSH host keys and machine id: nothing leaves it under its parent's identity, and the bridge
+lets its TAP send only from its own addresses anyway. A child whose guest cannot be re-made so
+is discarded, and the whole fork fails: no two VMs share keys or RNG state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import structlog
+
+from hatchvm.agent.errors import AgentError
+from hatchvm.agent.exec import Command, Execution
+from hatchvm.config import Settings
+from hatchvm.core.guest import STALL_S, GuestService, translated
+from hatchvm.core.snapshots import STATE_NAME, SnapshotService
+from hatchvm.core.states import Op, State, guard
+from hatchvm.core.vms import (
+    DISK_NAME,
+    MEM_NAME,
+    MEM_PRIVATE,
+    RESUME_DIR,
+    VMConfig,
+    VMService,
+    reason_of,
+)
+from hatchvm.db import repo
+from hatchvm.db.models import VM, Snapshot
+from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError
+from hatchvm.ids import new_id
+from hatchvm.images.builder import ImageArtifacts
+from hatchvm.net.egress import Egress
+from hatchvm.sparse import copy_sparse
+from hatchvm.vmm.base import Feature
+
+log = structlog.get_logger("hatchvm.core")
+
+MAX_FORK_COUNT = 16  # children of one call
+PARALLEL = 4  # children restored at once
+WORK_DIR = "forks"  # under the data directory: one frozen moment per call, gone after it
+
+# Run by the child's agent (as root, its clock and RNG already resynced). The NIC is still
+# unplugged. dropbear is respawned by init and loads the new keys when it starts again.
+READDRESS = r"""set -e
+hostname "$NAME"
+echo "$NAME" > /etc/hostname
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n' "$NAME" > /etc/hosts
+if [ -n "$ADDR" ]; then
+  ip link set dev eth0 down
+  ip link set dev eth0 address "$MAC"
+  ip addr flush dev eth0
+  ip addr add "$ADDR" dev eth0
+  ip link set dev eth0 up
+  ip route replace default via "$GW" dev eth0
+  ip neigh flush dev eth0 2>/dev/null || true
+fi
+mkdir -p /etc/dropbear
+for t in ed25519 ecdsa; do
+  rm -f /etc/dropbear/dropbear_${t}_host_key
+  dropbearkey -t $t -f /etc/dropbear/dropbear_${t}_host_key > /dev/null
+done
+head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/machine-id
+echo >> /etc/machine-id
+for pid in $(pidof dropbear); do kill "$pid"; done
+sync
+"""
+
+
+class ForkService:
+    def __init__(
+        self,
+        settings: Settings,
+        vms: VMService,
+        snapshots: SnapshotService,
+        guest: GuestService,
+    ) -> None:
+        self._s = settings
+        self.vms = vms
+        self.snapshots = snapshots
+        self.guest = guest
+
+    async def fork_vm(self, user_id: str, vm_id: str, count: int) -> list[VM]:
+        """count children of a running VM (paused only while it is captured) or of a
+        snapshotted one (from its latest snapshot)."""
+        parent = await self._check(user_id, vm_id, count)
+        with self._work() as work:
+            async with self.vms.locks.hold(vm_id):
+                parent = await self.vms.get(user_id, vm_id)
+                guard(Op.FORK, parent.state)
+                if parent.state == State.RUNNING:
+                    await self._capture(parent, work)
+                else:
+                    async with self.vms.sessions() as session:
+                        snaps = await repo.list_snapshots(session, vm_id)
+                    if not snaps:
+                        raise Conflict(f"vm {vm_id} has no snapshot to fork from")
+                    await self.snapshots.materialize(parent, snaps[0], work)
+            return await self._children(user_id, parent, work, count)
+
+    async def fork_snapshot(self, user_id: str, snapshot_id: str, count: int) -> list[VM]:
+        """count children of a stored snapshot, whatever its VM does now."""
+        snap: Snapshot = await self.snapshots.get(user_id, snapshot_id)
+        parent = await self._check(user_id, snap.vm_id, count)
+        with self._work() as work:
+            async with self.vms.locks.hold(parent.id):
+                parent = await self.vms.get(user_id, parent.id)
+                snap = await self.snapshots.get(user_id, snapshot_id)
+                await self.snapshots.materialize(parent, snap, work)
+            return await self._children(user_id, parent, work, count)
+
+    async def _check(self, user_id: str, vm_id: str, count: int) -> VM:
+        vm = await self.vms.get(user_id, vm_id)
+        if not 1 <= count <= MAX_FORK_COUNT:
+            raise BadRequest(f"count: must be 1 to {MAX_FORK_COUNT}")
+        await self.vms.require(Feature.FORK, vm.id)
+        await self.vms.require(Feature.AGENT, vm.id)
+        # A child must be re-addressed and re-keyed by its agent before it may run.
+        await self.guest.check_agent_image(vm, "fork")
+        return vm
+
+    def _work(self) -> _Frozen:
+        base = self._s.data_dir / WORK_DIR
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return _Frozen(base)
+
+    # ---- the frozen moment -------------------------------------------------------------
+
+    async def _capture(self, vm: VM, work: Path) -> None:
+        """Pause, write the device state, copy memory and disk, let it run on."""
+        vm_dir = self.vms.vm_dir(vm.id)
+        vmm = self.vms.vmm
+        try:
+            await vmm.capture(vm.id, vm_dir, work / "state")
+            await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem")
+            await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk")
+        except Exception as exc:
+            await self._run_on(vm)
+            if isinstance(exc, HatchError):
+                raise
+            raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
+        await self._run_on(vm)
+
+    async def _run_on(self, vm: VM) -> None:
+        vm_dir = self.vms.vm_dir(vm.id)
+        if not await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
+            raise InternalError(f"{vm.id} did not run on after its capture for a fork")
+        # It stood paused: its clock is resynced like a restored guest's.
+        warning = await self.vms.after_resume(vm)
+        if warning is not None:
+            await self.vms.update(vm.id, state_reason=warning)
+
+    # ---- the children ------------------------------------------------------------------
+
+    async def _children(self, user_id: str, parent: VM, work: Path, count: int) -> list[VM]:
+        image = await self.vms.image_files(parent)
+        cfg = VMConfig(
+            image_id=parent.image_id,
+            vcpu_count=parent.vcpu_count,
+            mem_mib=parent.mem_mib,
+            enable_network=parent.enable_network,
+            egress=Egress(parent.egress),
+            user_data=parent.user_data,
+            boot_args=parent.boot_args,
+            restart=parent.restart,
+        )
+        async with AsyncExitStack() as locks:
+            children: list[VM] = []
+            try:
+                for _ in range(count):
+                    child_id = new_id("vm")
+                    await locks.enter_async_context(self.vms.locks.hold(child_id))
+                    children.append(
+                        await self.vms.reserve(user_id, cfg, parent.image_version, child_id)
+                    )
+                gate = asyncio.Semaphore(PARALLEL)
+
+                async def start(child: VM) -> VM:
+                    async with gate:
+                        return await self._start(child, image, work)
+
+                results = await asyncio.gather(
+                    *(start(c) for c in children), return_exceptions=True
+                )
+                failures = [r for r in results if isinstance(r, BaseException)]
+                if failures:
+                    raise failures[0]
+            except BaseException as exc:
+                for child in children:
+                    await self.vms.discard(child)
+                if isinstance(exc, HatchError):
+                    raise
+                reason = reason_of(exc)
+                log.error("fork failed", vm_id=parent.id, reason=reason)
+                raise InternalError(f"forking {parent.id} failed: {reason}") from exc
+            started = [r for r in results if isinstance(r, VM)]
+        log.info("vm forked", vm_id=parent.id, children=[c.id for c in started])
+        for child in started:
+            for hook in self.vms.create_hooks:
+                await hook(child)
+        return started
+
+    async def _start(self, child: VM, image: ImageArtifacts, work: Path) -> VM:
+        vm_dir = self.vms.vm_dir(child.id)
+        await asyncio.to_thread(_prepare_child, vm_dir, work)
+        await self.vms.attach_network(child)
+        await self.vms.vmm.restore(
+            self.vms.boot_spec(child, image), vm_dir / RESUME_DIR / STATE_NAME
+        )
+        if child.tap_name:
+            await self.vms.vmm.set_link(child.id, vm_dir, False)
+        warning = await self.vms.run(child, restored=True)  # clock set, RNG reseeded
+        if warning is not None:  # it would share its parent's RNG state: never let it run
+            raise InternalError(f"the fork {child.id} could not be resynced: {warning}")
+        await self._readdress(child)
+        if child.tap_name:
+            await self.vms.vmm.set_link(child.id, vm_dir, True)
+        await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
+        return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
+
+    async def _readdress(self, child: VM) -> None:
+        env = {"NAME": child.id.replace("_", "-"), "ADDR": "", "MAC": "", "GW": ""}
+        if child.guest_ip and child.guest_mac and self.vms.net is not None:
+            env["ADDR"] = f"{child.guest_ip}/{self.vms.net.prefixlen}"
+            env["MAC"] = child.guest_mac
+            env["GW"] = self.vms.net.gateway
+        command = Command(argv=("/bin/sh", "-c", READDRESS), env=tuple(env.items()), timeout_s=60)
+        try:
+            with translated(child.id):
+                channel, _hello = await self.vms.agents.ready(child.id, STALL_S)
+                execution = await Execution.start(channel, command, limit=16 << 10, timeout=STALL_S)
+                result = await execution.collect(16 << 10)
+        except (AgentError, HatchError) as exc:
+            message = exc.message if isinstance(exc, HatchError) else str(exc)
+            raise InternalError(
+                f"the fork {child.id} could not be re-addressed: {message}"
+            ) from None
+        if result.exit.exit_code != 0:
+            why = result.stderr.decode(errors="replace").strip()[-300:] or "no message"
+            raise InternalError(f"the fork {child.id} could not be re-addressed: {why}")
+
+
+class _Frozen(tempfile.TemporaryDirectory):  # type: ignore[type-arg]
+    """A work directory for one fork's frozen moment (Path on enter), removed after."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(prefix="fork-", dir=base)
+
+    def __enter__(self) -> Path:  # type: ignore[override]
+        return Path(self.name)
+
+
+def _prepare_child(vm_dir: Path, work: Path) -> None:
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    (vm_dir / MEM_PRIVATE).touch()
+    os.link(work / "mem", vm_dir / MEM_NAME)  # shared by the siblings, never written
+    copy_sparse(work / "disk", vm_dir / DISK_NAME)
+    (vm_dir / RESUME_DIR).mkdir(exist_ok=True)
+    copy_sparse(work / "state", vm_dir / RESUME_DIR / STATE_NAME)
