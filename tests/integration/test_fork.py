@@ -186,8 +186,10 @@ def test_forks_of_a_snapshotted_vm_and_of_a_stored_snapshot(world: World) -> Non
     api.exec(older["id"], "echo changed > /tmp/in-memory")
     api.snapshot_vm(older["id"])
     assert api.exec(older["id"], ["cat", "/tmp/in-memory"])["stdout"] == "changed\n"
-    # The parent wakes as it slept.
+    # The parent wakes as it slept, with memory of its own: the child never sees its writes.
     assert api.exec(vm["id"], ["cat", "/tmp/in-memory"])["stdout"] == "second\n"
+    api.exec(vm["id"], "echo third > /tmp/in-memory")
+    assert who(child["guest_ip"])["memory"] == "second"
     for v in (child, older, vm):
         api.delete_vm(v["id"])
 

@@ -16,7 +16,7 @@ from hatchvm.core.guest import GuestService
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.snapshots import PENDING, STATE_NAME
 from hatchvm.core.states import State
-from hatchvm.core.vms import MEM_NAME, RESUME_DIR
+from hatchvm.core.vms import FORK_PENDING, MEM_NAME, RESUME_DIR
 from hatchvm.db import repo
 from hatchvm.errors import HatchError, NotFound, NotSupported
 from hatchvm.reaper import IdleReaper
@@ -293,3 +293,20 @@ async def test_reconcile_reattaches_running_vms_and_marks_dead_ones(core: Core) 
     gone = await core.state(dead.id)
     assert gone.state == State.STOPPED
     assert gone.state_reason == "vmm process gone at daemon start-up (was running)"
+
+
+async def test_reconcile_discards_a_fork_child_the_daemon_died_making(core: Core) -> None:
+    """Its VMM alive, but its agent never re-made it: it must not run on."""
+    vm = await core.create()
+    await core.vms.update(vm.id, state=State.STARTING)
+    (core.vms.vm_dir(vm.id) / FORK_PENDING).touch()
+    await _restart(core)
+    after = await core.state(vm.id)
+    assert after.state == State.ERROR and after.guest_ip is None
+    assert after.state_reason == "its fork was interrupted by a daemon restart"
+    assert core.host.running(vm.id) is None
+    # Positive control: a VM left starting without the mark is reattached and runs.
+    other = await core.create()
+    await core.vms.update(other.id, state=State.STARTING)
+    await _restart(core)
+    assert (await core.state(other.id)).state == State.RUNNING

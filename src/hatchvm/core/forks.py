@@ -34,6 +34,7 @@ from hatchvm.core.snapshots import STATE_NAME, SnapshotService
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import (
     DISK_NAME,
+    FORK_PENDING,
     MEM_NAME,
     MEM_PRIVATE,
     RESUME_DIR,
@@ -56,8 +57,10 @@ MAX_FORK_COUNT = 16  # children of one call
 PARALLEL = 4  # children restored at once
 WORK_DIR = "forks"  # under the data directory: one frozen moment per call, gone after it
 
-# Run by the child's agent (as root, its clock and RNG already resynced). The NIC is still
-# unplugged. dropbear is respawned by init and loads the new keys when it starts again.
+# Run by the child's agent (as root, its clock and RNG already resynced), the NIC still
+# unplugged. The host keys are removed before dropbear is killed: init respawns it at once,
+# and its -R makes new keys (from the reseeded RNG) at the first connection, so no answer
+# from port 22 ever shows the parent's keys, and nobody waits for key generation.
 READDRESS = r"""set -e
 hostname "$NAME"
 echo "$NAME" > /etc/hostname
@@ -71,15 +74,10 @@ if [ -n "$ADDR" ]; then
   ip route replace default via "$GW" dev eth0
   ip neigh flush dev eth0 2>/dev/null || true
 fi
-mkdir -p /etc/dropbear
-for t in ed25519 ecdsa; do
-  rm -f /etc/dropbear/dropbear_${t}_host_key
-  dropbearkey -t $t -f /etc/dropbear/dropbear_${t}_host_key > /dev/null
-done
+rm -f /etc/dropbear/dropbear_*_host_key
 head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/machine-id
 echo >> /etc/machine-id
 for pid in $(pidof dropbear); do kill "$pid"; done
-sync
 """
 
 
@@ -104,15 +102,23 @@ class ForkService:
             async with self.vms.locks.hold(vm_id):
                 parent = await self.vms.get(user_id, vm_id)
                 guard(Op.FORK, parent.state)
+                resync = None
                 if parent.state == State.RUNNING:
                     await self._capture(parent, work)
+                    # It stood paused: its clock is resynced (as a restored guest's) while
+                    # the children start.
+                    resync = asyncio.create_task(self._resync(parent))
                 else:
                     async with self.vms.sessions() as session:
                         snaps = await repo.list_snapshots(session, vm_id)
                     if not snaps:
                         raise Conflict(f"vm {vm_id} has no snapshot to fork from")
                     await self.snapshots.materialize(parent, snaps[0], work)
-            return await self._children(user_id, parent, work, count)
+            try:
+                return await self._children(user_id, parent, work, count)
+            finally:
+                if resync is not None:
+                    await resync
 
     async def fork_snapshot(self, user_id: str, snapshot_id: str, count: int) -> list[VM]:
         """count children of a stored snapshot, whatever its VM does now."""
@@ -152,6 +158,7 @@ class ForkService:
             await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk")
         except Exception as exc:
             await self._run_on(vm)
+            await self._resync(vm)
             if isinstance(exc, HatchError):
                 raise
             raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
@@ -161,10 +168,14 @@ class ForkService:
         vm_dir = self.vms.vm_dir(vm.id)
         if not await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
             raise InternalError(f"{vm.id} did not run on after its capture for a fork")
-        # It stood paused: its clock is resynced like a restored guest's.
-        warning = await self.vms.after_resume(vm)
-        if warning is not None:
-            await self.vms.update(vm.id, state_reason=warning)
+
+    async def _resync(self, vm: VM) -> None:
+        try:
+            warning = await self.vms.after_resume(vm)
+            if warning is not None:
+                await self.vms.update(vm.id, state_reason=warning)
+        except Exception as exc:  # the fork goes on; the parent says why in its state_reason
+            log.warning("parent not resynced after a fork", vm_id=vm.id, reason=reason_of(exc))
 
     # ---- the children ------------------------------------------------------------------
 
@@ -232,6 +243,7 @@ class ForkService:
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
+        await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
         return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
 
     async def _readdress(self, child: VM) -> None:
@@ -268,6 +280,7 @@ class _Frozen(tempfile.TemporaryDirectory):  # type: ignore[type-arg]
 
 def _prepare_child(vm_dir: Path, work: Path) -> None:
     vm_dir.mkdir(parents=True, exist_ok=True)
+    (vm_dir / FORK_PENDING).touch()
     (vm_dir / MEM_PRIVATE).touch()
     os.link(work / "mem", vm_dir / MEM_NAME)  # shared by the siblings, never written
     copy_sparse(work / "disk", vm_dir / DISK_NAME)

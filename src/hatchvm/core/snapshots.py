@@ -356,6 +356,7 @@ class SnapshotService:
         crashpoint("restore.files-ready")
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
+        await asyncio.to_thread(self.vms.own_memory, vm.id)  # forks may share it
         try:
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
@@ -401,11 +402,10 @@ class SnapshotService:
         hot = vm.state == State.SNAPSHOTTED and await asyncio.to_thread(self._latest, vm.id)
         if hot == snap.id:
             vm_dir = self.vms.vm_dir(vm.id)
-            for name, source in (
-                ("mem", vm_dir / MEM_NAME),
-                ("disk", vm_dir / DISK_NAME),
-                ("state", resume / STATE_NAME),
-            ):
+            # The memory file is shared (a hard link): nobody writes it until the VM is
+            # restored, which first gives the VM a copy of its own (VMService.own_memory).
+            await asyncio.to_thread(os.link, vm_dir / MEM_NAME, dest / "mem")
+            for name, source in (("disk", vm_dir / DISK_NAME), ("state", resume / STATE_NAME)):
                 await asyncio.to_thread(copy_sparse, source, dest / name)
             return
         manifest = SnapshotManifest.parse(snap.manifest)

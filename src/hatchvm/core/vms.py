@@ -8,6 +8,7 @@ then records the outcome, so a daemon killed half-way leaves a row that reconcil
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
+from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import VMM, BootSpec, Feature, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.core")
@@ -54,6 +56,9 @@ RESUME_DIR = "resume"  # device state of the VM's latest snapshot, while its RAM
 # with its siblings (hard links), mapped privately and never written; its RAM (what it changed)
 # goes into its snapshots' device state.
 MEM_PRIVATE = "mem-private"
+# Present while a fork's child is being made: until its agent has re-made it (new RNG state,
+# address, keys), it must never run, so start-up reconciliation discards it.
+FORK_PENDING = "fork-pending"
 
 # Called with a VM just created, or about to be deleted (under its lock): other parts (snapshots,
 # routes, the SSH gateway) follow the VM's life without VMService knowing them.
@@ -363,6 +368,21 @@ class VMService:
             driver = capabilities.name
             return f"clock not synced, RNG not reseeded: the {driver} driver has no guest agent"
         return await self.agents.after_resume(vm.id)
+
+    def own_memory(self, vm_id: str) -> None:
+        """Before the VM maps its memory file shared again: if forks hard-linked it (their
+        frozen image), the VM gets a copy of its own, and theirs stays as it is."""
+        mem = self.vm_dir(vm_id) / MEM_NAME
+        if (self.vm_dir(vm_id) / MEM_PRIVATE).exists():
+            return  # mapped privately: never written, it stays shared
+        try:
+            if mem.stat().st_nlink < 2:
+                return
+        except FileNotFoundError:
+            return
+        mine = mem.with_name(MEM_NAME + ".own")
+        copy_sparse(mem, mine)
+        os.replace(mine, mem)
 
     def drop_memory(self, vm_id: str) -> None:
         """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""
