@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchvm.agent import channel as channel_module
 from hatchvm.agent.agents import Agents
 from hatchvm.agent.channel import MAX_UNSOLICITED, QUEUE_FRAMES, AgentChannel
 from hatchvm.agent.errors import AgentTimeout, AgentUnavailable, ProtocolError
@@ -131,6 +132,34 @@ async def test_garbage_drops_the_connection_and_the_next_request_reconnects(
         channel = AgentChannel("vm_t", sock)
         with pytest.raises(ProtocolError, match="broke the protocol"):
             await ping(channel, b"x")
+        assert await ping(channel, b"again") == b"again"
+        assert len(connections) == 2
+        channel.close()
+
+
+async def test_a_frame_cut_short_drops_the_connection_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half a frame and then silence (a guest's trick, or bytes left from an earlier
+    connection) fails the waiting request and frees the channel; the next one reconnects."""
+    monkeypatch.setattr(channel_module, "FRAME_S", 0.5)
+
+    async def half_then_good(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(connections) == 1:
+            request = await read_frame(reader)
+            whole = encode(Frame(MsgType.PING | REPLY, request.id, request.fields))
+            writer.write(whole[: len(whole) - 3])
+            await writer.drain()
+            await reader.read()  # hatchd must hang up
+            return
+        await echo_agent(reader, writer)
+
+    sock = tmp_path / "a.sock"
+    async with fake_agent(sock, half_then_good) as connections:
+        channel = AgentChannel("vm_t", sock)
+        # Not the request's own 30 s timeout (AgentTimeout): the frame's bound.
+        with pytest.raises(ProtocolError, match=r"begun but not finished in 0\.5 s"):
+            await ping(channel, b"x", timeout=30)
         assert await ping(channel, b"again") == b"again"
         assert len(connections) == 2
         channel.close()

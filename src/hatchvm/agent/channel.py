@@ -47,6 +47,7 @@ MAX_IN_FLIGHT = 64  # requests waiting for an answer on one channel
 QUEUE_FRAMES = 16  # the largest window: frames of one answer not yet taken by its requester
 MAX_UNSOLICITED = 16  # frames nobody asked for (late answers, complaints) per connection
 READ_LIMIT = 64 << 10  # the stream's buffer; read_frame never asks for more than one frame
+FRAME_S = 10.0  # a frame begun must be whole within this (the port moves megabytes a second)
 
 RESTARTED = "the guest agent restarted; what it was doing for this request is lost"
 
@@ -191,7 +192,7 @@ class AgentChannel:
         error: AgentError = AgentUnavailable("the guest agent's port closed")
         try:
             while True:
-                self._deliver(conn, await read_frame(conn.reader))
+                self._deliver(conn, await read_frame(conn.reader, FRAME_S))
         except ProtocolError as exc:
             error = ProtocolError(f"the guest agent broke the protocol: {exc}")
             log.warning("guest agent connection dropped", vm_id=self.vm_id, reason=str(error))

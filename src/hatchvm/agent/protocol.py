@@ -250,9 +250,17 @@ def _frame(header: Header, payload: bytes) -> Frame:
     return Frame(header.type, header.id, fields, header.flags, header.version)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
+async def read_frame(reader: asyncio.StreamReader, within: float | None = None) -> Frame:
     """The next frame; asyncio.IncompleteReadError at EOF, ProtocolError on garbage. Never
-    reads more than one header and MAX_PAYLOAD bytes for it."""
-    header = decode_header(await reader.readexactly(HEADER.size))
-    payload = await reader.readexactly(header.length) if header.length else b""
+    reads more than one header and MAX_PAYLOAD bytes for it. within: once its first byte has
+    come, the rest of the frame must follow in that many seconds (ProtocolError otherwise):
+    a frame cut short, by a guest or by the leftovers of an earlier connection, must not hold
+    the reader forever."""
+    first = await reader.readexactly(1)
+    try:
+        async with asyncio.timeout(within):
+            header = decode_header(first + await reader.readexactly(HEADER.size - 1))
+            payload = await reader.readexactly(header.length) if header.length else b""
+    except TimeoutError:
+        raise ProtocolError(f"a frame begun but not finished in {within:g} s") from None
     return _frame(header, payload)
