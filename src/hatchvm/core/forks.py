@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -58,26 +60,24 @@ PARALLEL = 4  # children restored at once
 WORK_DIR = "forks"  # under the data directory: one frozen moment per call, gone after it
 
 # Run by the child's agent (as root, its clock and RNG already resynced), the NIC still
-# unplugged. The host keys are removed before dropbear is killed: init respawns it at once,
-# and its -R makes new keys (from the reseeded RNG) at the first connection, so no answer
-# from port 22 ever shows the parent's keys, and nobody waits for key generation.
+# unplugged; as few processes as can be (each one costs under emulation): the address goes
+# with the flush (the default route is put back). The host keys are removed before dropbear is
+# killed: init respawns it at once, and its -R makes new keys (from the reseeded RNG) at the
+# first connection, so no answer from port 22 ever shows the parent's keys, and nobody waits
+# for key generation.
 READDRESS = r"""set -e
-hostname "$NAME"
+echo "$NAME" > /proc/sys/kernel/hostname
 echo "$NAME" > /etc/hostname
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n' "$NAME" > /etc/hosts
+echo "$MACHINE_ID" > /etc/machine-id
 if [ -n "$ADDR" ]; then
-  ip link set dev eth0 down
   ip link set dev eth0 address "$MAC"
   ip addr flush dev eth0
   ip addr add "$ADDR" dev eth0
-  ip link set dev eth0 up
   ip route replace default via "$GW" dev eth0
-  ip neigh flush dev eth0 2>/dev/null || true
 fi
 rm -f /etc/dropbear/dropbear_*_host_key
-head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/machine-id
-echo >> /etc/machine-id
-for pid in $(pidof dropbear); do kill "$pid"; done
+killall dropbear 2>/dev/null || true
 """
 
 
@@ -152,10 +152,14 @@ class ForkService:
         """Pause, write the device state, copy memory and disk, let it run on."""
         vm_dir = self.vms.vm_dir(vm.id)
         vmm = self.vms.vmm
+        took = _Stopwatch()
         try:
             await vmm.capture(vm.id, vm_dir, work / "state")
+            took.lap("state")
             await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem")
+            took.lap("memory")
             await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk")
+            took.lap("disk")
         except Exception as exc:
             await self._run_on(vm)
             await self._resync(vm)
@@ -163,6 +167,7 @@ class ForkService:
                 raise
             raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
         await self._run_on(vm)
+        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **took.ms)
 
     async def _run_on(self, vm: VM) -> None:
         vm_dir = self.vms.vm_dir(vm.id)
@@ -229,25 +234,38 @@ class ForkService:
 
     async def _start(self, child: VM, image: ImageArtifacts, work: Path) -> VM:
         vm_dir = self.vms.vm_dir(child.id)
+        took = _Stopwatch()
         await asyncio.to_thread(_prepare_child, vm_dir, work)
+        took.lap("files")
         await self.vms.attach_network(child)
+        took.lap("network")
         await self.vms.vmm.restore(
             self.vms.boot_spec(child, image), vm_dir / RESUME_DIR / STATE_NAME
         )
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, False)
+        took.lap("restore")
         warning = await self.vms.run(child, restored=True)  # clock set, RNG reseeded
         if warning is not None:  # it would share its parent's RNG state: never let it run
             raise InternalError(f"the fork {child.id} could not be resynced: {warning}")
+        took.lap("resync")
         await self._readdress(child)
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
+        took.lap("readdress")
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
         await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
+        log.info("fork child running", vm_id=child.id, **took.ms)
         return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
 
     async def _readdress(self, child: VM) -> None:
-        env = {"NAME": child.id.replace("_", "-"), "ADDR": "", "MAC": "", "GW": ""}
+        env = {
+            "NAME": child.id.replace("_", "-"),
+            "MACHINE_ID": secrets.token_hex(16),
+            "ADDR": "",
+            "MAC": "",
+            "GW": "",
+        }
         if child.guest_ip and child.guest_mac and self.vms.net is not None:
             env["ADDR"] = f"{child.guest_ip}/{self.vms.net.prefixlen}"
             env["MAC"] = child.guest_mac
@@ -266,6 +284,23 @@ class ForkService:
         if result.exit.exit_code != 0:
             why = result.stderr.decode(errors="replace").strip()[-300:] or "no message"
             raise InternalError(f"the fork {child.id} could not be re-addressed: {why}")
+
+
+class _Stopwatch:
+    """Milliseconds per step, for the log."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[f"{name}_ms"] = round((now - self._last) * 1000, 1)
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return round((time.monotonic() - self._start) * 1000, 1)
 
 
 class _Frozen(tempfile.TemporaryDirectory):  # type: ignore[type-arg]
