@@ -244,15 +244,23 @@ class ForkService:
         )
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, False)
+        await self.vms.adopt(child, restored=True)
+        await self.vms.vmm.resume(child.id, vm_dir)
         took.lap("restore")
-        warning = await self.vms.run(child, restored=True)  # clock set, RNG reseeded
-        if warning is not None:  # it would share its parent's RNG state: never let it run
-            raise InternalError(f"the fork {child.id} could not be resynced: {warning}")
-        took.lap("resync")
-        await self._readdress(child)
+        # Its clock is set and its RNG reseeded while its agent re-makes it: nothing that
+        # does needs the new randomness (the machine id comes from the host; dropbear makes
+        # the SSH keys at the first connection, once the NIC is plugged in).
+        synced, readdressed = await asyncio.gather(
+            self.vms.after_resume(child), self._readdress(child), return_exceptions=True
+        )
+        for outcome in (synced, readdressed):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if synced is not None:  # it would share its parent's RNG state: never let it run
+            raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
-        took.lap("readdress")
+        took.lap("remade")
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
         await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
         log.info("fork child running", vm_id=child.id, **took.ms)
