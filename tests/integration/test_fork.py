@@ -5,7 +5,10 @@ of a stored snapshot; another user's VM and snapshot 404; counts and quotas."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +213,21 @@ def test_another_users_vm_or_snapshot_is_404_and_counts_are_checked(world: World
     status, message = status_of(lambda: alice.fork_vm(parent["id"], count=6))
     assert (status, message) == (403, "vm limit reached (6/6)")
     assert len(alice.list_vms()) == vms_before  # nothing left behind
-    # Positive control: the owner forks the same snapshot.
-    (child,) = alice.fork_snapshot(snap["id"])
+    # Positive control: the owner forks the same snapshot (with the CLI).
+    env = {
+        **os.environ,
+        "HATCH_API_URL": world.hatch.url,
+        "HATCH_API_KEY": alice._http.headers["Authorization"].split()[-1],
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "hatchvm.cli.main", "vm", "fork", snap["id"], "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (child,) = json.loads(done.stdout)
     assert who(child["guest_ip"])["name"] == child["id"].replace("_", "-")
     alice.delete_vm(child["id"])
     alice.restore_vm(parent["id"])
