@@ -209,7 +209,10 @@ async def test_without_the_fork_capability_fork_is_501_and_the_parent_untouched(
     core: Core,
 ) -> None:
     guest = GuestService(core.settings, core.vms, core.wake, core.activity)
+    leftover = core.settings.data_dir / "forks" / "fork-left"  # a daemon died mid-fork
+    leftover.mkdir(parents=True)
     forks = ForkService(core.settings, core.vms, core.snapshots, guest)
+    assert not leftover.exists()
     vm = await core.create()
     calls = len(core.host.calls)
     with pytest.raises(NotFound):

@@ -93,6 +93,8 @@ class ForkService:
         self.vms = vms
         self.snapshots = snapshots
         self.guest = guest
+        # Made at start-up, before any fork can run: what a daemon killed mid-fork left.
+        shutil.rmtree(settings.data_dir / WORK_DIR, ignore_errors=True)
 
     async def fork_vm(self, user_id: str, vm_id: str, count: int) -> list[VM]:
         """count children of a running VM (paused only while it is captured) or of a
