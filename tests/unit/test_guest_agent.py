@@ -91,14 +91,14 @@ def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: 
 
 def test_version(agent: Path) -> None:
     out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hatch-agent 2 (protocol 1)\n"
+    assert out.stdout == "hatch-agent 3 (protocol 1)\n"
 
 
 def test_hello_and_ping(agent: Path) -> None:
     hello, pong = talk(agent, request(hello_request("t"), 1) + request(ping_request(b"abc"), 2))
     assert (hello.id, pong.id) == (1, 2)
     assert hello.flags == END and pong.flags == END
-    assert parse_hello(hello).capabilities == {"ping", "sync", "exec", "files"}
+    assert parse_hello(hello).capabilities == {"ping", "sync", "exec", "files", "identity"}
     assert parse_hello(hello).version == VERSION
     assert parse_ping(pong) == b"abc"
 

@@ -56,7 +56,7 @@ class MsgType(IntEnum):
     FILE_STAT = 0x22
     FILE_LIST = 0x23
     FILE_DELETE = 0x24
-    # 0x30-0x3F: network (re-addressing a fork). See docs/agent-protocol.md.
+    IDENTITY = 0x30  # cap "identity": a fork's child gets its own name, address and keys
     ERROR = 0x7F
 
 
@@ -105,6 +105,10 @@ class Tag(IntEnum):
     RECURSIVE = 39  # int: 1 deletes a directory with everything in it
     ERRNO = 40  # int: the guest's errno behind an ERROR
     FORGET = 41  # int: 1 forgets the process once signalled
+    MACHINE_ID = 42  # text: /etc/machine-id
+    ADDR = 43  # text: an IPv4 address and prefix length, a.b.c.d/n
+    MAC = 44  # text: aa:bb:cc:dd:ee:ff
+    GATEWAY = 45  # text: the default route's IPv4 gateway
 
 
 class ErrorCode(IntEnum):

@@ -30,6 +30,7 @@ import structlog
 
 from hatchvm.agent.errors import AgentError
 from hatchvm.agent.exec import Command, Execution
+from hatchvm.agent.identity import Address, set_identity
 from hatchvm.config import Settings
 from hatchvm.core.guest import STALL_S, GuestService, translated
 from hatchvm.core.snapshots import STATE_NAME, SnapshotService
@@ -59,12 +60,12 @@ MAX_FORK_COUNT = 16  # children of one call
 PARALLEL = 4  # children restored at once
 WORK_DIR = "forks"  # under the data directory: one frozen moment per call, gone after it
 
-# Run by the child's agent (as root, its clock and RNG already resynced), the NIC still
-# unplugged; as few processes as can be (each one costs under emulation): the address goes
-# with the flush (the default route is put back). The host keys are removed before dropbear is
-# killed: init respawns it at once, and its -R makes new keys (from the reseeded RNG) at the
-# first connection, so no answer from port 22 ever shows the parent's keys, and nobody waits
-# for key generation.
+# For an agent without "identity" (an image built before it), the same by a shell script, as
+# root, its clock and RNG already resynced, the NIC still unplugged; as few processes as can be
+# (each one costs under emulation): the address goes with the flush (the default route is put
+# back). The host keys are removed before dropbear is killed: init respawns it at once, and
+# its -R makes new keys (from the reseeded RNG) at the first connection, so no answer from
+# port 22 ever shows the parent's keys, and nobody waits for key generation.
 READDRESS = r"""set -e
 echo "$NAME" > /proc/sys/kernel/hostname
 echo "$NAME" > /etc/hostname
@@ -269,21 +270,25 @@ class ForkService:
         return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
 
     async def _readdress(self, child: VM) -> None:
-        env = {
-            "NAME": child.id.replace("_", "-"),
-            "MACHINE_ID": secrets.token_hex(16),
-            "ADDR": "",
-            "MAC": "",
-            "GW": "",
-        }
+        """Its agent makes it its own: in one message when it can ("identity", agent 3),
+        else by a shell script (an image built before)."""
+        name, machine_id = child.id.replace("_", "-"), secrets.token_hex(16)
+        address = None
         if child.guest_ip and child.guest_mac and self.vms.net is not None:
-            env["ADDR"] = f"{child.guest_ip}/{self.vms.net.prefixlen}"
-            env["MAC"] = child.guest_mac
-            env["GW"] = self.vms.net.gateway
-        command = Command(argv=("/bin/sh", "-c", READDRESS), env=tuple(env.items()), timeout_s=60)
+            cidr = f"{child.guest_ip}/{self.vms.net.prefixlen}"
+            address = Address(mac=child.guest_mac, cidr=cidr, gateway=self.vms.net.gateway)
         try:
             with translated(child.id):
-                channel, _hello = await self.vms.agents.ready(child.id, STALL_S)
+                channel, hello = await self.vms.agents.ready(child.id, STALL_S)
+                if "identity" in hello.capabilities:
+                    await set_identity(channel, name, machine_id, address, STALL_S)
+                    return
+                env = {"NAME": name, "MACHINE_ID": machine_id, "ADDR": "", "MAC": "", "GW": ""}
+                if address is not None:
+                    env.update(ADDR=address.cidr, MAC=address.mac, GW=address.gateway)
+                command = Command(
+                    argv=("/bin/sh", "-c", READDRESS), env=tuple(env.items()), timeout_s=60
+                )
                 execution = await Execution.start(channel, command, limit=16 << 10, timeout=STALL_S)
                 result = await execution.collect(16 << 10)
         except (AgentError, HatchError) as exc:

@@ -10,7 +10,10 @@
  *           host's random bytes (after a snapshot restore), answering with the new time;
  *   EXEC    runs a command (argv, env, cwd, stdin, timeout) and streams its output and exit,
  *           or starts it in the background; PROC_* list, read, signal and forget those;
- *   FILE_*  reads, writes, stats, lists and deletes files, streamed in chunks.
+ *   FILE_*  reads, writes, stats, lists and deletes files, streamed in chunks;
+ *   IDENTITY gives a fork's child its own hostname, machine id, MAC, address and default
+ *           route, and removes the SSH host keys and restarts dropbear (new keys at the next
+ *           connection): all in this process, no command started.
  *
  * One thread, one poll loop. Nothing waits on the host: the port is non-blocking, answers go
  * to a bounded queue, and a request whose answer is long (output, a file) is a session that
@@ -40,7 +43,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <net/route.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -49,7 +57,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_NAME "hatch-agent 2"
+#define AGENT_NAME "hatch-agent 3"
 #define PORT_NAME "org.hatchvm.agent.0"
 #define PORTS_DIR "/sys/class/virtio-ports"
 #define VERSION 1
@@ -84,6 +92,7 @@ enum {
 	T_FILE_STAT = 0x22,
 	T_FILE_LIST = 0x23,
 	T_FILE_DELETE = 0x24,
+	T_IDENTITY = 0x30,
 	T_ERROR = 0x7f,
 	T_REPLY = 0x80,
 };
@@ -130,6 +139,10 @@ enum {
 	TAG_RECURSIVE = 39,
 	TAG_ERRNO = 40,
 	TAG_FORGET = 41,
+	TAG_MACHINE_ID = 42,
+	TAG_ADDR = 43,
+	TAG_MAC = 44,
+	TAG_GATEWAY = 45,
 };
 enum {
 	E_BAD_FRAME = 1,
@@ -1378,6 +1391,7 @@ static void hello(uint32_t id)
 	add_text(TAG_CAP, "sync");
 	add_text(TAG_CAP, "exec");
 	add_text(TAG_CAP, "files");
+	add_text(TAG_CAP, "identity");
 	queue_frame();
 }
 
@@ -1451,6 +1465,186 @@ static void sync_clock_and_rng(uint32_t id, const unsigned char *p, uint32_t len
 	queue_frame();
 }
 
+/* ---- identity (a fork's child) ---------------------------------------------------------- */
+
+static int put_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return -1;
+	size_t n = strlen(text);
+	int rc = write(fd, text, n) == (ssize_t)n ? 0 : -1;
+	return close(fd) < 0 ? -1 : rc;
+}
+
+static int parse_mac(const char *text, unsigned char mac[6])
+{
+	unsigned v[6];
+	char end;
+	if (sscanf(text, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+		   &end) != 6)
+		return -1;
+	for (int i = 0; i < 6; i++)
+		mac[i] = (unsigned char)v[i];
+	return 0;
+}
+
+static void set_in(struct sockaddr *sa, struct in_addr a)
+{
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr = a};
+	memcpy(sa, &sin, sizeof(sin));
+}
+
+/* eth0 gets mac, addr/prefix and a default route via gw; why says what failed. */
+static int set_address(const char *mac_text, const char *addr_text, const char *gw_text,
+		       char *why, size_t size)
+{
+	unsigned char mac[6];
+	char ip[64];
+	int prefix = -1;
+	struct in_addr addr, gw, mask;
+	if (parse_mac(mac_text, mac) < 0 || sscanf(addr_text, "%63[0-9.]/%d", ip, &prefix) != 2 ||
+	    prefix < 1 || prefix > 32 || inet_pton(AF_INET, ip, &addr) != 1 ||
+	    inet_pton(AF_INET, gw_text, &gw) != 1) {
+		snprintf(why, size, "MAC, ADDR (a.b.c.d/n) or GATEWAY malformed");
+		errno = EINVAL;
+		return -1;
+	}
+	mask.s_addr = htonl(0xffffffffu << (32 - prefix));
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		snprintf(why, size, "socket: %s", strerror(errno));
+		return -1;
+	}
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, IFNAMSIZ, "eth0");
+	const char *step = "SIOCSIFHWADDR";
+	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+	if (ioctl(s, SIOCSIFHWADDR, &ifr) < 0)
+		goto failed;
+	step = "SIOCSIFADDR"; /* replaces the primary address: the old one is gone */
+	set_in(&ifr.ifr_addr, addr);
+	if (ioctl(s, SIOCSIFADDR, &ifr) < 0)
+		goto failed;
+	step = "SIOCSIFNETMASK";
+	set_in(&ifr.ifr_netmask, mask);
+	if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0)
+		goto failed;
+	step = "SIOCGIFFLAGS";
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		goto failed;
+	step = "SIOCSIFFLAGS";
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		goto failed;
+	struct rtentry rt;
+	memset(&rt, 0, sizeof(rt));
+	struct in_addr any = {.s_addr = 0};
+	set_in(&rt.rt_dst, any);
+	set_in(&rt.rt_genmask, any);
+	set_in(&rt.rt_gateway, gw);
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	rt.rt_dev = ifr.ifr_name;
+	step = "SIOCADDRT default";
+	if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+		goto failed;
+	close(s);
+	return 0;
+failed:
+	snprintf(why, size, "%s eth0: %s", step, strerror(errno));
+	int err = errno;
+	close(s);
+	errno = err;
+	return -1;
+}
+
+/* The SSH host keys go, and dropbear is ended (init starts it again; with -R it makes new
+ * keys, from the reseeded RNG, at its first connection). */
+static void reset_ssh(void)
+{
+	DIR *d = opendir("/etc/dropbear");
+	struct dirent *e;
+	while (d != NULL && (e = readdir(d)) != NULL) {
+		size_t n = strlen(e->d_name);
+		if (strncmp(e->d_name, "dropbear_", 9) == 0 && n > 9 + 9 &&
+		    strcmp(e->d_name + n - 9, "_host_key") == 0 &&
+		    unlinkat(dirfd(d), e->d_name, 0) < 0)
+			fprintf(stderr, "hatch-agent: unlink %s: %s\n", e->d_name, strerror(errno));
+	}
+	if (d != NULL)
+		closedir(d);
+	d = opendir("/proc");
+	while (d != NULL && (e = readdir(d)) != NULL) {
+		char path[64], comm[32] = "";
+		pid_t pid = (pid_t)atoi(e->d_name);
+		if (pid <= 1)
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+		FILE *f = fopen(path, "re");
+		if (f != NULL && fgets(comm, sizeof(comm), f) != NULL && strcmp(comm, "dropbear\n") == 0)
+			kill(pid, SIGTERM);
+		if (f != NULL)
+			fclose(f);
+	}
+	if (d != NULL)
+		closedir(d);
+}
+
+static void identity(uint32_t id, const unsigned char *p, uint32_t len)
+{
+	int bad = 0;
+	char *name = get_text(p, len, TAG_NAME, &bad);
+	char *machine = get_text(p, len, TAG_MACHINE_ID, &bad);
+	char *addr = get_text(p, len, TAG_ADDR, &bad);
+	char *mac = get_text(p, len, TAG_MAC, &bad);
+	char *gw = get_text(p, len, TAG_GATEWAY, &bad);
+	char why[160] = "", text[400];
+	if (bad || name == NULL || machine == NULL || strlen(name) > 63 || strlen(machine) > 64 ||
+	    strchr(name, '\n') || strchr(machine, '\n') ||
+	    (addr != NULL && (mac == NULL || gw == NULL))) {
+		fail(id, E_BAD_FIELD, 0, "identity needs NAME and MACHINE_ID, and MAC and GATEWAY "
+					 "with ADDR");
+		goto done;
+	}
+	int err = 0;
+	if (sethostname(name, strlen(name)) < 0) {
+		err = errno;
+		snprintf(why, sizeof(why), "sethostname: %s", strerror(err));
+	}
+	snprintf(text, sizeof(text), "%s\n", name);
+	if (!err && put_file("/etc/hostname", text) < 0) {
+		err = errno;
+		snprintf(why, sizeof(why), "/etc/hostname: %s", strerror(err));
+	}
+	snprintf(text, sizeof(text), "127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n", name);
+	if (!err && put_file("/etc/hosts", text) < 0) {
+		err = errno;
+		snprintf(why, sizeof(why), "/etc/hosts: %s", strerror(err));
+	}
+	snprintf(text, sizeof(text), "%s\n", machine);
+	if (!err && put_file("/etc/machine-id", text) < 0) {
+		err = errno;
+		snprintf(why, sizeof(why), "/etc/machine-id: %s", strerror(err));
+	}
+	if (!err && addr != NULL && set_address(mac, addr, gw, why, sizeof(why)) < 0)
+		err = errno;
+	if (err) {
+		fail(id, E_FAILED, err, "%s", why);
+		goto done;
+	}
+	reset_ssh();
+	begin(T_IDENTITY | T_REPLY, id, 1);
+	queue_frame();
+done:
+	free(name);
+	free(machine);
+	free(addr);
+	free(mac);
+	free(gw);
+}
+
 static void credit(uint32_t id, const unsigned char *p, uint32_t len)
 {
 	struct session *s = find_session(id);
@@ -1510,6 +1704,9 @@ static void handle(int type, uint32_t id, int end, const unsigned char *p, uint3
 		break;
 	case T_FILE_LIST:
 		file_list(id, p, len);
+		break;
+	case T_IDENTITY:
+		identity(id, p, len);
 		break;
 	case T_FILE_DELETE:
 		file_delete(id, p, len);
