@@ -6,8 +6,10 @@ with HatchClient("http://127.0.0.1:8080", "hatch_...") as api:
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -16,12 +18,14 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 class HatchAPIError(Exception):
-    """The API answered with an error: .status and .message from {"error": ...}."""
+    """The API answered with an error: .status and .message from {"error": ...}, .body the
+    whole answer (an exec that timed out carries its output there)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(f"{message} ({status})" if status else message)
         self.status = status
         self.message = message
+        self.body = body or {}
 
 
 class HatchConnectionError(HatchAPIError):
@@ -33,11 +37,14 @@ def _result(response: httpx.Response) -> Any:
     """The JSON of a successful answer, or HatchAPIError with the server's message."""
     if response.is_success:
         return response.json()
+    body: dict[str, Any] = {}
     try:
-        message = response.json().get("error") or response.text
+        parsed = response.json()
+        body = parsed if isinstance(parsed, dict) else {}
+        message = body.get("error") or response.text
     except ValueError:
         message = response.text.strip() or response.reason_phrase
-    raise HatchAPIError(response.status_code, str(message))
+    raise HatchAPIError(response.status_code, str(message), body)
 
 
 def _fields(**values: Any) -> dict[str, Any]:
@@ -87,15 +94,27 @@ class HatchClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def request(self, method: str, path: str, json: Any = None, **kwargs: Any) -> httpx.Response:
         """The raw response, without raising on error statuses."""
         try:
-            return self._http.request(method, path, json=json)
+            return self._http.request(method, path, json=json, **kwargs)
         except httpx.TransportError as exc:
             raise HatchConnectionError(self.base_url, str(exc) or type(exc).__name__) from None
 
-    def _call(self, method: str, path: str, json: Any = None) -> Any:
-        return _result(self.request(method, path, json))
+    def _call(self, method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
+        return _result(self.request(method, path, json, **kwargs))
+
+    @contextmanager
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A successful response whose body is read as it comes (errors raised first)."""
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    _result(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise HatchConnectionError(self.base_url, str(exc) or type(exc).__name__) from None
 
     def health(self) -> Any:
         return self._call("GET", "/healthz")
@@ -165,6 +184,14 @@ class HatchClient:
     def restore_vm(self, vm_id: str, snapshot_id: str | None = None) -> Any:
         return self._call(*_Routes.restore_vm(vm_id, snapshot_id))
 
+    def fork_vm(self, vm_id: str, count: int = 1) -> Any:
+        """count new VMs running from this one as it is now (or as its latest snapshot
+        holds it): the list of them."""
+        return self._call("POST", f"/vms/{vm_id}/fork", {"count": count}, timeout=300)
+
+    def fork_snapshot(self, snapshot_id: str, count: int = 1) -> Any:
+        return self._call("POST", f"/snapshots/{snapshot_id}/fork", {"count": count}, timeout=300)
+
     def list_snapshots(self, vm_id: str) -> Any:
         return self._call("GET", f"/vms/{vm_id}/snapshots")
 
@@ -194,3 +221,104 @@ class HatchClient:
 
     def get_image(self, image_id: str) -> Any:
         return self._call("GET", f"/images/{image_id}")
+
+    # ---- inside a VM: exec, processes, files ---------------------------------------------
+
+    def exec(
+        self,
+        vm_id: str,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+        background: bool | None = None,
+    ) -> Any:
+        """Run cmd and wait: {exit_code, signal, timed_out, stdout, stderr, truncated}; with
+        background, the process at once."""
+        body = _fields(
+            cmd=cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s, background=background
+        )
+        wait = (timeout_s or 60) + 60  # the command's own timeout, and a wake
+        return self._call("POST", f"/vms/{vm_id}/exec", body, timeout=wait)
+
+    def exec_stream(
+        self,
+        vm_id: str,
+        cmd: list[str] | str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The command's events as they happen: started, stdout/stderr (data), exit (or
+        error)."""
+        body = _fields(cmd=cmd, env=env, cwd=cwd, stdin=stdin, timeout_s=timeout_s)
+        timeout = httpx.Timeout(120.0, read=None)  # a quiet command is no failure
+        with self._stream("POST", f"/vms/{vm_id}/exec/stream", json=body, timeout=timeout) as r:
+            try:
+                for line in r.iter_lines():
+                    if line:
+                        yield json.loads(line)
+            except httpx.TransportError as exc:
+                raise HatchConnectionError(self.base_url, str(exc) or "stream broken") from None
+
+    def list_processes(self, vm_id: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/processes")
+
+    def get_process(self, vm_id: str, pid: int) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/processes/{pid}")
+
+    def kill_process(self, vm_id: str, pid: int, signal: str | None = None) -> Any:
+        return self._call("POST", f"/vms/{vm_id}/processes/{pid}/kill", _fields(signal=signal))
+
+    def delete_process(self, vm_id: str, pid: int) -> Any:
+        return self._call("DELETE", f"/vms/{vm_id}/processes/{pid}")
+
+    def upload_file(
+        self,
+        vm_id: str,
+        path: str,
+        content: bytes | Iterable[bytes],
+        *,
+        mode: int | None = None,
+        parents: bool = False,
+    ) -> Any:
+        """Write content (bytes, or an iterable of chunks sent as they come) to path."""
+        params: dict[str, Any] = {"path": path, "parents": str(parents).lower()}
+        if mode is not None:
+            params["mode"] = f"{mode:04o}"
+        headers = {"Content-Type": "application/octet-stream"}
+        timeout = httpx.Timeout(120.0, write=None)
+        return self._call(
+            "PUT",
+            f"/vms/{vm_id}/files",
+            params=params,
+            content=content,
+            headers=headers,
+            timeout=timeout,
+        )
+
+    def download_file(self, vm_id: str, path: str) -> Iterator[bytes]:
+        """The file's bytes as they come. A download broken off midway raises, never ends
+        as if the file were whole."""
+        timeout = httpx.Timeout(120.0, read=300.0)
+        with self._stream(
+            "GET", f"/vms/{vm_id}/files", params={"path": path}, timeout=timeout
+        ) as r:
+            try:
+                yield from r.iter_bytes()
+            except httpx.TransportError as exc:
+                raise HatchConnectionError(self.base_url, str(exc) or "download broken") from None
+
+    def stat_file(self, vm_id: str, path: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/files/stat", params={"path": path})
+
+    def list_files(self, vm_id: str, path: str) -> Any:
+        return self._call("GET", f"/vms/{vm_id}/files/list", params={"path": path})
+
+    def delete_file(self, vm_id: str, path: str, *, recursive: bool = False) -> Any:
+        params = {"path": path, "recursive": str(recursive).lower()}
+        return self._call("DELETE", f"/vms/{vm_id}/files", params=params)

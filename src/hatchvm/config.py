@@ -180,6 +180,13 @@ class Settings(BaseSettings):
         description="seconds a restore waits for the guest agent to set the guest's clock and "
         "reseed its RNG (the VM runs either way, with a warning in state_reason)",
     )
+    agent_ready_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=600,
+        description="seconds an exec or file call waits for the guest agent of a VM that has "
+        "just booted or woken to say hello (503 after)",
+    )
 
     bridge_name: str = Field(
         default="hatchbr0", pattern=r"^[A-Za-z0-9_.-]{1,15}$", description="the VMs' bridge"

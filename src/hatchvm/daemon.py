@@ -23,6 +23,10 @@ from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.console import Consoles
+from hatchvm.core.execs import ExecService
+from hatchvm.core.files import FileService
+from hatchvm.core.forks import ForkService
+from hatchvm.core.guest import GuestService
 from hatchvm.core.liveness import Liveness
 from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
@@ -232,10 +236,29 @@ async def serve(settings: Settings) -> None:
     await snapshots.collect_all()  # what a crash left in the chunk store
     await prune_images(settings, sessions)
 
+    activity = Activity(vms)
+    wake = WakeService(
+        vms,
+        snapshots,
+        max_failures=settings.wake_max_failures,
+        backoff=settings.wake_retry_backoff,
+        metrics=metrics,
+    )
+    guest = GuestService(settings, vms, wake, activity)
     verifier = build_verifier(settings, sessions)
     scrape = Scrape(metrics, sessions)
     app = create_app(
-        Services(settings, sessions, verifier, vms, snapshots, routes),
+        Services(
+            settings,
+            sessions,
+            verifier,
+            vms,
+            snapshots,
+            routes,
+            ExecService(guest),
+            FileService(guest),
+            ForkService(settings, vms, snapshots, guest),
+        ),
         None if settings.metrics_host_port else scrape,
     )
     host, port = settings.http_host_port
@@ -249,14 +272,6 @@ async def serve(settings: Settings) -> None:
         accel=accel,
         data_dir=str(settings.data_dir),
         auth=verifier.name,
-    )
-    activity = Activity(vms)
-    wake = WakeService(
-        vms,
-        snapshots,
-        max_failures=settings.wake_max_failures,
-        backoff=settings.wake_retry_backoff,
-        metrics=metrics,
     )
     proxy = Proxy(settings, vms, routes, wake, activity, metrics)
     gateway = SSHGateway(settings, vms, wake, activity, metrics=metrics)

@@ -37,6 +37,12 @@ class InternalError(HatchError):
     status = 500
 
 
+class BadGateway(HatchError):
+    """Something behind hatchd (a guest) answered nonsense."""
+
+    status = 502
+
+
 class NotSupported(HatchError):
     """The VM's VMM driver lacks a capability the operation needs."""
 
@@ -45,3 +51,9 @@ class NotSupported(HatchError):
 
 class BackendUnavailable(HatchError):
     status = 503
+
+
+class GatewayTimeout(HatchError):
+    """Something behind hatchd (a guest) stopped answering midway."""
+
+    status = 504

@@ -8,12 +8,9 @@ bytes of /dev/urandom, and ways to stop, continue or kill its agent."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,19 +19,11 @@ import httpx
 import pytest
 
 from hatchvm.agent.agents import Agents
-from hatchvm.db.engine import make_engine, make_sessionmaker
-from hatchvm.images.builder import (
-    AGENT_PATH,
-    MANIFEST,
-    current_artifacts,
-    install_version,
-    load_artifacts,
-)
+from hatchvm.images.builder import current_artifacts
 from hatchvm.images.disk import create_vm_disk
-from hatchvm.images.registry import register
 from hatchvm.vmm.base import BootSpec
 from hatchvm.vmm.qemu import QemuVMM
-from tests.support.image import TEST_IMAGE_DIR
+from tests.support.image import TEST_IMAGE_DIR, install_image_without_agent
 from tests.support.wait import http_text, wait_for, wait_http
 
 pytestmark = pytest.mark.vm
@@ -101,50 +90,7 @@ def hatch(daemon_factory):
 def no_agent_image(hatch) -> str:
     """img_noagent: img_default as it was before the agent, i.e. without the binary and its
     inittab line (a user's own image, or one built by an older hatchvm)."""
-    src = current_artifacts(TEST_IMAGE_DIR)
-    assert src is not None
-    image_dir = hatch.data_dir / "images" / "img_noagent"
-    staging = image_dir / ".build"
-    staging.mkdir(parents=True)
-    for path in src.rootfs.parent.iterdir():
-        if path != src.rootfs:
-            os.link(path, staging / path.name)
-    rootfs = staging / src.rootfs.name
-    shutil.copyfile(src.rootfs, rootfs)
-    inittab = image_dir / "inittab"
-    inittab.write_text(_without_agent(src.rootfs))
-    commands = f"rm /{AGENT_PATH}\nrm /etc/inittab\nwrite {inittab} /etc/inittab\n"
-    subprocess.run(
-        ["debugfs", "-w", "-f", "-", str(rootfs)],
-        input=commands,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-    manifest = json.loads((staging / MANIFEST).read_text())
-    record = next(f for f in manifest["files"].values() if f["file"] == rootfs.name)
-    record["sha256"] = hashlib.sha256(rootfs.read_bytes()).hexdigest()
-    (staging / MANIFEST).unlink()  # a hard link: the original stays as it is
-    (staging / MANIFEST).write_text(json.dumps(manifest))
-    image = load_artifacts(image_dir / install_version(image_dir, staging))
-    assert image is not None
-
-    async def add() -> None:
-        engine = make_engine(hatch.settings().sqlalchemy_url)
-        await register(make_sessionmaker(engine), "img_noagent", image)
-        await engine.dispose()
-
-    asyncio.run(add())
-    return "img_noagent"
-
-
-def _without_agent(rootfs: Path) -> str:
-    """The image's /etc/inittab without the agent's line."""
-    out = subprocess.run(
-        ["debugfs", "-R", "cat /etc/inittab", str(rootfs)], capture_output=True, text=True
-    ).stdout
-    assert "hatch-agent" in out
-    return "".join(line for line in out.splitlines(True) if "hatch-agent" not in line)
+    return install_image_without_agent(hatch.settings(), "img_noagent")
 
 
 @pytest.fixture

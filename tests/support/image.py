@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
+from hatchvm.db.engine import make_engine, make_sessionmaker
 from hatchvm.images.builder import (
+    AGENT_PATH,
     BUILDER_VERSION,
+    MANIFEST,
     ImageArtifacts,
     build_default_image,
     current_artifacts,
+    install_version,
+    load_artifacts,
     prune_versions,
 )
+from hatchvm.images.registry import register
 
 # One cache per builder version: branches (worktrees) with different builders on one machine
 # would otherwise rebuild the same cache over each other.
@@ -38,3 +49,58 @@ def install_image(data_dir: Path) -> None:
     target = data_dir / "images" / "img_default"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(TEST_IMAGE_DIR, target, copy_function=os.link, dirs_exist_ok=True)
+
+
+def install_image_without_agent(settings: Any, image_id: str, *, says_so: bool = True) -> str:
+    """image_id: img_default without the agent's binary and its inittab line (a user's own
+    image, or one built by an older hatchvm), registered in the daemon's database. says_so:
+    its manifest records that it has no agent (as the builder would); otherwise it does not
+    say (an image from before manifests recorded it)."""
+    src = current_artifacts(TEST_IMAGE_DIR)
+    assert src is not None
+    image_dir = settings.data_dir / "images" / image_id
+    staging = image_dir / ".build"
+    staging.mkdir(parents=True)
+    for path in src.rootfs.parent.iterdir():
+        if path != src.rootfs:
+            os.link(path, staging / path.name)
+    rootfs = staging / src.rootfs.name
+    shutil.copyfile(src.rootfs, rootfs)
+    inittab = image_dir / "inittab"
+    inittab.write_text(_without_agent(src.rootfs))
+    commands = f"rm /{AGENT_PATH}\nrm /etc/inittab\nwrite {inittab} /etc/inittab\n"
+    subprocess.run(
+        ["debugfs", "-w", "-f", "-", str(rootfs)],
+        input=commands,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    manifest = json.loads((staging / MANIFEST).read_text())
+    record = next(f for f in manifest["files"].values() if f["file"] == rootfs.name)
+    record["sha256"] = hashlib.sha256(rootfs.read_bytes()).hexdigest()
+    if says_so:
+        manifest["agent"] = None
+    else:
+        manifest.pop("agent", None)
+    (staging / MANIFEST).unlink()  # a hard link: the original stays as it is
+    (staging / MANIFEST).write_text(json.dumps(manifest))
+    image = load_artifacts(image_dir / install_version(image_dir, staging))
+    assert image is not None
+
+    async def add() -> None:
+        engine = make_engine(settings.sqlalchemy_url)
+        await register(make_sessionmaker(engine), image_id, image)
+        await engine.dispose()
+
+    asyncio.run(add())
+    return image_id
+
+
+def _without_agent(rootfs: Path) -> str:
+    """The image's /etc/inittab without the agent's line."""
+    out = subprocess.run(
+        ["debugfs", "-R", "cat /etc/inittab", str(rootfs)], capture_output=True, text=True
+    ).stdout
+    assert "hatch-agent" in out
+    return "".join(line for line in out.splitlines(True) if "hatch-agent" not in line)

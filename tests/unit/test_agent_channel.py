@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hatchvm.agent import channel as channel_module
 from hatchvm.agent.agents import Agents
 from hatchvm.agent.channel import MAX_UNSOLICITED, QUEUE_FRAMES, AgentChannel
 from hatchvm.agent.errors import AgentTimeout, AgentUnavailable, ProtocolError
@@ -136,6 +137,34 @@ async def test_garbage_drops_the_connection_and_the_next_request_reconnects(
         channel.close()
 
 
+async def test_a_frame_cut_short_drops_the_connection_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half a frame and then silence (a guest's trick, or bytes left from an earlier
+    connection) fails the waiting request and frees the channel; the next one reconnects."""
+    monkeypatch.setattr(channel_module, "FRAME_S", 0.5)
+
+    async def half_then_good(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(connections) == 1:
+            request = await read_frame(reader)
+            whole = encode(Frame(MsgType.PING | REPLY, request.id, request.fields))
+            writer.write(whole[: len(whole) - 3])
+            await writer.drain()
+            await reader.read()  # hatchd must hang up
+            return
+        await echo_agent(reader, writer)
+
+    sock = tmp_path / "a.sock"
+    async with fake_agent(sock, half_then_good) as connections:
+        channel = AgentChannel("vm_t", sock)
+        # Not the request's own 30 s timeout (AgentTimeout): the frame's bound.
+        with pytest.raises(ProtocolError, match=r"begun but not finished in 0\.5 s"):
+            await ping(channel, b"x", timeout=30)
+        assert await ping(channel, b"again") == b"again"
+        assert len(connections) == 2
+        channel.close()
+
+
 async def test_an_endless_garbage_stream_is_read_no_further_than_one_header(
     tmp_path: Path,
 ) -> None:
@@ -178,7 +207,10 @@ async def test_a_flood_of_frames_nobody_asked_for_is_cut_off(tmp_path: Path) -> 
         channel.close()
 
 
-async def test_too_many_frames_for_one_request_are_cut_off(tmp_path: Path) -> None:
+async def test_frames_past_the_credit_granted_are_cut_off(tmp_path: Path) -> None:
+    """An agent that ignores the window: however slow the consumer, no more than the window
+    is ever queued, and the frame past it drops the connection."""
+
     async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_frame(reader)
         for _ in range(QUEUE_FRAMES * 4):
@@ -189,9 +221,12 @@ async def test_too_many_frames_for_one_request_are_cut_off(tmp_path: Path) -> No
     sock = tmp_path / "a.sock"
     async with fake_agent(sock, chatty):
         channel = AgentChannel("vm_t", sock)
-        with pytest.raises(ProtocolError, match="queued for one request"):
-            async for _frame in channel.stream(0x10, (), 2.0):
+        taken = 0
+        with pytest.raises(ProtocolError, match="frames granted for one answer"):
+            async for _frame in channel.stream(0x10, (), 2.0, window=4):
+                taken += 1
                 await asyncio.sleep(0.01)  # a slow consumer
+        assert taken <= 4
         channel.close()
 
 

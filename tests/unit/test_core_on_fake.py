@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from hatchvm.core.forks import ForkService
+from hatchvm.core.guest import GuestService
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.snapshots import PENDING, STATE_NAME
 from hatchvm.core.states import State
-from hatchvm.core.vms import MEM_NAME, RESUME_DIR
+from hatchvm.core.vms import FORK_PENDING, MEM_NAME, RESUME_DIR
 from hatchvm.db import repo
-from hatchvm.errors import HatchError, NotSupported
+from hatchvm.errors import HatchError, NotFound, NotSupported
 from hatchvm.reaper import IdleReaper
 from hatchvm.vmm.base import Feature, VMMRequestFailed
 from hatchvm.vmm.fake import FakeVMM
@@ -181,6 +183,46 @@ async def test_without_a_console_the_console_is_501_and_never_opened(core: Core)
     assert not (core.vms.vm_dir(vm.id) / "console.log").exists()
 
 
+async def test_without_the_agent_exec_and_files_are_501_and_nothing_is_woken(
+    core: Core,
+) -> None:
+    """Checked after ownership (another user's VM stays 404) and before any wake."""
+    guest = GuestService(core.settings, core.vms, core.wake, core.activity)
+    vm = await core.create()
+    await core.snapshots.snapshot(USER, vm.id)
+    calls = len(core.host.calls)
+    with pytest.raises(NotFound):
+        async with guest.agent("mallory", vm.id, "exec"):
+            pass
+    for capability in ("exec", "files"):
+        with pytest.raises(NotSupported) as err:
+            async with guest.agent(USER, vm.id, capability):
+                pass
+        assert err.value.message == (
+            f"the fake driver does not support the guest agent yet (vm {vm.id})"
+        )
+    assert (await core.state(vm.id)).state == State.SNAPSHOTTED
+    assert len(core.host.calls) == calls
+
+
+async def test_without_the_fork_capability_fork_is_501_and_the_parent_untouched(
+    core: Core,
+) -> None:
+    guest = GuestService(core.settings, core.vms, core.wake, core.activity)
+    leftover = core.settings.data_dir / "forks" / "fork-left"  # a daemon died mid-fork
+    leftover.mkdir(parents=True)
+    forks = ForkService(core.settings, core.vms, core.snapshots, guest)
+    assert not leftover.exists()
+    vm = await core.create()
+    calls = len(core.host.calls)
+    with pytest.raises(NotFound):
+        await forks.fork_vm("mallory", vm.id, 1)
+    with pytest.raises(NotSupported) as err:
+        await forks.fork_vm(USER, vm.id, 1)
+    assert err.value.message == f"the fake driver does not support fork yet (vm {vm.id})"
+    assert len(core.host.calls) == calls and len(await core.vms.list(USER)) == 1
+
+
 # ---- reconciliation after a crash mid-snapshot -----------------------------------------
 
 
@@ -254,3 +296,20 @@ async def test_reconcile_reattaches_running_vms_and_marks_dead_ones(core: Core) 
     gone = await core.state(dead.id)
     assert gone.state == State.STOPPED
     assert gone.state_reason == "vmm process gone at daemon start-up (was running)"
+
+
+async def test_reconcile_discards_a_fork_child_the_daemon_died_making(core: Core) -> None:
+    """Its VMM alive, but its agent never re-made it: it must not run on."""
+    vm = await core.create()
+    await core.vms.update(vm.id, state=State.STARTING)
+    (core.vms.vm_dir(vm.id) / FORK_PENDING).touch()
+    await _restart(core)
+    after = await core.state(vm.id)
+    assert after.state == State.ERROR and after.guest_ip is None
+    assert after.state_reason == "its fork was interrupted by a daemon restart"
+    assert core.host.running(vm.id) is None
+    # Positive control: a VM left starting without the mark is reattached and runs.
+    other = await core.create()
+    await core.vms.update(other.id, state=State.STARTING)
+    await _restart(core)
+    assert (await core.state(other.id)).state == State.RUNNING

@@ -27,6 +27,7 @@ from hatchvm.agent.messages import (
 from hatchvm.agent.protocol import (
     END,
     HEADER,
+    REPLY,
     VERSION,
     ErrorCode,
     Frame,
@@ -66,7 +67,8 @@ def agent() -> Iterator[Path]:
 
 
 def talk(agent: Path, data: bytes) -> list[Frame]:
-    """Feed data on stdin until EOF; every frame the agent wrote (all must parse)."""
+    """Feed data on stdin until EOF; every frame the agent wrote (all must parse) after the
+    hello it says unasked when it starts."""
     done = subprocess.run(
         [*UNPRIVILEGED, str(agent), "--stdio"], input=data, capture_output=True, timeout=60
     )
@@ -77,6 +79,8 @@ def talk(agent: Path, data: bytes) -> list[Frame]:
         assert result is not None, f"a truncated frame from the agent: {out[:40]!r}"
         frames.append(result[0])
         out = out[result[1] :]
+    announced = frames.pop(0)
+    assert (announced.type, announced.id) == (MsgType.HELLO | REPLY, 0)
     return frames
 
 
@@ -87,14 +91,14 @@ def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: 
 
 def test_version(agent: Path) -> None:
     out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hatch-agent 1 (protocol 1)\n"
+    assert out.stdout == "hatch-agent 3 (protocol 1)\n"
 
 
 def test_hello_and_ping(agent: Path) -> None:
     hello, pong = talk(agent, request(hello_request("t"), 1) + request(ping_request(b"abc"), 2))
     assert (hello.id, pong.id) == (1, 2)
     assert hello.flags == END and pong.flags == END
-    assert parse_hello(hello).capabilities == {"ping", "sync"}
+    assert parse_hello(hello).capabilities == {"ping", "sync", "exec", "files", "identity"}
     assert parse_hello(hello).version == VERSION
     assert parse_ping(pong) == b"abc"
 

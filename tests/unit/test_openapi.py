@@ -39,7 +39,9 @@ def test_every_route_is_an_operation(doc) -> None:
     assert ids == sorted(
         """healthz create_vm list_vms get_vm stop_vm start_vm delete_vm snapshot_vm restore_vm
         list_snapshots get_snapshot delete_snapshot create_route list_routes delete_route
-        list_images get_image get_console get_metrics""".split()
+        list_images get_image get_console get_metrics exec_vm exec_vm_stream list_processes
+        get_process kill_process delete_process upload_file download_file stat_file list_files
+        delete_file fork_vm fork_snapshot""".split()
     )
 
 
@@ -60,12 +62,16 @@ def test_errors_are_the_error_object(doc) -> None:
         "title": "Error",
         "type": "object",
     }
+    # The one error with more than its message: an exec that timed out carries its output.
+    timed_out = {("POST", "/vms/{vm_id}/exec", "504"): "ExecTimedOut"}
     for method, path, op in operations(doc):
         assert "413" in op["responses"], (method, path)
         for status, response in op["responses"].items():
             if int(status) >= 400:
                 schema = response["content"]["application/json"]["schema"]
-                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+                model = timed_out.get((method, path, status), "Error")
+                assert schema == {"$ref": f"#/components/schemas/{model}"}, (method, path, status)
+    assert "error" in doc["components"]["schemas"]["ExecTimedOut"]["required"]
 
 
 def test_statuses_per_operation(doc) -> None:
@@ -82,6 +88,31 @@ def test_statuses_per_operation(doc) -> None:
     assert statuses["create_route"] == ["201", "400", "401", "404", "409", "413", "500", "503"]
     assert statuses["list_vms"] == ["200", "401", "413", "503"]
     assert statuses["healthz"] == ["200", "413", "500"]
+    # 501: a VMM driver without an agent channel (Firecracker).
+    guest = ["400", "401", "404", "409", "413", "500", "501", "502", "503", "504"]
+    assert statuses["exec_vm"] == sorted(["200", "201", *guest])
+    for op in """exec_vm_stream list_processes get_process kill_process delete_process
+        upload_file download_file stat_file list_files delete_file""".split():
+        assert statuses[op] == sorted(["200", *guest]), op
+
+
+def test_streamed_answers_and_the_raw_upload(doc) -> None:
+    ops = {op["operationId"]: op for _, _, op in operations(doc)}
+    assert list(ops["exec_vm_stream"]["responses"]["200"]["content"]) == ["application/x-ndjson"]
+    assert list(ops["download_file"]["responses"]["200"]["content"]) == ["application/octet-stream"]
+    body = ops["upload_file"]["requestBody"]
+    assert body["content"] == {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+    }
+    assert "4294967296 bytes" in ops["upload_file"]["responses"]["413"]["description"]
+    assert [p["name"] for p in ops["upload_file"]["parameters"]] == [
+        "vm_id",
+        "path",
+        "mode",
+        "parents",
+    ]
+    exec_201 = ops["exec_vm"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert exec_201 == {"$ref": "#/components/schemas/Process"}
 
 
 def test_the_console_is_text(doc) -> None:
@@ -105,6 +136,12 @@ def test_request_bodies(doc) -> None:
         "create_vm": False,  # an empty body is {}: every field has a default
         "restore_vm": False,
         "create_route": True,  # target_port is required
+        "exec_vm": True,
+        "exec_vm_stream": True,
+        "kill_process": False,
+        "upload_file": True,
+        "fork_vm": False,  # count defaults to 1
+        "fork_snapshot": False,
     }
     schema = bodies["create_vm"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/VMCreate"}
@@ -161,3 +198,15 @@ def test_links_lead_to_real_operations(doc) -> None:
     }
     restore = ops["snapshot_vm"]["responses"]["201"]["links"]["restore_vm"]
     assert restore["requestBody"] == {"snapshot_id": "$response.body#/id"}
+
+
+def test_streamed_operations_are_never_linked(doc) -> None:
+    """A stateful fuzzer follows links: it must never land in an answer that streams until
+    the guest decides to stop."""
+    targets = {
+        link["operationId"]
+        for _, _, op in operations(doc)
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    }
+    assert not targets & {"exec_vm_stream", "download_file", "upload_file", "get_console"}

@@ -104,6 +104,15 @@ class Agents:
             self.hellos[vm_id] = hello
         return hello
 
+    async def ready(self, vm_id: str, timeout: float) -> tuple[AgentChannel, Hello]:
+        """The VM's channel and what its agent can do, once it has said hello: at once if it
+        did, else waiting for it (a guest just booted or woken) up to timeout."""
+        channel = self.channel(vm_id)
+        hello = self.hellos.get(vm_id)
+        if hello is None:
+            hello = await self.hello(vm_id, timeout)
+        return channel, hello
+
     async def sync(self, vm_id: str, timeout: float | None = None) -> SyncResult:
         """Set the guest's wall clock to the host's and reseed its RNG; wait for the answer."""
         channel = self.channel(vm_id)
@@ -154,9 +163,15 @@ class Agents:
                 await self.sync(vm_id)
 
     def _unsolicited(self, vm_id: str, frame: Frame) -> None:
-        """A frame nobody waits for. A sync answered late (its agent was stuck, or hatchd
+        """A frame nobody waits for. A hello is an agent that (re)started (id 0) or answered
+        late: what it can do is noted. A sync answered late (its agent was stuck, or hatchd
         gave up) has just set the guest's clock to a time long past: sync again, now."""
-        if frame.type == MsgType.SYNC | REPLY and vm_id not in self._resyncing:
+        if frame.type == MsgType.HELLO | REPLY:
+            try:
+                self.hellos[vm_id] = parse_hello(frame)
+            except AgentError:
+                log.debug("an unusable hello from a guest agent", vm_id=vm_id)
+        elif frame.type == MsgType.SYNC | REPLY and vm_id not in self._resyncing:
             log.warning("a late sync reached the guest; syncing again", vm_id=vm_id)
             self._resyncing.add(vm_id)
             self._spawn(self._resync(vm_id))

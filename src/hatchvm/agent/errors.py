@@ -16,10 +16,21 @@ class AgentTimeout(AgentError):
 
 
 class AgentRefused(AgentError):
-    """The agent answered with an ERROR frame."""
+    """The agent answered with an ERROR frame: its code, the guest's errno behind it (if
+    any), the request field at fault (if any), and its message (the exception's text)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        errno: int | None = None,
+        field: str | None = None,
+        detail: str = "",
+    ) -> None:
         self.code = code
+        self.errno = errno
+        self.field = field
+        self.detail = detail or message  # the agent's own words
         super().__init__(message)
 
 

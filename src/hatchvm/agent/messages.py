@@ -1,4 +1,5 @@
-"""The messages of protocol version 1: what each request carries and what its answer means."""
+"""The messages of protocol version 1 every agent speaks (hello, ping, sync) and the reading of
+answers; exec.py and files.py hold the messages of the "exec" and "files" capabilities."""
 
 from __future__ import annotations
 
@@ -49,7 +50,14 @@ def check_reply(request: int, frame: Frame) -> Frame:
             name = ErrorCode(code).name
         except ValueError:  # a code from a later version
             name = str(code)
-        raise AgentRefused(code, f"the guest agent refused ({name}): {message[:200]}")
+        field = frame.get_text(Tag.NAME)
+        raise AgentRefused(
+            code,
+            f"the guest agent refused ({name}): {message[:300]}",
+            errno=frame.get_int(Tag.ERRNO),
+            field=field[:40] if field else None,
+            detail=message[:300],
+        )
     if frame.type != request | REPLY:
         raise ProtocolError(f"answer of type {frame.type:#04x} to a {request:#04x} request")
     return frame

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from hatchvm.api import console, health, images, openapi, routes, snapshots, vms
+from hatchvm.api import (
+    console,
+    exec,
+    files,
+    forks,
+    health,
+    images,
+    openapi,
+    processes,
+    routes,
+    snapshots,
+    vms,
+)
 from hatchvm.api.body_limit import BodyLimit
 from hatchvm.api.deps import Services
 from hatchvm.api.errors import install_error_handlers
@@ -25,7 +37,7 @@ def create_app(services: Services, scrape: Scrape | None = None) -> FastAPI:
     app.state.metrics = scrape
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
-    for module in (health, vms, snapshots, routes, images, console):
+    for module in (health, vms, snapshots, forks, routes, images, console, exec, processes, files):
         app.include_router(module.router)
     app.include_router(metrics_router)
     openapi.install(app)

@@ -1,4 +1,5 @@
-"""One limit on request bodies for the whole API, enforced while the body arrives.
+"""Limits on request bodies, enforced while the body arrives: 1 MiB for every JSON body, and
+4 GiB for a file uploaded to a guest (PUT /vms/{id}/files, streamed through, never held).
 
 A declared Content-Length over the limit is answered 413 from the request head alone, before
 the handler runs or a byte of the body is read; a body of unknown length (chunked) is counted
@@ -14,12 +15,21 @@ and the HTTP parser skips it exactly, so such a connection stays reusable.
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hatchvm.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: the largest JSON body is a VM create with 64 KiB user_data
+MAX_UPLOAD_BYTES = 4 << 30  # 4 GiB: a file uploaded to a guest
+_UPLOAD = re.compile(r"^/vms/[^/]+/files$")
+
+
+def limit_for(scope: Scope, default: int) -> int:
+    if scope["method"] == "PUT" and _UPLOAD.match(scope["path"]):
+        return MAX_UPLOAD_BYTES
+    return default
 
 
 def too_large_message(limit: int) -> str:
@@ -49,9 +59,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = limit_for(scope, self.max_bytes)
         declared, chunked = _framing(scope)
-        if declared is not None and declared > self.max_bytes:
-            await _send_413(send, self.max_bytes)
+        if declared is not None and declared > limit:
+            await _send_413(send, limit)
             return
         received = 0
         ended = not chunked  # whether the connection may be reused after the answer
@@ -61,8 +72,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(too_large_message(self.max_bytes))
+                if received > limit:
+                    raise PayloadTooLarge(too_large_message(limit))
                 ended = ended or not message.get("more_body", False)
             return message
 

@@ -11,6 +11,9 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from hatchvm.auth.base import Verifier, key_from_request
 from hatchvm.config import Settings
+from hatchvm.core.execs import ExecService
+from hatchvm.core.files import FileService
+from hatchvm.core.forks import ForkService
 from hatchvm.core.routes import RouteService
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.vms import VMService
@@ -26,6 +29,9 @@ class Services:
     vms: VMService
     snapshots: SnapshotService
     routes: RouteService
+    execs: ExecService
+    files: FileService
+    forks: ForkService
 
 
 def services(request: Request) -> Services:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from hatchvm import __version__
-from hatchvm.api.outputs import Error
+from hatchvm.api.outputs import Error, ExecEvent
 from hatchvm.api.schemas import INPUT_MODELS
 
 REF = "#/components/schemas/{model}"
@@ -33,9 +33,17 @@ ERRORS: dict[int, str] = {
     413: "The request body is over 1 MiB (the connection is closed)",
     500: "The operation failed inside hatchd (the message says why; the reason is logged)",
     501: "The VM's VMM driver cannot do this yet (the message names the capability)",
+    502: "The VM's guest agent answered nonsense (the connection to it was dropped)",
     503: "Something hatchd needs is missing or unreachable (the image, the network, the "
-    "authentication server)",
+    "authentication server, a VM's guest agent)",
+    504: "The VM's guest agent stopped answering midway",
 }
+
+# Every call through a VM's guest agent: bad input or a command that cannot run (400), the
+# VM, a path or a process not found (404), no agent or a state or file that forbids it (409),
+# a VMM driver without an agent channel (501), the agent answering nonsense (502), absent or
+# busy (503), stalling (504).
+GUEST = (400, 404, 409, 501, 502, 504)
 
 # Every authenticated operation: a bad key, an unreachable auth server, a body too large.
 AUTHENTICATED = (401, 413, 503)
@@ -79,6 +87,13 @@ VM_LINKS: dict[str, dict[str, Any]] = {
 }
 
 
+def json_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """errors() for a route whose answer is not JSON: each status's Error object stated by
+    schema (FastAPI would give a model the route's own media type)."""
+    error = {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}
+    return {s: {"description": ERRORS[s], "content": error} for s in sorted(statuses)}
+
+
 def json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
     """`openapi_extra=` for a handler that parses model from its body with parse_body.
     An empty body counts as {} there, so a model with no required field needs no body."""
@@ -111,8 +126,10 @@ def _document(app: FastAPI) -> dict[str, Any]:
         title="hatchvm", version=__version__, description=DESCRIPTION, routes=app.routes
     )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    # Input models, and output models that no route returns as JSON (the lines of a stream).
     _, defs = models_json_schema(
-        [(model, "validation") for model in INPUT_MODELS], ref_template=REF
+        [(model, "validation") for model in INPUT_MODELS] + [(ExecEvent, "serialization")],
+        ref_template=REF,
     )
     schemas.update(defs.get("$defs", {}))
     # FastAPI adds 422 to every operation with a parameter; hatchd answers 400 instead.

@@ -6,10 +6,14 @@ them on its way out, so the document and the answers cannot drift apart."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, WithJsonSchema
 
+from hatchvm.agent.exec import Exit, Result
+from hatchvm.agent.exec import Process as AgentProcess
+from hatchvm.agent.files import Entry, FileStat
 from hatchvm.core.states import State
 from hatchvm.db import models as db
 from hatchvm.snapshots.manifest import SnapshotManifest
@@ -122,6 +126,72 @@ class Error(Output):
     error: str
 
 
+class ExecResult(Output):
+    exit_code: int | None  # null when a signal ended the command
+    signal: int | None  # the signal that ended it (9 after a timeout)
+    timed_out: bool
+    stdout: str  # UTF-8, invalid bytes replaced by U+FFFD
+    stderr: str
+    truncated: bool  # a stream went past the 1 MiB kept
+
+
+class ExecTimedOut(ExecResult):
+    error: str  # "the command timed out after 1 s (timeout_s) and was killed"
+
+
+class ExecEvent(Output):
+    """One line of a streamed exec (application/x-ndjson)."""
+
+    type: Literal["started", "stdout", "stderr", "exit", "error"]
+    pid: int | None = None  # started
+    data: str | None = None  # stdout, stderr: the next text the command wrote
+    exit_code: int | None = None  # exit
+    signal: int | None = None  # exit
+    timed_out: bool | None = None  # exit
+    error: str | None = None  # error: why the stream ended without an exit
+
+
+class Process(Output):
+    pid: int
+    cmd: str
+    state: Literal["running", "exited"]
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    started_at: Timestamp
+    ended_at: Timestamp | None
+    stdout_bytes: int  # written in all
+    stderr_bytes: int
+
+
+class ProcessOutput(Process):
+    stdout: str  # the newest 256 KiB the guest kept
+    stderr: str
+    truncated: bool  # older output was dropped
+
+
+class FileInfo(Output):
+    path: str
+    kind: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: str  # permission bits, octal: "0644"
+    mtime: Timestamp
+
+
+class FileEntry(Output):
+    name: str
+    kind: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: str
+    mtime: Timestamp
+
+
+class FileList(Output):
+    path: str
+    entries: list[FileEntry]  # sorted by name
+    truncated: bool  # the directory holds more than the 10000 listed
+
+
 def render_vm(vm: db.VM) -> VM:
     return VM(
         id=vm.id,
@@ -184,4 +254,87 @@ def render_route(route: db.Route, url: str) -> Route:
         url=url,
         created_at=rfc3339(route.created_at),
         updated_at=rfc3339(route.updated_at),
+    )
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _at(ns: int) -> str:
+    """A guest's time (whatever its clock says, and the guest may say anything)."""
+    try:
+        return rfc3339(datetime.fromtimestamp(ns / 1e9, UTC))
+    except (ValueError, OverflowError, OSError):
+        return rfc3339(datetime.fromtimestamp(0, UTC))
+
+
+def render_exec(result: Result) -> ExecResult:
+    return ExecResult(
+        exit_code=result.exit.exit_code,
+        signal=result.exit.signal,
+        timed_out=result.exit.timed_out,
+        stdout=_text(result.stdout),
+        stderr=_text(result.stderr),
+        truncated=result.truncated,
+    )
+
+
+def render_exit(exit: Exit) -> ExecEvent:
+    return ExecEvent(
+        type="exit", exit_code=exit.exit_code, signal=exit.signal, timed_out=exit.timed_out
+    )
+
+
+def _process_fields(p: AgentProcess) -> dict[str, object]:
+    return {
+        "pid": p.pid,
+        "cmd": p.cmd,
+        "state": "running" if p.running else "exited",
+        "exit_code": p.exit_code,
+        "signal": p.signal,
+        "timed_out": p.timed_out,
+        "started_at": _at(p.started_ns),
+        "ended_at": _at(p.ended_ns) if p.ended_ns else None,
+        "stdout_bytes": p.stdout_bytes,
+        "stderr_bytes": p.stderr_bytes,
+    }
+
+
+def render_process(p: AgentProcess) -> Process:
+    return Process.model_validate(_process_fields(p))
+
+
+def render_process_output(p: AgentProcess, stdout: bytes, stderr: bytes) -> ProcessOutput:
+    truncated = len(stdout) < p.stdout_bytes or len(stderr) < p.stderr_bytes
+    return ProcessOutput.model_validate(
+        {
+            **_process_fields(p),
+            "stdout": _text(stdout),
+            "stderr": _text(stderr),
+            "truncated": truncated,
+        }
+    )
+
+
+def _stat_fields(stat: FileStat) -> dict[str, object]:
+    return {
+        "kind": stat.kind,
+        "size": stat.size,
+        "mode": f"{stat.mode:04o}",
+        "mtime": _at(stat.mtime_ns),
+    }
+
+
+def render_file(path: str, stat: FileStat) -> FileInfo:
+    return FileInfo.model_validate({"path": path, **_stat_fields(stat)})
+
+
+def render_listing(path: str, entries: list[Entry], truncated: bool) -> FileList:
+    return FileList(
+        path=path,
+        entries=[
+            FileEntry.model_validate({"name": e.name, **_stat_fields(e.stat)}) for e in entries
+        ],
+        truncated=truncated,
     )

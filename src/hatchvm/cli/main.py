@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from hatchvm import __version__
-from hatchvm.cli import images, keys, routes, snapshots, vms
+from hatchvm.cli import exec, files, images, keys, routes, snapshots, vms
 from hatchvm.cli.context import Connection
 from hatchvm.private import PRIVATE_UMASK
 
@@ -23,6 +23,8 @@ app.add_typer(snapshots.app, name="snapshot")
 app.add_typer(routes.app, name="route")
 app.add_typer(images.app, name="image")
 app.add_typer(keys.app, name="keys")
+app.command("exec")(exec.exec_command)
+app.command("cp")(files.cp_command)
 
 
 def _print_version(value: bool) -> None:

@@ -16,7 +16,7 @@ from hatchvm.errors import BadRequest
 from hatchvm.net.egress import Egress
 
 app = typer.Typer(
-    help="Create, inspect, stop, start, snapshot, restore and delete VMs.",
+    help="Create, inspect, stop, start, snapshot, restore, fork and delete VMs.",
     no_args_is_help=True,
 )
 
@@ -143,6 +143,26 @@ def restore(
     """Resume a snapshotted VM exactly where it was."""
     with connection(ctx).client() as api:
         show(api.restore_vm(vm_id, snapshot), as_json)
+
+
+@app.command("fork")
+@reports_errors
+def fork(
+    ctx: typer.Context,
+    source: Annotated[
+        str,
+        typer.Argument(help="A VM (vm_...) or a stored snapshot (snap_...).", show_default=False),
+    ],
+    count: Annotated[int, typer.Option("--count", "-n", help="How many new VMs (1-16).")] = 1,
+    as_json: JsonOption = False,
+) -> None:
+    """New VMs running from a VM's memory and disk as they are now, or a snapshot's."""
+    with connection(ctx).client() as api:
+        if source.startswith("snap_"):
+            children = api.fork_snapshot(source, count)
+        else:
+            children = api.fork_vm(source, count)
+        show(children, as_json, VM_COLUMNS)
 
 
 @app.command("console")

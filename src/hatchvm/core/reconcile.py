@@ -13,7 +13,7 @@ import structlog
 from hatchvm.core.network import GuestLink
 from hatchvm.core.snapshots import SnapshotService
 from hatchvm.core.states import State
-from hatchvm.core.vms import DISK_NAME, VMService
+from hatchvm.core.vms import DISK_NAME, FORK_PENDING, VMService
 from hatchvm.db import repo
 from hatchvm.db.models import VM
 from hatchvm.vmm.base import RunningVM
@@ -46,6 +46,21 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
             await snapshots.reconcile(vm)
             continue
         if vm.state not in _LIVE_STATES:
+            continue
+        if vm.state == State.STARTING and (vm_dir / FORK_PENDING).exists():
+            # A fork's child the daemon died making: it may still hold its parent's identity
+            # and RNG state, so it never runs; the user sees why and deletes it.
+            await service.teardown(vm)
+            await service.update(
+                vm.id,
+                state=State.ERROR,
+                state_reason="its fork was interrupted by a daemon restart",
+                guest_ip=None,
+                guest_mac=None,
+                tap_name=None,
+                ssh_port=None,
+            )
+            log.warning("interrupted fork discarded", vm_id=vm.id)
             continue
         pid = await service.vmm.alive(vm.id, vm_dir)
         if pid is not None:

@@ -49,6 +49,7 @@ from hatchvm.snapshots.manifest import (
     SnapshotManifest,
 )
 from hatchvm.snapshots.store import ArtifactStore
+from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
@@ -467,6 +468,7 @@ class SnapshotService:
         crashpoint("restore.files-ready")
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
+        await asyncio.to_thread(self.vms.own_memory, vm.id)  # forks may share it
         try:
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
@@ -496,20 +498,22 @@ class SnapshotService:
         work = vm_dir / WORK_DIR
         await asyncio.to_thread(_reset_dir, work)
         try:
-            chunks = manifest.chunks
-            if chunks is not None:
-                listing = StoredListing(
-                    chunks.listing_key, chunks.listing_size, chunks.listing_sha256
-                )
-                dests = {name: work / name for name in ARTIFACT_NAMES}
-                await asyncio.to_thread(
-                    self.chunks.restore, chunks.namespace, listing, chunks.index_hashes(), dests
-                )
-            else:
-                await self._decode_v1(manifest, work)
+            await self._write_artifacts(manifest, work)
             await asyncio.to_thread(self._swap_in, vm.id, work, prior)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _write_artifacts(self, manifest: SnapshotManifest, dest: Path) -> None:
+        """Every artifact of the snapshot, fetched, verified and written out into dest."""
+        chunks = manifest.chunks
+        if chunks is not None:
+            listing = StoredListing(chunks.listing_key, chunks.listing_size, chunks.listing_sha256)
+            dests = {name: dest / name for name in ARTIFACT_NAMES}
+            await asyncio.to_thread(
+                self.chunks.restore, chunks.namespace, listing, chunks.index_hashes(), dests
+            )
+        else:
+            await self._decode_v1(manifest, dest)
 
     async def _decode_v1(self, manifest: SnapshotManifest, work: Path) -> None:
         """An old-format snapshot: one zstd file per artifact."""
@@ -520,6 +524,25 @@ class SnapshotService:
             await asyncio.to_thread(codec.decode, packed, work / name, record.info())
             if packed.is_relative_to(work):
                 await asyncio.to_thread(packed.unlink)
+
+    async def materialize(self, vm: VM, snap: Snapshot, dest: Path) -> None:
+        """The snapshot's files (mem, disk, state) as new files in dest, the VM's own files
+        left as they are: copied from them when they still equal it, else fetched, checked and
+        unpacked from the store. The caller holds the VM's lock."""
+        resume = self._resume_dir(vm.id)
+        hot = vm.state == State.SNAPSHOTTED and await asyncio.to_thread(self._latest, vm.id)
+        if hot == snap.id:
+            vm_dir = self.vms.vm_dir(vm.id)
+            # The memory file is shared (a hard link): nobody writes it until the VM is
+            # restored, which first gives the VM a copy of its own (VMService.own_memory).
+            await asyncio.to_thread(os.link, vm_dir / MEM_NAME, dest / "mem")
+            for name, source in (("disk", vm_dir / DISK_NAME), ("state", resume / STATE_NAME)):
+                await asyncio.to_thread(copy_sparse, source, dest / name)
+            return
+        try:
+            await self._write_artifacts(SnapshotManifest.parse(snap.manifest), dest)
+        except ArtifactError as exc:
+            raise InternalError(f"snapshot {snap.id} cannot be used: {exc}") from exc
 
     def _kept_files(self, vm_id: str) -> dict[str, Path]:
         """What a restore replaces, by the name it is kept under in PREVIOUS_DIR."""

@@ -24,6 +24,7 @@ class Op(StrEnum):
     DELETE = "delete"
     SNAPSHOT = "snapshot"
     RESTORE = "restore"
+    FORK = "fork"
 
 
 # Operations run under the VM's lock, so transitional states (starting, stopping, ...) are only
@@ -34,6 +35,7 @@ ALLOWED: dict[Op, frozenset[State]] = {
     Op.DELETE: frozenset(State),
     Op.SNAPSHOT: frozenset({State.RUNNING}),
     Op.RESTORE: frozenset({State.SNAPSHOTTED}),
+    Op.FORK: frozenset({State.RUNNING, State.SNAPSHOTTED}),
 }
 
 # The state to name in the 409 message ("vm is stopped, must be running").
@@ -43,6 +45,7 @@ _EXPECTED: dict[Op, str] = {
     Op.DELETE: "any state",
     Op.SNAPSHOT: "running",
     Op.RESTORE: "snapshotted",
+    Op.FORK: "running or snapshotted",
 }
 
 

@@ -8,6 +8,7 @@ then records the outcome, so a daemon killed half-way leaves a row that reconcil
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
+from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import VMM, BootSpec, Feature, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.core")
@@ -50,6 +52,13 @@ log = structlog.get_logger("hatchvm.core")
 DISK_NAME = "disk.ext4"
 MEM_NAME = "mem"  # guest RAM, file-backed: it is the memory image of a snapshot
 RESUME_DIR = "resume"  # device state of the VM's latest snapshot, while its RAM is in MEM_NAME
+# Present in a fork's child for its whole life: its MEM_NAME is a frozen memory image shared
+# with its siblings (hard links), mapped privately and never written; its RAM (what it changed)
+# goes into its snapshots' device state.
+MEM_PRIVATE = "mem-private"
+# Present while a fork's child is being made: until its agent has re-made it (new RNG state,
+# address, keys), it must never run, so start-up reconciliation discards it.
+FORK_PENDING = "fork-pending"
 
 # Called with a VM just created, or about to be deleted (under its lock): other parts (snapshots,
 # routes, the SSH gateway) follow the VM's life without VMService knowing them.
@@ -174,6 +183,27 @@ class VMService:
             await hook(vm)
         return vm
 
+    async def reserve(
+        self, user_id: str, cfg: VMConfig, image_version: str | None, vm_id: str
+    ) -> VM:
+        """A new VM's row (`starting`) with its addresses, within the user's quotas and the
+        host's room, for a caller that makes the VM itself (a fork) holding its lock."""
+        async with self._user_locks.hold(user_id), self.admission.lock:
+            return await self._insert(vm_id, user_id, cfg, image_version)
+
+    async def discard(self, vm: VM) -> None:
+        """A VM that never became the user's (a fork that failed): everything of it goes,
+        its row last. The caller holds its lock."""
+        await self.teardown(vm)
+        for hook in self.delete_hooks:
+            await hook(vm)
+        self.agents.detach(vm.id)
+        async with self.sessions() as session, session.begin():
+            row = await repo.get_vm(session, vm.id)
+            if row is not None:
+                await session.delete(row)
+        self.invalidate(vm.id)
+
     async def load_image(self, image_id: str) -> Image:
         async with self.sessions() as session:
             image = await repo.get_image(session, image_id)
@@ -290,6 +320,7 @@ class VMService:
             tap_name=vm.tap_name,
             guest_mac=vm.guest_mac,
             mem_file=self.vm_dir(vm.id) / MEM_NAME,
+            mem_shared=not (self.vm_dir(vm.id) / MEM_PRIVATE).exists(),
             vmlinux=image.vmlinux,
         )
 
@@ -337,6 +368,21 @@ class VMService:
             driver = capabilities.name
             return f"clock not synced, RNG not reseeded: the {driver} driver has no guest agent"
         return await self.agents.after_resume(vm.id)
+
+    def own_memory(self, vm_id: str) -> None:
+        """Before the VM maps its memory file shared again: if forks hard-linked it (their
+        frozen image), the VM gets a copy of its own, and theirs stays as it is."""
+        mem = self.vm_dir(vm_id) / MEM_NAME
+        if (self.vm_dir(vm_id) / MEM_PRIVATE).exists():
+            return  # mapped privately: never written, it stays shared
+        try:
+            if mem.stat().st_nlink < 2:
+                return
+        except FileNotFoundError:
+            return
+        mine = mem.with_name(MEM_NAME + ".own")
+        copy_sparse(mem, mine)
+        os.replace(mine, mem)
 
     def drop_memory(self, vm_id: str) -> None:
         """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from hatchvm import private
 from hatchvm.images.errors import ImageError
 
-BUILDER_VERSION = 5
+BUILDER_VERSION = 7
 KERNEL_META = "linux-image-cloud-amd64"
 # What the root filesystem is made of; their Depends/Pre-Depends (libc6, libcrypt1,
 # libtomcrypt1, libtommath1, libgmp10, zlib1g, ...) are added from `apt-cache depends`.
@@ -56,6 +56,7 @@ BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet tsc=reliable"
 AGENT_SOURCE = ("agent", "hatch-agent.c")
 AGENT_PATH = "usr/sbin/hatch-agent"
 AGENT_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra"]
+AGENT_NAME = "hatch-agent 3"  # what the image's manifest records (and the agent's hello says)
 MANIFEST = "manifest.json"
 CURRENT = "current"  # in an image's directory: the version new VMs get
 ARTIFACT_NAMES = {
@@ -66,6 +67,9 @@ ARTIFACT_NAMES = {
 }
 
 Progress = Callable[[str], None]
+
+
+UNKNOWN_AGENT = "unknown"
 
 
 class ImageBuildError(ImageError):
@@ -82,6 +86,9 @@ class ImageArtifacts:
     kernel_version: str
     version: str  # a hash of the files' contents: what VMs and snapshots pin
     builder_version: int  # an older builder's image still boots its VMs, but is rebuilt
+    # The guest agent the image runs: its name; None when the manifest says it has none;
+    # UNKNOWN_AGENT when the manifest does not say (built before images recorded it).
+    agent: str | None = None
 
     @property
     def up_to_date(self) -> bool:
@@ -516,6 +523,7 @@ def _build_into(
         "packages": {p: debs[p].name for p in [kernel_pkg, *rootfs_pkgs]},
         "modules": modules,
         "boot_args": BOOT_ARGS,
+        "agent": AGENT_NAME,
         "files": files,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -586,6 +594,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _agent_of(manifest: dict[str, object]) -> str | None:
+    if "agent" not in manifest:
+        return UNKNOWN_AGENT
+    return str(manifest["agent"]) if manifest["agent"] else None
+
+
 def load_artifacts(out_dir: Path) -> ImageArtifacts | None:
     """The artifacts of a complete build in out_dir, or None (missing or partial)."""
     try:
@@ -605,6 +619,7 @@ def load_artifacts(out_dir: Path) -> ImageArtifacts | None:
             kernel_version=str(manifest["kernel_version"]),
             version=content_version(manifest),
             builder_version=int(manifest["builder_version"]),
+            agent=_agent_of(manifest),
         )
     except (OSError, KeyError, ValueError, TypeError):
         return None

@@ -76,6 +76,9 @@ class BootSpec:
     # Guest RAM backed by this file (shared mapping): the file *is* the memory image, so a
     # snapshot only has to save the device state.
     mem_file: Path | None = None
+    # False: mem_file is mapped privately (copy-on-write), never written: a fork's child runs
+    # from a frozen memory image its siblings share, and its snapshots carry its RAM.
+    mem_shared: bool = True
     incoming: bool = False  # wait for a device-state stream instead of booting the kernel
     vmlinux: Path | None = None  # the same kernel as an uncompressed ELF (Firecracker boots it)
 
@@ -137,6 +140,7 @@ class Feature(enum.Flag):
     CONSOLE = enum.auto()  # console_socket() streams the guest's console
     AGENT = enum.auto()  # a host-guest channel for the guest agent (virtio-serial or vsock)
     TEMPLATES = enum.auto()  # warm templates: many VMs restored from one shared memory image
+    FORK = enum.auto()  # capture() a running VM, restore with private memory, set_link()
 
 
 FEATURE_NAMES = {
@@ -144,6 +148,7 @@ FEATURE_NAMES = {
     Feature.CONSOLE: "console recording",
     Feature.AGENT: "the guest agent",
     Feature.TEMPLATES: "warm templates",
+    Feature.FORK: "fork",
 }
 
 
@@ -223,6 +228,17 @@ class VMM(Protocol):
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         """Start the VM from spec.mem_file and state_file, paused where it was; its pid."""
+        ...
+
+    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+        """Pause the VM and write its device state to state_file, leaving it paused and its
+        process alive (resume_if_paused() lets it run on): meanwhile its memory file and disk
+        are quiet and consistent with the state, to be copied. Called only with FORK."""
+        ...
+
+    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
+        """Plug or unplug the VM's NIC (the guest sees its carrier go); nothing it sends
+        leaves while unplugged. Called only with FORK."""
         ...
 
     async def resume_if_paused(self, vm_id: str, vm_dir: Path) -> bool:

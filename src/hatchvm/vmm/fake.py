@@ -183,6 +183,14 @@ class FakeVMM:
         state_file.write_text(json.dumps(state))
         await self.kill(vm_id, vm_dir)
 
+    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+        self._check("capture", vm_id)
+        self._proc(vm_id, "capture").state = "paused"
+        state_file.write_text(json.dumps({"magic": STATE_MAGIC, "vm_id": vm_id}))
+
+    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
+        self._check("set_link", vm_id)
+
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         self._check("restore", spec.vm_id)
         for what, path in (("memory file", spec.mem_file), ("state file", state_file)):

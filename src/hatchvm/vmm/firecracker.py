@@ -48,6 +48,7 @@ from hatchvm.vmm.base import (
     VMMFilesMissing,
     VMMNotRunning,
     VMMStartFailed,
+    VMMUnsupported,
 )
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.environment import vmm_environment
@@ -533,6 +534,12 @@ class FirecrackerVMM:
                 log.warning("vm jail left behind", vm_id=vm_id, reason=str(exc))
 
     # ---- snapshot / restore ------------------------------------------------------------
+
+    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+        raise VMMUnsupported("the firecracker driver does not support fork yet", vm_id=vm_id)
+
+    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
+        raise VMMUnsupported("the firecracker driver does not support fork yet", vm_id=vm_id)
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
         """A full snapshot: guest RAM into the memory file, device state into state_file; then

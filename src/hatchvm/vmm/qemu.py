@@ -104,7 +104,7 @@ class QemuVMM:
         return self.run_dir / data / vm_dir.name
 
     async def capabilities(self) -> Capabilities:
-        features = Feature.SNAPSHOTS | Feature.CONSOLE | Feature.AGENT
+        features = Feature.SNAPSHOTS | Feature.CONSOLE | Feature.AGENT | Feature.FORK
         return Capabilities(name="qemu", accel=self.accel, features=features)
 
     def memory_footprint_mib(self, mem_mib: int) -> int:
@@ -146,7 +146,7 @@ class QemuVMM:
             cmd += [
                 "-object",
                 f"memory-backend-file,id=mem,size={spec.mem_mib}M,mem-path={spec.mem_file},"
-                "share=on",
+                f"share={'on' if spec.mem_shared else 'off'}",
             ]
         if spec.initrd:
             cmd += ["-initrd", str(spec.initrd)]
@@ -352,9 +352,16 @@ class QemuVMM:
 
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
         """With x-ignore-shared the file-backed RAM is skipped: only device state (about
-        0.1 MB) is written. `stop` drains and flushes the disks first, so they match."""
+        0.1 MB) is written. `stop` drains and flushes the disks first, so they match. RAM
+        mapped privately (a fork's child) is not skipped: it goes into the state file."""
+        await self.capture(vm_id, vm_dir, state_file, op="snapshot")
+        await self.kill(vm_id, vm_dir)
+
+    async def capture(
+        self, vm_id: str, vm_dir: Path, state_file: Path, op: str = "capture"
+    ) -> None:
         if await self.alive(vm_id, vm_dir) is None:
-            raise VMMNotRunning("no running qemu to snapshot", vm_id=vm_id, op="snapshot")
+            raise VMMNotRunning(f"no running qemu to {op}", vm_id=vm_id, op=op)
         state_file.unlink(missing_ok=True)
         async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
@@ -362,7 +369,12 @@ class QemuVMM:
             target = shlex.quote(str(state_file))
             await qmp.execute("migrate", {"uri": f"exec:umask 077 && cat > {target}"})
             await qmp.wait_migration(MIGRATION_TIMEOUT)
-        await self.kill(vm_id, vm_dir)
+
+    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
+        # The netdev's link: QEMU carries it to the NIC (the guest's carrier) and drops
+        # whatever the NIC sends while it is down.
+        args = {"name": "net0", "up": up}
+        await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "set_link", args)
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         if spec.mem_file is None or not spec.mem_file.exists() or not state_file.exists():

@@ -1,0 +1,338 @@
+"""Forks: new VMs of the caller's running from one VM's memory and disk at one moment.
+
+The moment is frozen first, into a work directory of this call: a running parent is paused
+only while its device state is written and its memory and disk are copied (sparse), then runs
+on (its clock resynced); a snapshotted one, or any stored snapshot, gives its files (copied
+from the VM's own when they still equal it, else unpacked from the store). The parent's files
+are never touched, so the children never see what it writes later.
+
+Every child hard-links the frozen memory file and maps it privately (copy-on-write: N children
+share the pages they only read), gets its own sparse copy of the disk and of the device state,
+and is restored with its NIC unplugged. Its agent then sets its clock and reseeds its RNG (the
+restore's SYNC), and, before the NIC is plugged in, gives it its own address, MAC, hostname,
+SSH host keys and machine id: nothing leaves it under its parent's identity, and the bridge
+lets its TAP send only from its own addresses anyway. A child whose guest cannot be re-made so
+is discarded, and the whole fork fails: no two VMs share keys or RNG state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import structlog
+
+from hatchvm.agent.errors import AgentError
+from hatchvm.agent.exec import Command, Execution
+from hatchvm.agent.identity import Address, set_identity
+from hatchvm.config import Settings
+from hatchvm.core.guest import STALL_S, GuestService, translated
+from hatchvm.core.snapshots import STATE_NAME, SnapshotService
+from hatchvm.core.states import Op, State, guard
+from hatchvm.core.vms import (
+    DISK_NAME,
+    FORK_PENDING,
+    MEM_NAME,
+    MEM_PRIVATE,
+    RESUME_DIR,
+    VMConfig,
+    VMService,
+    reason_of,
+)
+from hatchvm.db import repo
+from hatchvm.db.models import VM, Snapshot
+from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError
+from hatchvm.ids import new_id
+from hatchvm.images.builder import ImageArtifacts
+from hatchvm.net.egress import Egress
+from hatchvm.sparse import copy_sparse
+from hatchvm.vmm.base import Feature
+
+log = structlog.get_logger("hatchvm.core")
+
+MAX_FORK_COUNT = 16  # children of one call
+PARALLEL = 4  # children restored at once
+WORK_DIR = "forks"  # under the data directory: one frozen moment per call, gone after it
+
+# For an agent without "identity" (an image built before it), the same by a shell script, as
+# root, its clock and RNG already resynced, the NIC still unplugged; as few processes as can be
+# (each one costs under emulation): the address goes with the flush (the default route is put
+# back). The host keys are removed before dropbear is killed: init respawns it at once, and
+# its -R makes new keys (from the reseeded RNG) at the first connection, so no answer from
+# port 22 ever shows the parent's keys, and nobody waits for key generation.
+READDRESS = r"""set -e
+echo "$NAME" > /proc/sys/kernel/hostname
+echo "$NAME" > /etc/hostname
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n' "$NAME" > /etc/hosts
+echo "$MACHINE_ID" > /etc/machine-id
+if [ -n "$ADDR" ]; then
+  ip link set dev eth0 address "$MAC"
+  ip addr flush dev eth0
+  ip addr add "$ADDR" dev eth0
+  ip route replace default via "$GW" dev eth0
+fi
+rm -f /etc/dropbear/dropbear_*_host_key
+killall dropbear 2>/dev/null || true
+"""
+
+
+class ForkService:
+    def __init__(
+        self,
+        settings: Settings,
+        vms: VMService,
+        snapshots: SnapshotService,
+        guest: GuestService,
+    ) -> None:
+        self._s = settings
+        self.vms = vms
+        self.snapshots = snapshots
+        self.guest = guest
+        # Made at start-up, before any fork can run: what a daemon killed mid-fork left.
+        shutil.rmtree(settings.data_dir / WORK_DIR, ignore_errors=True)
+
+    async def fork_vm(self, user_id: str, vm_id: str, count: int) -> list[VM]:
+        """count children of a running VM (paused only while it is captured) or of a
+        snapshotted one (from its latest snapshot)."""
+        parent = await self._check(user_id, vm_id, count)
+        with self._work() as work:
+            async with self.vms.locks.hold(vm_id):
+                parent = await self.vms.get(user_id, vm_id)
+                guard(Op.FORK, parent.state)
+                resync = None
+                if parent.state == State.RUNNING:
+                    await self._capture(parent, work)
+                    # It stood paused: its clock is resynced (as a restored guest's) while
+                    # the children start.
+                    resync = asyncio.create_task(self._resync(parent))
+                else:
+                    async with self.vms.sessions() as session:
+                        snaps = await repo.list_snapshots(session, vm_id)
+                    if not snaps:
+                        raise Conflict(f"vm {vm_id} has no snapshot to fork from")
+                    await self.snapshots.materialize(parent, snaps[0], work)
+            try:
+                return await self._children(user_id, parent, work, count)
+            finally:
+                if resync is not None:
+                    await resync
+
+    async def fork_snapshot(self, user_id: str, snapshot_id: str, count: int) -> list[VM]:
+        """count children of a stored snapshot, whatever its VM does now."""
+        snap: Snapshot = await self.snapshots.get(user_id, snapshot_id)
+        parent = await self._check(user_id, snap.vm_id, count)
+        with self._work() as work:
+            async with self.vms.locks.hold(parent.id):
+                parent = await self.vms.get(user_id, parent.id)
+                snap = await self.snapshots.get(user_id, snapshot_id)
+                await self.snapshots.materialize(parent, snap, work)
+            return await self._children(user_id, parent, work, count)
+
+    async def _check(self, user_id: str, vm_id: str, count: int) -> VM:
+        vm = await self.vms.get(user_id, vm_id)
+        if not 1 <= count <= MAX_FORK_COUNT:
+            raise BadRequest(f"count: must be 1 to {MAX_FORK_COUNT}")
+        await self.vms.require(Feature.FORK, vm.id)
+        await self.vms.require(Feature.AGENT, vm.id)
+        # A child must be re-addressed and re-keyed by its agent before it may run.
+        await self.guest.check_agent_image(vm, "fork")
+        return vm
+
+    def _work(self) -> _Frozen:
+        base = self._s.data_dir / WORK_DIR
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return _Frozen(base)
+
+    # ---- the frozen moment -------------------------------------------------------------
+
+    async def _capture(self, vm: VM, work: Path) -> None:
+        """Pause, write the device state, copy memory and disk, let it run on."""
+        vm_dir = self.vms.vm_dir(vm.id)
+        vmm = self.vms.vmm
+        took = _Stopwatch()
+        try:
+            await vmm.capture(vm.id, vm_dir, work / "state")
+            took.lap("state")
+            await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem")
+            took.lap("memory")
+            await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk")
+            took.lap("disk")
+        except Exception as exc:
+            await self._run_on(vm)
+            await self._resync(vm)
+            if isinstance(exc, HatchError):
+                raise
+            raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
+        await self._run_on(vm)
+        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **took.ms)
+
+    async def _run_on(self, vm: VM) -> None:
+        vm_dir = self.vms.vm_dir(vm.id)
+        if not await self.vms.vmm.resume_if_paused(vm.id, vm_dir):
+            raise InternalError(f"{vm.id} did not run on after its capture for a fork")
+
+    async def _resync(self, vm: VM) -> None:
+        try:
+            warning = await self.vms.after_resume(vm)
+            if warning is not None:
+                await self.vms.update(vm.id, state_reason=warning)
+        except Exception as exc:  # the fork goes on; the parent says why in its state_reason
+            log.warning("parent not resynced after a fork", vm_id=vm.id, reason=reason_of(exc))
+
+    # ---- the children ------------------------------------------------------------------
+
+    async def _children(self, user_id: str, parent: VM, work: Path, count: int) -> list[VM]:
+        image = await self.vms.image_files(parent)
+        cfg = VMConfig(
+            image_id=parent.image_id,
+            vcpu_count=parent.vcpu_count,
+            mem_mib=parent.mem_mib,
+            enable_network=parent.enable_network,
+            egress=Egress(parent.egress),
+            user_data=parent.user_data,
+            boot_args=parent.boot_args,
+            restart=parent.restart,
+        )
+        async with AsyncExitStack() as locks:
+            children: list[VM] = []
+            try:
+                for _ in range(count):
+                    child_id = new_id("vm")
+                    await locks.enter_async_context(self.vms.locks.hold(child_id))
+                    children.append(
+                        await self.vms.reserve(user_id, cfg, parent.image_version, child_id)
+                    )
+                gate = asyncio.Semaphore(PARALLEL)
+
+                async def start(child: VM) -> VM:
+                    async with gate:
+                        return await self._start(child, image, work)
+
+                results = await asyncio.gather(
+                    *(start(c) for c in children), return_exceptions=True
+                )
+                failures = [r for r in results if isinstance(r, BaseException)]
+                if failures:
+                    raise failures[0]
+            except BaseException as exc:
+                for child in children:
+                    await self.vms.discard(child)
+                if isinstance(exc, HatchError):
+                    raise
+                reason = reason_of(exc)
+                log.error("fork failed", vm_id=parent.id, reason=reason)
+                raise InternalError(f"forking {parent.id} failed: {reason}") from exc
+            started = [r for r in results if isinstance(r, VM)]
+        log.info("vm forked", vm_id=parent.id, children=[c.id for c in started])
+        for child in started:
+            for hook in self.vms.create_hooks:
+                await hook(child)
+        return started
+
+    async def _start(self, child: VM, image: ImageArtifacts, work: Path) -> VM:
+        vm_dir = self.vms.vm_dir(child.id)
+        took = _Stopwatch()
+        await asyncio.to_thread(_prepare_child, vm_dir, work)
+        took.lap("files")
+        await self.vms.attach_network(child)
+        took.lap("network")
+        await self.vms.vmm.restore(
+            self.vms.boot_spec(child, image), vm_dir / RESUME_DIR / STATE_NAME
+        )
+        if child.tap_name:
+            await self.vms.vmm.set_link(child.id, vm_dir, False)
+        await self.vms.adopt(child, restored=True)
+        await self.vms.vmm.resume(child.id, vm_dir)
+        took.lap("restore")
+        # Its clock is set and its RNG reseeded while its agent re-makes it: nothing that
+        # does needs the new randomness (the machine id comes from the host; dropbear makes
+        # the SSH keys at the first connection, once the NIC is plugged in).
+        synced, readdressed = await asyncio.gather(
+            self.vms.after_resume(child), self._readdress(child), return_exceptions=True
+        )
+        for outcome in (synced, readdressed):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if synced is not None:  # it would share its parent's RNG state: never let it run
+            raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
+        if child.tap_name:
+            await self.vms.vmm.set_link(child.id, vm_dir, True)
+        took.lap("remade")
+        await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
+        await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
+        log.info("fork child running", vm_id=child.id, **took.ms)
+        return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
+
+    async def _readdress(self, child: VM) -> None:
+        """Its agent makes it its own: in one message when it can ("identity", agent 3),
+        else by a shell script (an image built before)."""
+        name, machine_id = child.id.replace("_", "-"), secrets.token_hex(16)
+        address = None
+        if child.guest_ip and child.guest_mac and self.vms.net is not None:
+            cidr = f"{child.guest_ip}/{self.vms.net.prefixlen}"
+            address = Address(mac=child.guest_mac, cidr=cidr, gateway=self.vms.net.gateway)
+        try:
+            with translated(child.id):
+                channel, hello = await self.vms.agents.ready(child.id, STALL_S)
+                if "identity" in hello.capabilities:
+                    await set_identity(channel, name, machine_id, address, STALL_S)
+                    return
+                env = {"NAME": name, "MACHINE_ID": machine_id, "ADDR": "", "MAC": "", "GW": ""}
+                if address is not None:
+                    env.update(ADDR=address.cidr, MAC=address.mac, GW=address.gateway)
+                command = Command(
+                    argv=("/bin/sh", "-c", READDRESS), env=tuple(env.items()), timeout_s=60
+                )
+                execution = await Execution.start(channel, command, limit=16 << 10, timeout=STALL_S)
+                result = await execution.collect(16 << 10)
+        except (AgentError, HatchError) as exc:
+            message = exc.message if isinstance(exc, HatchError) else str(exc)
+            raise InternalError(
+                f"the fork {child.id} could not be re-addressed: {message}"
+            ) from None
+        if result.exit.exit_code != 0:
+            why = result.stderr.decode(errors="replace").strip()[-300:] or "no message"
+            raise InternalError(f"the fork {child.id} could not be re-addressed: {why}")
+
+
+class _Stopwatch:
+    """Milliseconds per step, for the log."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.monotonic()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[f"{name}_ms"] = round((now - self._last) * 1000, 1)
+        self._last = now
+
+    @property
+    def total_ms(self) -> float:
+        return round((time.monotonic() - self._start) * 1000, 1)
+
+
+class _Frozen(tempfile.TemporaryDirectory):  # type: ignore[type-arg]
+    """A work directory for one fork's frozen moment (Path on enter), removed after."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(prefix="fork-", dir=base)
+
+    def __enter__(self) -> Path:  # type: ignore[override]
+        return Path(self.name)
+
+
+def _prepare_child(vm_dir: Path, work: Path) -> None:
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    (vm_dir / FORK_PENDING).touch()
+    (vm_dir / MEM_PRIVATE).touch()
+    os.link(work / "mem", vm_dir / MEM_NAME)  # shared by the siblings, never written
+    copy_sparse(work / "disk", vm_dir / DISK_NAME)
+    (vm_dir / RESUME_DIR).mkdir(exist_ok=True)
+    copy_sparse(work / "state", vm_dir / RESUME_DIR / STATE_NAME)
