@@ -4,9 +4,9 @@ the figure.
 On a busy host a guest boot under TCG gets whatever share of a CPU the scheduler leaves it, and
 that share swings from round to round with everybody else's work (0.3 to 0.6 of a CPU measured
 on a shared 2-core machine), far more than what is being measured. Here a raw QEMU runs in a
-cgroup of its own and hatchd's VMs under their parent group, both at the highest weight, so each
-gets a whole CPU as on an idle host. Neither loses a limit: hatchd's per-VM quota still applies
-inside its parent; the raw QEMU has none, as before.
+cgroup of its own, hatchd itself in another and hatchd's VMs under their parent group, all at the
+highest weight, so each gets a whole CPU as on an idle host. Nobody loses a limit: hatchd's
+per-VM quota still applies inside its parent; the raw QEMU and hatchd have none, as before.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ V2_WEIGHT = "10000"  # cpu.weight's maximum
 class CpuPriority:
     def __init__(self) -> None:
         self.layout: Layout | None = find_layout(Path("/proc/self/mountinfo").read_text())
-        self._raw: Path | None = None
+        self._groups: list[Path] = []
 
     @property
     def available(self) -> bool:
@@ -45,15 +45,24 @@ class CpuPriority:
         """hatchd's VMs: their parent group (made by hatchd at start-up) at the top weight."""
         self._raise(self._cpu_root() / parent)
 
+    def _group(self, name: str) -> Path:
+        """A group of the bench's own at the top weight, with no quota."""
+        group = self._cpu_root() / f"hatchvm-bench-{os.getpid()}-{name}"
+        group.mkdir(exist_ok=True)
+        self._raise(group)
+        self._groups.append(group)
+        return group
+
     def raw_launcher(self) -> list[str]:
-        """argv prefix that runs a command in the raw side's group: top weight, no quota."""
-        if self._raw is None:
-            self._raw = self._cpu_root() / f"hatchvm-bench-{os.getpid()}"
-            self._raw.mkdir(exist_ok=True)
-            self._raise(self._raw)
-        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self._raw / "cgroup.procs")]
+        """argv prefix that runs a command in the raw side's group."""
+        procs = self._group("raw") / "cgroup.procs"
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs)]
+
+    def raise_process(self, pid: int) -> None:
+        """hatchd (every thread, and what it starts from now on) into a group of its own."""
+        (self._group("hatchd") / "cgroup.procs").write_text(str(pid))
 
     def close(self) -> None:
-        if self._raw is not None:
+        for group in self._groups:
             with contextlib.suppress(OSError):
-                self._raw.rmdir()
+                group.rmdir()
