@@ -53,6 +53,19 @@ class CpuPriority:
         self._groups.append(group)
         return group
 
+    def throttled_ms(self, parent: str, group: str) -> float | None:
+        """How long the CPU quota of hatchd's group `group` has held its tasks back."""
+        if self.layout is None:
+            return None
+        try:
+            text = (self._cpu_root() / parent / group / "cpu.stat").read_text()
+        except OSError:
+            return None
+        stat = dict(line.split() for line in text.splitlines())
+        if "throttled_usec" in stat:  # v2
+            return int(stat["throttled_usec"]) / 1000
+        return int(stat.get("throttled_time", 0)) / 1e6  # v1: nanoseconds
+
     def raw_launcher(self) -> list[str]:
         """argv prefix that runs a command in the raw side's group."""
         procs = self._group("raw") / "cgroup.procs"

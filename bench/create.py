@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -95,19 +96,28 @@ class RawQemu:
             links.delete_link(RAW_TAP)
 
 
-def hatchd_boot(api: httpx.Client, daemon_pid: int) -> tuple[float, float, int]:
-    """Create a VM, time it to the first HTTP answer, note hatchd's RSS, then delete it.
-    Also how long POST /vms took: it returns once the guest runs, so that is hatchd's own
-    time before the guest's first instruction (a raw QEMU's start-up included)."""
+@dataclass(frozen=True)
+class Created:
+    seconds: float  # to the guest's first answer
+    post: float  # POST /vms: it returns once the guest runs (a QEMU's start-up included)
+    throttled_ms: float | None  # the VM's CPU quota held it back this long (None: unknown)
+    rss_kib: int  # hatchd's, with the VM running
+
+
+def hatchd_boot(api: httpx.Client, daemon: HatchDaemon, priority: CpuPriority) -> Created:
+    """Create a VM, time it to the first HTTP answer, note what else is worth knowing, then
+    delete it."""
     t0 = time.monotonic()
     r = api.post("/vms", json={"mem_mib": MEM_MIB, "user_data": WEB})
     r.raise_for_status()
     created = time.monotonic() - t0
     vm = r.json()
     seconds = first_answer(f"http://{vm['guest_ip']}:8080/", poll=0.02) - t0
-    rss = rss_kib(daemon_pid)
+    throttled = priority.throttled_ms(daemon.cgroup_parent, vm["id"])
+    assert daemon.proc is not None
+    rss = rss_kib(daemon.proc.pid)
     api.delete(f"/vms/{vm['id']}").raise_for_status()  # gone before the next round starts
-    return seconds, created, rss
+    return Created(seconds, created, throttled, rss)
 
 
 def rss_kib(pid: int) -> int:
@@ -148,6 +158,7 @@ def main() -> None:
     key = daemon.create_key("bench")
     times: dict[str, list[float]] = {"raw": [], "anonymous": [], "hatchd": []}
     posts: list[float] = []
+    throttled: list[float] = []
     busy_rss = 0
     try:
         with httpx.Client(
@@ -159,9 +170,12 @@ def main() -> None:
                 order = ["raw", "anonymous", "hatchd"]
                 for side in order if i % 2 == 0 else order[::-1]:
                     if side == "hatchd":
-                        seconds, created, rss = hatchd_boot(api, daemon.proc.pid)
-                        posts.append(created)
-                        busy_rss = max(busy_rss, rss)
+                        made = hatchd_boot(api, daemon, priority)
+                        seconds = made.seconds
+                        posts.append(made.post)
+                        if made.throttled_ms is not None:
+                            throttled.append(made.throttled_ms)
+                        busy_rss = max(busy_rss, made.rss_kib)
                     else:
                         seconds = raw.boot(memory_file=side == "raw")
                     times[side].append(seconds)
@@ -188,6 +202,11 @@ def main() -> None:
     print(f"  hatchd create           median {statistics.median(times['hatchd']):6.2f} s")
     print(f"    of which POST /vms    median {statistics.median(posts):6.2f} s  (guest runs)")
     print(f"  ratio hatchd / raw      median {ratio:6.3f}  ({ratio - 1:+.1%}, goal < +10%)")
+    if throttled:
+        print(
+            f"  hatchd's CPU quota held a booting guest back {statistics.median(throttled):.0f} ms"
+            f" (median; at most {max(throttled):.0f} ms)"
+        )
     print(
         f"  raw, anonymous RAM      median {statistics.median(times['anonymous']):6.2f} s"
         f"  (the memory file costs {memory_file - 1:+.1%})"
