@@ -51,6 +51,7 @@ from hatchvm.vmm.accel import detect_accel
 from hatchvm.vmm.accel import probe as probe_accel
 from hatchvm.vmm.base import VMM, VMMError
 from hatchvm.vmm.cgroups import CgroupError, VMCgroups, find_layout
+from hatchvm.vmm.fc_jail import Jailer, JailError, UidRange, check_jail_base, check_uid_range
 from hatchvm.vmm.firecracker import FirecrackerVMM
 from hatchvm.vmm.process import become_subreaper
 from hatchvm.vmm.qemu import QemuVMM
@@ -80,14 +81,14 @@ async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
             log.warning(
                 "firecracker chosen but KVM is unusable: guests will not run", reason=problem
             )
-        fc = FirecrackerVMM(
-            firecracker, settings.run_dir, problem is None, _build_cgroups(settings)
-        )
+        fc = _build_firecracker(settings, firecracker, problem is None)
         return fc, "kvm" if problem is None else "none"
     accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
     if settings.vmm == "auto" and firecracker is not None and accel == "kvm":
         log.info("kvm works and firecracker is installed: guests run on firecracker")
-        return FirecrackerVMM(firecracker, settings.run_dir, True, _build_cgroups(settings)), accel
+        return _build_firecracker(settings, firecracker, True), accel
+    if settings.firecracker_jailer:
+        log.warning("HATCH_FIRECRACKER_JAILER is set but guests run on QEMU: it is not used")
     qemu = QemuVMM(
         settings.qemu_bin,
         accel,
@@ -96,6 +97,41 @@ async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
         _build_cgroups(settings),
     )
     return qemu, accel
+
+
+def _build_firecracker(settings: Settings, firecracker: str, kvm_usable: bool) -> FirecrackerVMM:
+    cgroups = _build_cgroups(settings)
+    jailer = _build_jailer(settings, firecracker, cgroups)
+    return FirecrackerVMM(firecracker, settings.run_dir, kvm_usable, cgroups, jailer=jailer)
+
+
+def _build_jailer(settings: Settings, firecracker: str, cgroups: VMCgroups | None) -> Jailer | None:
+    """Firecracker's jailer when HATCH_FIRECRACKER_JAILER is set, with everything it needs
+    checked now: what is wrong here would fail every VM's start."""
+    if not settings.firecracker_jailer:
+        return None
+    binary = shutil.which(settings.firecracker_jailer)
+    if binary is None:
+        raise StartupError(
+            f"HATCH_FIRECRACKER_JAILER={settings.firecracker_jailer} is not an executable file "
+            "(give its path, or a name on PATH)"
+        )
+    if os.geteuid() != 0:
+        raise StartupError(
+            "HATCH_FIRECRACKER_JAILER needs hatchd to run as root (the jailer chroots Firecracker "
+            "and switches it to the VM's uid)"
+        )
+    uids = UidRange(settings.firecracker_uid_base, settings.firecracker_uid_count)
+    base = settings.jail_base
+    try:
+        check_uid_range(uids)
+        make_private_dir(base)
+        check_jail_base(base, settings.data_dir, uids.base)
+    except (JailError, OSError) as exc:
+        raise StartupError(f"the Firecracker jailer cannot be used: {exc}") from None
+    jailer = Jailer(os.path.abspath(binary), firecracker, base, uids, cgroups)
+    log.info("firecracker runs jailed", where=jailer.describe())
+    return jailer
 
 
 async def _kvm_problem(settings: Settings) -> str | None:
@@ -165,7 +201,8 @@ def raise_open_file_limit() -> int:
 async def serve(settings: Settings) -> None:
     raise_open_file_limit()
     make_private_dir(settings.data_dir)
-    if tightened := await asyncio.to_thread(tighten_tree, settings.data_dir):
+    tightened = await asyncio.to_thread(tighten_tree, settings.data_dir, (settings.jail_base,))
+    if tightened:
         log.info("made files in the data directory private", count=tightened)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
@@ -272,6 +309,7 @@ def _settings_help() -> str:
         shown = (
             f"./{default}" if isinstance(default, Path) and not default.is_absolute() else default
         )
+        shown = "" if shown is None else shown
         lines.append(f"  HATCH_{name.upper()}={shown}")
         lines.append(f"      {field.description}")
     return "\n".join(lines)

@@ -37,6 +37,11 @@ busybox httpd -p 8080 -h /srv/www
 """
 
 
+def environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(v.decode().partition("=")[::2] for v in raw if v)
+
+
 @pytest.fixture
 def hatch(daemon_factory):
     d = daemon_factory()
@@ -207,11 +212,14 @@ def test_delete_leaves_nothing_behind(api, hatch) -> None:
     assert again["guest_ip"] == vm["guest_ip"]
 
 
-def test_vm_without_network(api) -> None:
+def test_vm_without_network(api, hatch) -> None:
     vm = api.create_vm(enable_network=False, mem_mib=256)
     assert vm["state"] == "running" and vm["enable_network"] is False
     assert vm["guest_ip"] is None and vm["guest_mac"] is None and vm["ssh_port"] is None
-    assert qemu_pids(vm["id"])
+    (pid,) = qemu_pids(vm["id"])
+    # A guest escape lands in QEMU: it gets none of hatchd's settings (S3 and auth secrets).
+    assert hatch.proc is not None and "HATCH_DATA_DIR" in environment(hatch.proc.pid)
+    assert [k for k in environment(pid) if k.startswith("HATCH_")] == []
     assert api.stop_vm(vm["id"])["state"] == "stopped"
     assert api.start_vm(vm["id"])["state"] == "running"
 

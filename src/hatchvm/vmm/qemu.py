@@ -31,6 +31,7 @@ from hatchvm.vmm.base import (
 )
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
+from hatchvm.vmm.environment import vmm_environment
 from hatchvm.vmm.overhead import memory_limit_mib
 from hatchvm.vmm.process import processes_with_arg, watch_process
 from hatchvm.vmm.qmp import qmp_execute, qmp_session
@@ -248,6 +249,7 @@ class QemuVMM:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=qlog,
                     stderr=qlog,
+                    env=vmm_environment(),
                 )
             except OSError as exc:
                 raise VMMStartFailed(
