@@ -118,12 +118,6 @@ def hatch(daemon_factory):
     return d
 
 
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
-
-
 def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     boot = boot_id(vm)
