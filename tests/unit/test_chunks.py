@@ -117,6 +117,25 @@ def test_pages_are_stored_once_per_namespace(store: ChunkStore, tmp_path: Path) 
     assert stored(tmp_path) > 2 * size - (64 << 10)
 
 
+def test_shared_bytes_are_the_pages_named_but_not_written(
+    store: ChunkStore, tmp_path: Path
+) -> None:
+    """What hatch_snapshot_bytes_deduplicated_total counts: pages already in the user's store
+    or earlier in the same files, uncompressed; zero pages are no chunk at all."""
+    ns = namespace("alice")
+    distinct = b"".join(page("a", i) for i in range(10))
+    (tmp_path / "a").write_bytes(distinct + page("a", 2) + bytes(PAGE) + b"tail")
+    first, _ = put(store, ns, "snap_1", {"mem": tmp_path / "a"}, {})
+    assert first.shared_bytes == PAGE  # the repeated page
+    (tmp_path / "b").write_bytes(distinct + page("new", 1))
+    committed = {p: info.index_sha256 for p, info in first.new_packs.items()}
+    files = {"mem": tmp_path / "b", "disk": tmp_path / "a"}
+    second, _ = put(store, ns, "snap_2", files, committed)
+    assert second.shared_bytes == 10 * PAGE + (11 * PAGE + len(b"tail"))  # all but page new/1
+    other, _ = put(store, namespace("bob"), "snap_3", {"mem": tmp_path / "b"}, {})
+    assert other.shared_bytes == 0  # never shared across users
+
+
 def test_a_damaged_chunk_or_missing_pack_is_refused(store: ChunkStore, tmp_path: Path) -> None:
     ns = namespace("alice")
     memory_file(tmp_path / "mem", "a")

@@ -122,8 +122,6 @@ class SnapshotService:
         self.chunks = ChunkStore(store, settings.snapshot_zstd_level, io_workers)
         self.collector = Collector(store)
         vms.delete_hooks.append(self._forget_vm)
-        # A store that finds chunks it already holds reports the bytes saved to
-        # metrics.deduplicated(); today's store writes every artifact whole (so 0).
         self.metrics = metrics or Metrics()
 
     def close(self) -> None:
@@ -301,6 +299,7 @@ class SnapshotService:
         listing = await asyncio.to_thread(
             self.chunks.write_listing, listing_key(ns, vm.id, snap_id), written
         )
+        self.metrics.deduplicated(written.shared_bytes)  # the store holds them once
         packs: dict[str, PackRecord] = {}
         for pack in written.packs:
             new = written.new_packs.get(pack)

@@ -97,8 +97,10 @@ class Metrics:
         )
         self._deduplicated = Counter(
             "hatch_snapshot_bytes_deduplicated",
-            "Bytes of snapshots not stored because the store already held them (shared "
-            "chunks); stays 0 until the store deduplicates",
+            "Bytes saved by shared chunks: uncompressed bytes of snapshot pages not stored "
+            "again because the user's chunk store already held them (from earlier snapshots "
+            "of the user's VMs, or earlier in the same snapshot); all-zero pages are never "
+            "stored and not counted",
             registry=r,
         )
         self._restore = Histogram(
@@ -202,7 +204,7 @@ class Metrics:
         self._stored_bytes.labels(flag).inc(stored_bytes)
 
     def deduplicated(self, saved_bytes: int) -> None:
-        """The snapshot store's hook: bytes it did not write because it already held them."""
+        """A snapshot's pages the chunk store did not write because it held them already."""
         self._deduplicated.inc(saved_bytes)
 
     def restored(self, hot: bool, seconds: float) -> None:

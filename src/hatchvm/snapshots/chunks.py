@@ -121,6 +121,9 @@ class Written:
     listings: dict[str, Listing]
     artifacts: dict[str, ArtifactSummary]
     new_packs: dict[str, PackInfo]  # packs written now
+    # Uncompressed bytes of the pages named but not written: the user's store held them
+    # already, or they came earlier in these files (metrics: bytes saved by shared chunks).
+    shared_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,7 @@ class ChunkStore:
         numbers: dict[str, int] = {}  # pack -> its number in the listing
         listings: dict[str, Listing] = {}
         used: dict[str, set[tuple[str, int]]] = {}
+        shared = 0
         try:
             for artifact, path in files.items():
                 runs: list[Run] = []
@@ -326,7 +330,11 @@ class ChunkStore:
                 for number, page in _pages(path):
                     name = chunk_name(page)
                     where = known.where.get(name) or writer.where.get(name)
-                    pack, block, slot = where if where is not None else writer.add(name, page)
+                    if where is None:
+                        where = writer.add(name, page)
+                    else:
+                        shared += len(page)
+                    pack, block, slot = where
                     blocks.add((pack, block))
                     if pack not in numbers:
                         numbers[pack] = len(numbers)
@@ -356,7 +364,7 @@ class ChunkStore:
             )
             for name, listing in listings.items()
         }
-        return Written(packs, listings, artifacts, writer.packs)
+        return Written(packs, listings, artifacts, writer.packs, shared)
 
     def write_listing(self, key: str, written: Written) -> StoredListing:
         data = encode_listing(written.packs, written.listings)
