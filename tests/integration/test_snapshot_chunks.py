@@ -21,13 +21,16 @@ from tests.support.wait import wait_http
 
 pytestmark = pytest.mark.vm
 
-# COUNTER, plus 48 MiB of fresh random data in a tmpfs once /srv/www/go exists... written at
-# boot: every VM of this script holds its own random pages, which no other VM shares.
+# COUNTER, plus 128 MiB of fresh random data in a tmpfs, written at boot: every VM of this
+# script holds its own random pages, which no other VM shares. New pages fill packs of
+# PACK_RAW (32 MiB) in address order, so a pack holds only random pages if a run of them covers
+# it whole: 48 MiB (this test's first size) did so only when the packs' boundaries fell right,
+# which made it flaky; 128 MiB holds at least two whole packs wherever the boundaries fall.
 NOISY = COUNTER.replace(
     "busybox httpd -p 8080 -h /srv/www\n",
     "busybox httpd -p 8080 -h /srv/www\n"
-    "mkdir -p /noise && mount -t tmpfs -o size=64m tmpfs /noise\n"
-    "head -c 50331648 /dev/urandom > /noise/random && echo yes > /srv/www/noisy\n",
+    "mkdir -p /noise && mount -t tmpfs -o size=160m tmpfs /noise\n"
+    "head -c 134217728 /dev/urandom > /noise/random && echo yes > /srv/www/noisy\n",
 )
 
 
@@ -127,7 +130,7 @@ def packs(hatch: Any, snap: dict) -> set[str]:
 
 def test_deletes_collect_what_nothing_names(hatch) -> None:
     with hatch.client(hatch.create_key("alice")) as api:
-        noisy = api.create_vm(user_data=NOISY, mem_mib=256)  # 48 MiB of pages all its own
+        noisy = api.create_vm(user_data=NOISY, mem_mib=384)  # 128 MiB of pages all its own
         quiet = api.create_vm(user_data=COUNTER, mem_mib=256)
         boot = boot_id(quiet)
         wait_http(f"http://{noisy['guest_ip']}:8080/noisy")
@@ -147,7 +150,8 @@ def test_deletes_collect_what_nothing_names(hatch) -> None:
         # The noisy VM goes: its random pages with it; what the quiet VM shares with it stays.
         only_noisy = packs(hatch, first) - packs(hatch, kept)
         shared = packs(hatch, first) & packs(hatch, kept)
-        assert only_noisy and shared
+        assert only_noisy, f"all {len(packs(hatch, first))} packs of the noisy VM are shared"
+        assert shared
         before = quota_bytes(hatch, "alice")
         api.delete_vm(noisy["id"])
         assert_store_matches_rows(hatch, "alice")
