@@ -41,10 +41,10 @@ CONCURRENT = 20
 ANSWER_TIMEOUT = 120.0
 
 
-async def http_get(host: str, port: int, host_header: str, deadline: float) -> int:
-    """One GET / on a fresh connection: its status. Connect attempts that are refused or go
-    unanswered are retried with a short back-off until the deadline (a guest that has just
-    resumed may not accept at once); the answer itself is awaited until the deadline."""
+async def http_get(host: str, port: int, host_header: str, deadline: float) -> tuple[int, bytes]:
+    """One GET / on a fresh connection: its status and body. Connect attempts that are refused
+    or go unanswered are retried with a short back-off until the deadline (a guest that has
+    just resumed may not accept at once); the answer itself is awaited until the deadline."""
     delay, attempt = 0.001, 0.1
     while True:
         try:
@@ -62,13 +62,13 @@ async def http_get(host: str, port: int, host_header: str, deadline: float) -> i
         request = f"GET / HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
         writer.write(request.encode())
         line = await asyncio.wait_for(reader.readline(), deadline - time.monotonic())
-        await asyncio.wait_for(reader.read(), deadline - time.monotonic())
+        body = await asyncio.wait_for(reader.read(), deadline - time.monotonic())
     finally:
         writer.close()
     parts = line.split()
     if len(parts) < 2:
         raise RuntimeError(f"no HTTP answer from {host}:{port}: {line!r}")
-    return int(parts[1])
+    return int(parts[1]), body.partition(b"\r\n\r\n")[2]
 
 
 class RawQmp:
@@ -170,7 +170,7 @@ async def raw_wake(cmd: list[str], raw_dir: Path, guest_ip: str) -> float:
             await qmp.execute("cont")
         finally:
             qmp.close()
-        status = await http_get(guest_ip, 8080, guest_ip, deadline)
+        status, body = await http_get(guest_ip, 8080, guest_ip, deadline)
         took = time.monotonic() - t0
     except Exception as exc:
         tail = (raw_dir / "qemu.log").read_text(errors="replace")[-2000:]
@@ -179,7 +179,7 @@ async def raw_wake(cmd: list[str], raw_dir: Path, guest_ip: str) -> float:
         proc.kill()
         await proc.wait()
     if status != 200:
-        raise RuntimeError(f"the raw guest answered {status}")
+        raise RuntimeError(f"the raw guest answered {status}: {body[:500]!r}")
     return took
 
 
@@ -195,9 +195,9 @@ async def raw_round(network: HostNetwork, link: GuestLink, cmd: list[str], raw_d
 
 async def proxied_wake(port: int, host: str) -> float:
     t0 = time.monotonic()
-    status = await http_get("127.0.0.1", port, host, t0 + ANSWER_TIMEOUT)
+    status, body = await http_get("127.0.0.1", port, host, t0 + ANSWER_TIMEOUT)
     if status != 200:
-        raise RuntimeError(f"the proxy answered {status}")
+        raise RuntimeError(f"the proxy answered {status}: {body[:500]!r}")
     return time.monotonic() - t0
 
 
