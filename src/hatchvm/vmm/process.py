@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,3 +145,42 @@ async def wait_process(pid: int) -> ExitInfo:
     finally:
         os.close(pidfd)
     return ExitInfo(at=at, exit_code=code, signal=sig)
+
+
+def spawn(cmd: list[str], log: Path) -> int:
+    """Start cmd (looked up in PATH) with stdin from /dev/null and stdout and stderr appended
+    to log; its pid. posix_spawn: no copy of hatchd is made, and signals Python ignores are
+    reset to their defaults, as subprocess does."""
+    with log.open("ab") as out:
+        return os.posix_spawnp(
+            cmd[0],
+            cmd,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
+            ],
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+
+
+async def wait_child(pid: int, timeout: float) -> int:
+    """The exit code of hatchd's child pid (a signal's number negated), once it has ended; it
+    is killed and -1 returned if it still runs after timeout seconds."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        try:
+            await asyncio.wait_for(_readable(pidfd), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await _readable(pidfd)
+            _reap(pidfd)
+            return -1
+        code, sig = _reap(pidfd)
+    finally:
+        os.close(pidfd)
+    if code is not None:
+        return code
+    return -sig if sig else -1

@@ -32,8 +32,8 @@ from hatchvm.vmm.base import (
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
 from hatchvm.vmm.overhead import memory_limit_mib
-from hatchvm.vmm.process import processes_with_arg, watch_process
-from hatchvm.vmm.qmp import qmp_execute, qmp_session
+from hatchvm.vmm.process import processes_with_arg, spawn, wait_child, watch_process
+from hatchvm.vmm.qmp import QMPSession, open_session, qmp_execute, qmp_session
 
 log = structlog.get_logger("hatchvm.vmm")
 
@@ -94,6 +94,8 @@ class QemuVMM:
         self.run_dir = run_dir
         self.tb_size_mib = tb_size_mib  # TCG's translation cache: bounded, it counts as memory
         self.cgroups = cgroups
+        # The QMP connection of a restore, from loading the state until resume lets it run.
+        self._restoring: dict[str, QMPSession] = {}
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -202,7 +204,8 @@ class QemuVMM:
             "-S",
         ]
         if spec.incoming:
-            cmd += ["-incoming", "defer"]
+            # Migration events: the restore hears when the state is loaded, without polling.
+            cmd += ["-global", "migration.x-events=on", "-incoming", "defer"]
         return cmd
 
     def foreground_command(self, spec: BootSpec, console: Path) -> list[str]:
@@ -222,9 +225,21 @@ class QemuVMM:
         return self.sockets(vm_dir) / AGENT_SOCKET
 
     async def boot(self, spec: BootSpec) -> int:
+        pid = await self._start(spec)
+        sock = self.sockets(spec.vm_dir)
+        status = await qmp_execute(sock / QMP_SOCKET, "query-status")
+        if status.get("status") != ("inmigrate" if spec.incoming else "prelaunch"):
+            await self.kill(spec.vm_id, spec.vm_dir)
+            raise VMMStartFailed(
+                f"qemu started but the VM is {status.get('status')}", vm_id=spec.vm_id, op="boot"
+            )
+        return pid
+
+    async def _start(self, spec: BootSpec) -> int:
         """-daemonize: QEMU forks, the child detaches (setsid; its parent becomes hatchd, the
         subreaper, which reads its exit status when it ends), and the parent exits only once
-        start-up succeeded, so its status is the boot's verdict."""
+        start-up succeeded, so its status is the start's verdict. Started with posix_spawn
+        and awaited through a pidfd: no fork of hatchd, no watcher thread."""
         await self._forget(spec.vm_id, spec.vm_dir)
         sock = self.sockets(spec.vm_dir)
         sock.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -241,24 +256,13 @@ class QemuVMM:
                 raise VMMStartFailed(str(exc), vm_id=spec.vm_id, op="boot") from None
             cmd = self.cgroups.launcher(spec.vm_id) + cmd
         log_path = spec.vm_dir / QEMU_LOG
-        with log_path.open("ab") as qlog:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=qlog,
-                    stderr=qlog,
-                )
-            except OSError as exc:
-                raise VMMStartFailed(
-                    f"cannot run {self.qemu_bin}: {exc.strerror}", vm_id=spec.vm_id, op="boot"
-                ) from None
-            try:
-                code = await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                code = -1
+        try:
+            launcher = spawn(cmd, log_path)  # posix_spawn returns once cmd is executing
+        except OSError as exc:
+            raise VMMStartFailed(
+                f"cannot run {self.qemu_bin}: {exc.strerror}", vm_id=spec.vm_id, op="boot"
+            ) from None
+        code = await wait_child(launcher, BOOT_TIMEOUT)
         pid = _read_pid(spec.vm_dir)
         if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
             await self.kill(spec.vm_id, spec.vm_dir)
@@ -269,12 +273,6 @@ class QemuVMM:
             )
         for name in SOCKETS:
             (sock / name).chmod(0o600)
-        status = await qmp_execute(sock / QMP_SOCKET, "query-status")
-        if status.get("status") != ("inmigrate" if spec.incoming else "prelaunch"):
-            await self.kill(spec.vm_id, spec.vm_dir)
-            raise VMMStartFailed(
-                f"qemu started but the VM is {status.get('status')}", vm_id=spec.vm_id, op="boot"
-            )
         return pid
 
     async def processes(self, vms_dir: Path) -> dict[str, int]:
@@ -298,6 +296,7 @@ class QemuVMM:
             await self._forget(vm_id, vm_dir)
             return
         try:
+            await self._end_restore(vm_id)  # QEMU's monitor serves one client at a time
             await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "system_powerdown")
         except VMMError as exc:
             log.warning("acpi power-off not delivered, killing", vm_id=vm_id, error=str(exc))
@@ -306,6 +305,7 @@ class QemuVMM:
         await self.kill(vm_id, vm_dir)
 
     async def kill(self, vm_id: str, vm_dir: Path) -> None:
+        await self._end_restore(vm_id)
         pid = await self.alive(vm_id, vm_dir)
         if pid is not None:
             try:
@@ -317,7 +317,19 @@ class QemuVMM:
             _reap(pid)
         await self._forget(vm_id, vm_dir)
 
+    async def _control(self, vm_id: str, vm_dir: Path) -> QMPSession:
+        """A QMP connection to the VM's QEMU, for the caller to close: the one its restore
+        kept open, or a new one."""
+        held = self._restoring.pop(vm_id, None)
+        return held or await open_session(self.sockets(vm_dir) / QMP_SOCKET)
+
+    async def _end_restore(self, vm_id: str) -> None:
+        session = self._restoring.pop(vm_id, None)
+        if session is not None:
+            await session.close()
+
     async def _forget(self, vm_id: str, vm_dir: Path) -> None:
+        await self._end_restore(vm_id)
         (vm_dir / PID_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
         if self.cgroups is not None:
@@ -354,6 +366,7 @@ class QemuVMM:
         if await self.alive(vm_id, vm_dir) is None:
             raise VMMNotRunning("no running qemu to snapshot", vm_id=vm_id, op="snapshot")
         state_file.unlink(missing_ok=True)
+        await self._end_restore(vm_id)
         async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
@@ -367,13 +380,15 @@ class QemuVMM:
             raise VMMFilesMissing(
                 "memory or device state file is missing", vm_id=spec.vm_id, op="restore"
             )
-        pid = await self.boot(dataclasses.replace(spec, incoming=True))
+        # One QMP connection from here until resume: the state is loaded as soon as QEMU is up
+        # (migrate-incoming refuses a QEMU not waiting for one), and `cont` needs no new one.
+        pid = await self._start(dataclasses.replace(spec, incoming=True))
         try:
-            async with qmp_session(self.sockets(spec.vm_dir) / QMP_SOCKET) as qmp:
-                await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-                uri = f"exec:cat {shlex.quote(str(state_file))}"
-                await qmp.execute("migrate-incoming", {"uri": uri})
-                await qmp.wait_migration(MIGRATION_TIMEOUT)
+            qmp = await open_session(self.sockets(spec.vm_dir) / QMP_SOCKET)
+            self._restoring[spec.vm_id] = qmp
+            await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
+            uri = f"exec:cat {shlex.quote(str(state_file))}"
+            await qmp.migrate_incoming(uri, MIGRATION_TIMEOUT)
         except VMMError:
             await self.kill(spec.vm_id, spec.vm_dir)
             raise
@@ -384,17 +399,23 @@ class QemuVMM:
         not finish, a boot or restore not yet let run). True if it runs."""
         if await self.alive(vm_id, vm_dir) is None:
             return False
-        qmp = self.sockets(vm_dir) / QMP_SOCKET
-        status = (await qmp_execute(qmp, "query-status")).get("status")
-        if status in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
-            await qmp_execute(qmp, "cont")
-            status = (await qmp_execute(qmp, "query-status")).get("status")
+        qmp = await self._control(vm_id, vm_dir)
+        try:
+            status = (await qmp.execute("query-status")).get("status")
+            if status in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
+                await qmp.execute("cont")
+                status = (await qmp.execute("query-status")).get("status")
+        finally:
+            await qmp.close()
         return status == "running"
 
     async def resume(self, vm_id: str, vm_dir: Path) -> None:
-        async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
+        qmp = await self._control(vm_id, vm_dir)
+        try:
             await qmp.execute("cont")
             status = (await qmp.execute("query-status")).get("status")
+        finally:
+            await qmp.close()
         if status != "running":
             raise VMMError(f"the vm is {status} after cont, not running", vm_id=vm_id, op="resume")
 
