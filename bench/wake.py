@@ -129,9 +129,10 @@ def raw_command(
     hatch_cmd: list[str], vm_id: str, vm_dir: Path, sock_dir: Path, raw_dir: Path
 ) -> list[str]:
     """hatchd's QEMU command line for the VM, every path in the VM's directory and its sockets
-    directory moved into raw_dir, in the foreground (no -pidfile, no -daemonize), waiting for
-    an incoming migration with its events on; flags otherwise untouched. Its process name is
-    not hatchd's, so hatchd never takes it for its own."""
+    directory moved into raw_dir, with no -pidfile, its QMP monitor on a socket QEMU makes
+    itself (not on a descriptor hatchd hands it), waiting for an incoming migration with its
+    events on; flags otherwise untouched. Its process name is not hatchd's, so hatchd never
+    takes it for its own."""
     out: list[str] = []
     skip = False
     for arg in hatch_cmd:
@@ -143,6 +144,8 @@ def raw_command(
             continue
         if arg == "-daemonize":
             continue
+        if arg.startswith("socket,id=qmp,fd="):
+            arg = f"socket,id=qmp,path={raw_dir / 'qmp.sock'},server=on,wait=off"
         arg = arg.replace(str(sock_dir), str(raw_dir)).replace(str(vm_dir), str(raw_dir))
         out.append(arg.replace(f"process=hatch-{vm_id}", f"process=raw-{vm_id}"))
     if "-incoming" not in out:
@@ -264,7 +267,8 @@ def main() -> None:
             host = f"wake.hatch.local:{daemon.proxy_port}"
             vm_dir = daemon.data_dir / "vms" / vm_id
             hatch_cmd = hatchd_command(vm_id)
-            sock_dir = Path(next(a for a in hatch_cmd if "qmp.sock" in a).split(":")[1]).parent
+            agent = next(a for a in hatch_cmd if a.startswith("socket,id=agent,"))
+            sock_dir = Path(agent.split("path=", 1)[1].split(",")[0]).parent
             cmd = raw_command(hatch_cmd, vm_id, vm_dir, sock_dir, raw_dir)
             mac = next(a for a in hatch_cmd if ",mac=" in a).rsplit("mac=", 1)[1].split(",")[0]
             tap = tap_name(daemon.tap_prefix, vm_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -41,8 +42,8 @@ def processes_with_arg(flag: bytes) -> Iterator[tuple[int, Path]]:
 
 
 def become_subreaper() -> bool:
-    """Orphaned descendants (QEMU after -daemonize) become hatchd's children, not init's, so
-    hatchd can read their exit status. True if the kernel agreed."""
+    """Orphaned descendants (a VMM whose launcher ended before it) become hatchd's children,
+    not init's, so hatchd can read their exit status. True if the kernel agreed."""
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
@@ -147,22 +148,38 @@ async def wait_process(pid: int) -> ExitInfo:
     return ExitInfo(at=at, exit_code=code, signal=sig)
 
 
-def spawn(cmd: list[str], log: Path) -> int:
-    """Start cmd (looked up in PATH) with stdin from /dev/null and stdout and stderr appended
-    to log; its pid. posix_spawn: no copy of hatchd is made, and signals Python ignores are
-    reset to their defaults, as subprocess does."""
-    with log.open("ab") as out:
-        return os.posix_spawnp(
-            cmd[0],
-            cmd,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
-                (os.POSIX_SPAWN_DUP2, out.fileno(), 2),
-            ],
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-        )
+def spawn(cmd: list[str], output: int, fds: dict[int, int] | None = None) -> int:
+    """Start cmd (looked up in PATH) in a session of its own, stdin from /dev/null, stdout and
+    stderr to the descriptor output, and each descriptor fds[n] as its descriptor n; its pid.
+    posix_spawn: no copy of hatchd is made. Signals hatchd ignores (SIGPIPE) stay ignored:
+    a VMM whose output leads nowhere must not die of writing it."""
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, output, 1),
+        (os.POSIX_SPAWN_DUP2, output, 2),
+    ]
+    # dup2 clears close-on-exec on the copy; the originals are all above 9, never a target.
+    actions += [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in (fds or {}).items()]
+    return os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=actions, setsid=True)
+
+
+def high_fd(fd: int) -> int:
+    """A close-on-exec copy of fd numbered 10 or above: a safe source for spawn's dup2s."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+
+
+def drain(fd: int) -> bytes:
+    """What can be read from a non-blocking descriptor now (up to its end, if it has one)."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def wait_child(pid: int, timeout: float) -> int:

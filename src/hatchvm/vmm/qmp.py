@@ -41,12 +41,15 @@ async def qmp_session(socket: Path, timeout: float = QMP_TIMEOUT) -> AsyncIterat
         await session.close()
 
 
-async def open_session(socket: Path, timeout: float = QMP_TIMEOUT) -> QMPSession:
+async def open_session(
+    socket: Path, timeout: float = QMP_TIMEOUT, connect_timeout: float | None = None
+) -> QMPSession:
     """A connection the caller closes (QMPSession.close), for a conversation that spans
-    several steps of an operation (a restore: load the state, then later let it run)."""
+    several steps of an operation (a restore: load the state, then later let it run).
+    connect_timeout (default: timeout) bounds the wait for QEMU's greeting."""
     client = QMPClient(socket.parent.name)
     try:
-        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        await asyncio.wait_for(client.connect(str(socket)), connect_timeout or timeout)
     except (QMPError, OSError, TimeoutError) as exc:
         await _disconnect(client)
         reason = str(exc) or type(exc).__name__
