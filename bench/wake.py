@@ -226,6 +226,16 @@ def hatchd_command(vm_id: str) -> list[str]:
     raise RuntimeError(f"no qemu for {vm_id}")
 
 
+def settled_state(api: httpx.Client, vm_id: str, timeout: float = 60) -> str:
+    """The VM's state once it is running or snapshotted (not between the two)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = str(api.get(f"/vms/{vm_id}").raise_for_status().json()["state"])
+        if state in ("running", "snapshotted") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)
+
+
 def restores_logged(daemon: HatchDaemon, vm_id: str) -> int:
     count = 0
     for line in daemon.log_path.read_text(errors="replace").splitlines():
@@ -283,7 +293,7 @@ def main() -> None:
             for i in range(args.rounds):
                 # Both wake from the same snapshot; which goes first alternates. The raw QEMU
                 # needs the TAP, so hatchd's VM sleeps again before it runs.
-                if api.get(f"/vms/{vm_id}").raise_for_status().json()["state"] == "running":
+                if settled_state(api, vm_id) == "running":
                     api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
                 copy_snapshot(vm_dir, raw_dir)
                 if i % 2 == 0:
@@ -299,7 +309,7 @@ def main() -> None:
                     flush=True,
                 )
 
-            if api.get(f"/vms/{vm_id}").raise_for_status().json()["state"] == "running":
+            if settled_state(api, vm_id) == "running":
                 api.post(f"/vms/{vm_id}/snapshot").raise_for_status()
             before = restores_logged(daemon, vm_id)
 
