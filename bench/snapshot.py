@@ -98,6 +98,8 @@ def plain_command(hatch_cmd: list[str], memory: str, disk: Path, vm_dir: Path) -
             continue
         elif arg.startswith("unix:") and arg.endswith("server=on,wait=off"):
             arg = f"unix:{vm_dir / 'qmp.sock'},server=on,wait=off"
+        elif arg.startswith("socket,id=qmp,fd="):  # hatchd hands QEMU its QMP socket
+            arg = f"socket,id=qmp,path={vm_dir / 'qmp.sock'},server=on,wait=off"
         out.append(arg)
     return out
 

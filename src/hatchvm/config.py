@@ -388,8 +388,8 @@ class Settings(BaseSettings):
     @field_validator("data_dir", "cache_dir", "run_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        # Resolved once, here: QEMU runs with -daemonize, which changes its directory to /,
-        # so a relative path handed to it (a migration's exec: command) would point elsewhere.
+        # Resolved once, here: a relative path handed to QEMU (a migration's exec: command)
+        # would depend on the directory hatchd was started in.
         return value.expanduser().resolve()
 
     @field_validator("database_url")

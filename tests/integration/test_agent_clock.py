@@ -261,8 +261,8 @@ class PortlessQemu(QemuVMM):
     """The devices of hatchvm before the agent: no virtio-serial device (its socket chardev
     stays, unused: chardevs are not part of a snapshot)."""
 
-    def build_command(self, spec: BootSpec) -> list[str]:
-        cmd = super().build_command(spec)
+    def build_command(self, spec: BootSpec, qmp_fd: int | None = None) -> list[str]:
+        cmd = super().build_command(spec, qmp_fd)
         for device in [
             a for a in cmd if a.startswith(("virtio-serial-device,", "virtserialport,"))
         ]:

@@ -14,7 +14,8 @@ import pytest
 
 from hatchvm.config import Settings
 from hatchvm.core.network import GuestLink, HostNetwork
-from hatchvm.net import firewall, links
+from hatchvm.net import firewall, links, nftlib
+from hatchvm.net.errors import NetworkError
 from tests.support.host import link_exists, pinned_addresses
 
 pytestmark = pytest.mark.vm
@@ -103,3 +104,22 @@ def test_attach_detach_and_settle(net: HostNetwork) -> None:
     assert b.mac in guests_set() and a.mac not in guests_set()
     assert online() == {b.ip}
     assert bridge_mac() == mac
+
+
+def test_nft_scripts_run_in_process_and_fail_with_nfts_message(net: HostNetwork) -> None:
+    # The library and the nft command see the same kernel tables: what one adds the other lists.
+    element = '"hbnz" . 02:00:00:00:00:01 . 172.31.250.9'
+    nftlib.run(f"add element bridge {TABLE} {firewall.GUESTS_SET} {{ {element} }}")
+    assert "172.31.250.9" in guests_set()
+    assert f"bridge {TABLE}" in firewall.list_tables()
+    assert firewall.rules_present(TABLE)
+    with pytest.raises(NetworkError, match=r"nft failed: .*(No such file|does not exist)"):
+        nftlib.run(f"add element bridge {TABLE} no_such_set {{ 172.31.250.9 }}")
+    with pytest.raises(NetworkError, match=r"nft failed: .*syntax error"):
+        nftlib.run("add elemnt bridge")
+    firewall.remove_rules(TABLE)
+    assert not firewall.rules_present(TABLE)
+    assert (
+        TABLE
+        not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    )

@@ -295,3 +295,35 @@ async def test_a_late_sync_answer_triggers_a_fresh_sync(tmp_path: Path) -> None:
         await asyncio.wait_for(two.wait(), 10)
         assert syncs[-1] > syncs[0]  # a newer time followed the stale one
     await agents.close()
+
+
+async def test_a_restored_guest_is_synced_before_it_is_greeted(tmp_path: Path) -> None:
+    """The wake waits for the sync: nothing else (the hello) is queued in the guest before it.
+    A guest that did not wake from a snapshot is greeted first, then synced."""
+    seen: list[int] = []
+    first, both = asyncio.Event(), asyncio.Event()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_frame(reader)
+            seen.append(request.type)
+            first.set()
+            if len(seen) == 2:
+                both.set()
+            writer.write(encode(Frame(request.type | REPLY, request.id, request.fields[:1])))
+            await writer.drain()
+
+    sock = tmp_path / "a.sock"
+    agents = Agents(timeout=2.0)
+    async with fake_agent(sock, recording):
+        await agents.attach("vm_t", sock, restored=True)
+        assert await agents.after_resume("vm_t") is None
+        await asyncio.wait_for(both.wait(), 10)
+        assert seen == [MsgType.SYNC, MsgType.HELLO]
+
+        seen.clear()
+        first.clear()
+        await agents.attach("vm_t", sock)  # booted: greeted at once (synced once it answers)
+        await asyncio.wait_for(first.wait(), 10)
+        assert seen[0] == MsgType.HELLO
+    await agents.close()

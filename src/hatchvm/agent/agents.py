@@ -67,11 +67,13 @@ class Agents:
         self.hellos: dict[str, Hello] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._resyncing: set[str] = set()
+        self._greet_after_sync: set[str] = set()
 
     async def attach(self, vm_id: str, socket: Path | None, *, restored: bool = False) -> None:
         """The VM's VMM (re)started with its agent port at socket: connect to it (the guest
         may be paused), and say hello in the background. A guest that did not just wake from
-        a snapshot is synced in the background too (its RTC gives whole seconds only)."""
+        a snapshot is synced in the background too (its RTC gives whole seconds only); one that
+        did is greeted only after its sync (after_resume), which is what a wake waits for."""
         self.detach(vm_id)
         if socket is None:
             return
@@ -82,11 +84,15 @@ class Agents:
         except AgentUnavailable as exc:
             log.warning("guest agent port not reachable", vm_id=vm_id, reason=str(exc))
             return
-        self._spawn(self._greet(vm_id, channel, sync=not restored))
+        if restored:
+            self._greet_after_sync.add(vm_id)
+        else:
+            self._spawn(self._greet(vm_id, channel, sync=True))
 
     def detach(self, vm_id: str) -> None:
         channel = self._channels.pop(vm_id, None)
         self.hellos.pop(vm_id, None)
+        self._greet_after_sync.discard(vm_id)
         if channel is not None:
             channel.close()
 
@@ -124,6 +130,14 @@ class Agents:
     async def after_resume(self, vm_id: str) -> str | None:
         """Sync a guest that just woke from a snapshot. None when done; otherwise a warning
         for the VM's state_reason (the VM runs either way)."""
+        warning = await self._sync_after_resume(vm_id)
+        channel = self._channels.get(vm_id)
+        if vm_id in self._greet_after_sync and channel is not None:
+            self._greet_after_sync.discard(vm_id)
+            self._spawn(self._greet(vm_id, channel, sync=False))
+        return warning
+
+    async def _sync_after_resume(self, vm_id: str) -> str | None:
         try:
             result = await self.sync(vm_id)
         except AgentError as exc:

@@ -70,12 +70,13 @@ class HostNetwork:
     async def attach(self, link: GuestLink) -> None:
         """The guest's TAP on the bridge, the only MAC and address it may send from, its egress,
         and the host's permanent neighbour entry for it. Idempotent."""
+        await asyncio.to_thread(self._attach, link)  # one thread hop: it is on the wake path
+
+    def _attach(self, link: GuestLink) -> None:
         s = self._s
-        await asyncio.to_thread(links.ensure_tap, link.tap, s.bridge_name)
-        await asyncio.to_thread(
-            firewall.allow_guest, s.nft_table, link.tap, link.mac, link.ip, link.internet
-        )
-        await asyncio.to_thread(links.pin_neighbour, s.bridge_name, link.ip, link.mac)
+        links.ensure_tap(link.tap, s.bridge_name)
+        firewall.allow_guest(s.nft_table, link.tap, link.mac, link.ip, link.internet)
+        links.pin_neighbour(s.bridge_name, link.ip, link.mac)
 
     async def detach(self, link: GuestLink) -> None:
         """Undo attach (idempotent): a stopped guest's address is answered by nobody."""

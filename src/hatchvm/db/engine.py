@@ -9,7 +9,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 
 def make_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_pre_ping=True)
+    # A server's connections can die between uses (a restart): each is pinged when taken from
+    # the pool. A SQLite file cannot, and a ping is a round trip on every session (a wake has
+    # six).
+    sqlite = url.startswith("sqlite")
+    engine = create_async_engine(url, pool_pre_ping=not sqlite)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -1,8 +1,9 @@
 """hatchd's own nftables tables: NAT for the guests, isolation between them, from the host and
 from what lies beyond it (the egress policy, net/egress.py).
 
-Everything is applied as one `nft -f` transaction that deletes and recreates our tables, so
-applying is idempotent and start-up reconciliation is a single call. Nothing outside our
+Everything is applied as one nft transaction that deletes and recreates our tables, so
+applying is idempotent and start-up reconciliation is a single call. Scripts run in-process
+through libnftables (net/nftlib.py): a guest's elements are added on every wake. Nothing outside our
 tables is touched. Each running guest then gets one element in the `guests` set: the only
 MAC and IPv4 address its TAP may send from; and, with egress "internet", its address in the
 `egress_internet` set.
@@ -11,12 +12,11 @@ MAC and IPv4 address its TAP may send from; and, with egress "internet", its add
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
+from hatchvm.net import nftlib
 from hatchvm.net.egress import DEFAULT_DENIED, EgressPolicy, nft_elements
-from hatchvm.net.errors import NetworkError
 
 GUESTS_SET = "guests"  # bridge table: the MAC and address each guest's TAP may send from
 INTERNET_SET = "egress_internet"  # ip table: the guests that may reach the outside
@@ -27,15 +27,7 @@ DEFAULT_DENY_SET = "egress_default_deny"
 
 
 def _nft(script: str) -> str:
-    try:
-        result = subprocess.run(
-            ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError:
-        raise NetworkError("the nft command is not installed (Debian package nftables)") from None
-    if result.returncode != 0:
-        raise NetworkError(f"nft failed: {result.stderr.strip()}")
-    return result.stdout
+    return nftlib.run(script)
 
 
 def _policy_set(name: str, items: Iterable[IPv4Address | IPv4Network]) -> str:
@@ -167,16 +159,9 @@ def remove_rules(table: str) -> None:
 
 
 def list_tables() -> list[str]:
-    out = _nft_list(["nft", "list", "tables"])
+    out = _nft("list tables")
     return [" ".join(line.split()[1:]) for line in out.splitlines() if line.startswith("table ")]
 
 
 def rules_present(table: str) -> bool:
     return any(entry.split()[-1] == table for entry in list_tables())
-
-
-def _nft_list(cmd: list[str]) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise NetworkError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
-    return result.stdout

@@ -3,9 +3,9 @@ memory and cpu controllers (cgroup v2, or the separate hierarchies of v1), limit
 memory plus QEMU's overhead and to its vCPUs' worth of CPU time.
 
 QEMU is placed in its group before it runs: it is launched through `sh`, which writes its own
-pid into the group's cgroup.procs files and then execs QEMU. So every thread, the -daemonize
-child and a migration's `cat` are born inside the group and charged to it from their first
-page, and hatchd runs no Python between fork and exec (preexec_fn is unsafe in a threaded
+pid into the group's cgroup.procs files and then execs QEMU. So every thread and every child
+(a migration's `cat`) is born inside the group and charged to it from its first page, and
+hatchd runs no Python between fork and exec (preexec_fn is unsafe in a threaded
 program). Moving a running process in afterwards (adopt) is only for VMs started without one.
 """
 

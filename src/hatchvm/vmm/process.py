@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,8 +42,8 @@ def processes_with_arg(flag: bytes) -> Iterator[tuple[int, Path]]:
 
 
 def become_subreaper() -> bool:
-    """Orphaned descendants (QEMU after -daemonize) become hatchd's children, not init's, so
-    hatchd can read their exit status. True if the kernel agreed."""
+    """Orphaned descendants (a VMM whose launcher ended before it) become hatchd's children,
+    not init's, so hatchd can read their exit status. True if the kernel agreed."""
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
@@ -144,3 +146,61 @@ async def wait_process(pid: int) -> ExitInfo:
     finally:
         os.close(pidfd)
     return ExitInfo(at=at, exit_code=code, signal=sig)
+
+
+def spawn(
+    cmd: list[str], output: int, env: dict[str, str], fds: dict[int, int] | None = None
+) -> int:
+    """Start cmd (looked up in PATH) with environment env in a session of its own, stdin from
+    /dev/null, stdout and stderr to the descriptor output, and each descriptor fds[n] as its
+    descriptor n; its pid.
+    posix_spawn: no copy of hatchd is made. Signals hatchd ignores (SIGPIPE) stay ignored:
+    a VMM whose output leads nowhere must not die of writing it."""
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, output, 1),
+        (os.POSIX_SPAWN_DUP2, output, 2),
+    ]
+    # dup2 clears close-on-exec on the copy; the originals are all above 9, never a target.
+    actions += [(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in (fds or {}).items()]
+    return os.posix_spawnp(cmd[0], cmd, env, file_actions=actions, setsid=True)
+
+
+def high_fd(fd: int) -> int:
+    """A close-on-exec copy of fd numbered 10 or above: a safe source for spawn's dup2s."""
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+
+
+def drain(fd: int) -> bytes:
+    """What can be read from a non-blocking descriptor now (up to its end, if it has one)."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_child(pid: int, timeout: float) -> int:
+    """The exit code of hatchd's child pid (a signal's number negated), once it has ended; it
+    is killed and -1 returned if it still runs after timeout seconds."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        try:
+            await asyncio.wait_for(_readable(pidfd), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await _readable(pidfd)
+            _reap(pidfd)
+            return -1
+        code, sig = _reap(pidfd)
+    finally:
+        os.close(pidfd)
+    if code is not None:
+        return code
+    return -sig if sig else -1

@@ -1,6 +1,6 @@
-"""The QEMU microvm driver. A VM's QEMU runs detached (-daemonize), so it outlives hatchd; its
-pid file, QMP socket, console and log live in the VM's directory, and it runs in its own
-cgroup (vmm/cgroups.py) when the host has them."""
+"""The QEMU microvm driver. A VM's QEMU runs detached (a session of its own), so it outlives
+hatchd; its pid file, console and log live in the VM's directory, its sockets in the run
+directory, and it runs in its own cgroup (vmm/cgroups.py) when the host has them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,13 +34,21 @@ from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.clock import host_tsc_khz
 from hatchvm.vmm.environment import vmm_environment
 from hatchvm.vmm.overhead import memory_limit_mib
-from hatchvm.vmm.process import processes_with_arg, watch_process
-from hatchvm.vmm.qmp import qmp_execute, qmp_session
+from hatchvm.vmm.process import (
+    drain,
+    high_fd,
+    processes_with_arg,
+    spawn,
+    wait_child,
+    watch_process,
+)
+from hatchvm.vmm.qmp import QMPSession, open_session, qmp_execute, qmp_session
 
 log = structlog.get_logger("hatchvm.vmm")
 
 PID_FILE = "qemu.pid"
 QMP_SOCKET = "qmp.sock"
+QMP_FD = 3  # the QMP socket's descriptor in QEMU (made by hatchd, see QemuVMM._start)
 # A second QMP monitor, for events only: QEMU serves one client per monitor, and hatchd keeps
 # this one open for the VM's whole life to hear why it ends.
 EVENTS_SOCKET = "qmp-events.sock"
@@ -95,6 +104,8 @@ class QemuVMM:
         self.run_dir = run_dir
         self.tb_size_mib = tb_size_mib  # TCG's translation cache: bounded, it counts as memory
         self.cgroups = cgroups
+        # The QMP connection of a restore, from loading the state until resume lets it run.
+        self._restoring: dict[str, QMPSession] = {}
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -113,7 +124,16 @@ class QemuVMM:
     def _limits(self, vcpu_count: int, mem_mib: int) -> Limits:
         return Limits(memory_bytes=self.memory_footprint_mib(mem_mib) << 20, vcpus=vcpu_count)
 
-    def build_command(self, spec: BootSpec) -> list[str]:
+    @staticmethod
+    def _control_args(sock: Path, qmp_fd: int | None) -> list[str]:
+        """The QMP monitor: on a socket QEMU makes at its path, or on one hatchd made and
+        passes as descriptor qmp_fd (see _start)."""
+        if qmp_fd is None:
+            return ["-qmp", f"unix:{sock / QMP_SOCKET},server=on,wait=off"]
+        chardev = f"socket,id=qmp,fd={qmp_fd},server=on,wait=off"
+        return ["-chardev", chardev, "-mon", "chardev=qmp,mode=control"]
+
+    def build_command(self, spec: BootSpec, qmp_fd: int | None = None) -> list[str]:
         d = spec.vm_dir
         sock = self.sockets(d)
         cmd = [
@@ -191,19 +211,18 @@ class QemuVMM:
             f"socket,id=con,path={sock / CONSOLE_SOCKET},server=on,wait=off",
             "-serial",
             "chardev:con",
-            "-qmp",
-            f"unix:{sock / QMP_SOCKET},server=on,wait=off",
+            *self._control_args(sock, qmp_fd),
             "-qmp",
             f"unix:{sock / EVENTS_SOCKET},server=on,wait=off",
             "-pidfile",
             str(d / PID_FILE),
-            "-daemonize",
             # Paused before the first instruction (or after an incoming migration): hatchd
             # attaches its console recorder and its watch, then lets the guest run.
             "-S",
         ]
         if spec.incoming:
-            cmd += ["-incoming", "defer"]
+            # Migration events: the restore hears when the state is loaded, without polling.
+            cmd += ["-global", "migration.x-events=on", "-incoming", "defer"]
         return cmd
 
     def foreground_command(self, spec: BootSpec, console: Path) -> list[str]:
@@ -211,7 +230,7 @@ class QemuVMM:
         in the foreground, running at once, its console written to a file. Its sockets
         directory must exist."""
         cmd = self.build_command(spec)
-        cmd = cmd[: cmd.index("-pidfile")]  # no -pidfile, -daemonize, -S
+        cmd = cmd[: cmd.index("-pidfile")]  # no -pidfile, -S
         chardev = next(i for i, arg in enumerate(cmd) if arg.startswith("socket,id=con,"))
         cmd[chardev] = f"file,id=con,path={console}"
         return cmd
@@ -223,17 +242,35 @@ class QemuVMM:
         return self.sockets(vm_dir) / AGENT_SOCKET
 
     async def boot(self, spec: BootSpec) -> int:
-        """-daemonize: QEMU forks, the child detaches (setsid; its parent becomes hatchd, the
-        subreaper, which reads its exit status when it ends), and the parent exits only once
-        start-up succeeded, so its status is the boot's verdict."""
+        pid, qmp = await self._start(spec)
+        try:
+            status = (await qmp.execute("query-status")).get("status")
+        finally:
+            await qmp.close()
+        if status != ("inmigrate" if spec.incoming else "prelaunch"):
+            await self.kill(spec.vm_id, spec.vm_dir)
+            raise VMMStartFailed(
+                f"qemu started but the VM is {status}", vm_id=spec.vm_id, op="boot"
+            )
+        return pid
+
+    async def _start(self, spec: BootSpec) -> tuple[int, QMPSession]:
+        """Start the VM's QEMU; its pid and a QMP connection to it.
+
+        QEMU runs as hatchd's child in a session of its own (so it outlives hatchd; hatchd,
+        the subreaper, reads its exit status while it lives), started with posix_spawn (no
+        copy of hatchd is made). Its QMP socket is bound and listening before QEMU starts and
+        is handed to it as a descriptor: the connection made at once is greeted the moment
+        QEMU's start-up is done, and reset if QEMU gives up, so nothing polls for either.
+        QEMU's output goes into qemu.log until then; afterwards it leads nowhere (as with
+        -daemonize), so a guest that makes QEMU complain cannot fill the host's disk."""
         await self._forget(spec.vm_id, spec.vm_dir)
         sock = self.sockets(spec.vm_dir)
         sock.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # -daemonize sets QEMU's umask to 027: files it would create are group-readable.
-        # Made here first, they keep their private mode.
+        # QEMU would create the memory file with hatchd's umask; made here first, it is private.
         if spec.mem_file is not None:
             _make_private_file(spec.mem_file)
-        cmd = self.build_command(spec)
+        cmd = self.build_command(spec, qmp_fd=QMP_FD)
         if self.cgroups is not None:
             limits = self._limits(spec.vcpu_count, spec.mem_mib)
             try:
@@ -241,43 +278,41 @@ class QemuVMM:
             except CgroupError as exc:
                 raise VMMStartFailed(str(exc), vm_id=spec.vm_id, op="boot") from None
             cmd = self.cgroups.launcher(spec.vm_id) + cmd
+        qmp_path = sock / QMP_SOCKET
+        listener = _listen(qmp_path)
+        control = high_fd(listener.fileno())
+        listener.close()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # QEMU's writes never block
+        try:
+            pid = spawn(cmd, out_w, vmm_environment(), {QMP_FD: control})
+        except OSError as exc:
+            os.close(out_r)
+            raise VMMStartFailed(
+                f"cannot run {self.qemu_bin}: {exc.strerror}", vm_id=spec.vm_id, op="boot"
+            ) from None
+        finally:
+            os.close(control)
+            os.close(out_w)
         log_path = spec.vm_dir / QEMU_LOG
-        with log_path.open("ab") as qlog:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=qlog,
-                    stderr=qlog,
-                    env=vmm_environment(),
-                )
-            except OSError as exc:
-                raise VMMStartFailed(
-                    f"cannot run {self.qemu_bin}: {exc.strerror}", vm_id=spec.vm_id, op="boot"
-                ) from None
-            try:
-                code = await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                code = -1
-        pid = _read_pid(spec.vm_dir)
-        if code != 0 or pid is None or not _is_ours(pid, spec.vm_id):
-            await self.kill(spec.vm_id, spec.vm_dir)
-            raise VMMStartFailed(
-                f"qemu failed to start (exit {code}): {_tail(log_path)}",
-                vm_id=spec.vm_id,
-                op="boot",
-            )
-        for name in SOCKETS:
-            (sock / name).chmod(0o600)
-        status = await qmp_execute(sock / QMP_SOCKET, "query-status")
-        if status.get("status") != ("inmigrate" if spec.incoming else "prelaunch"):
-            await self.kill(spec.vm_id, spec.vm_dir)
-            raise VMMStartFailed(
-                f"qemu started but the VM is {status.get('status')}", vm_id=spec.vm_id, op="boot"
-            )
-        return pid
+        try:
+            qmp: QMPSession | None = await open_session(qmp_path, connect_timeout=BOOT_TIMEOUT)
+        except VMMError:
+            qmp = None
+        finally:
+            with log_path.open("ab") as qlog:
+                qlog.write(drain(out_r))
+            os.close(out_r)
+        if qmp is not None and _is_ours(pid, spec.vm_id):
+            for name in SOCKETS:
+                (sock / name).chmod(0o600)
+            return pid, qmp
+        if qmp is not None:
+            await qmp.close()
+        code = await wait_child(pid, 5.0)  # gone already, or killed now
+        await self.kill(spec.vm_id, spec.vm_dir)
+        raise VMMStartFailed(
+            f"qemu failed to start (exit {code}): {_tail(log_path)}", vm_id=spec.vm_id, op="boot"
+        )
 
     async def processes(self, vms_dir: Path) -> dict[str, int]:
         """The QEMUs whose files live under vms_dir (this daemon's), by VM id: read from
@@ -300,6 +335,7 @@ class QemuVMM:
             await self._forget(vm_id, vm_dir)
             return
         try:
+            await self._end_restore(vm_id)  # QEMU's monitor serves one client at a time
             await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "system_powerdown")
         except VMMError as exc:
             log.warning("acpi power-off not delivered, killing", vm_id=vm_id, error=str(exc))
@@ -308,6 +344,7 @@ class QemuVMM:
         await self.kill(vm_id, vm_dir)
 
     async def kill(self, vm_id: str, vm_dir: Path) -> None:
+        await self._end_restore(vm_id)
         pid = await self.alive(vm_id, vm_dir)
         if pid is not None:
             try:
@@ -319,7 +356,19 @@ class QemuVMM:
             _reap(pid)
         await self._forget(vm_id, vm_dir)
 
+    async def _control(self, vm_id: str, vm_dir: Path) -> QMPSession:
+        """A QMP connection to the VM's QEMU, for the caller to close: the one its restore
+        kept open, or a new one."""
+        held = self._restoring.pop(vm_id, None)
+        return held or await open_session(self.sockets(vm_dir) / QMP_SOCKET)
+
+    async def _end_restore(self, vm_id: str) -> None:
+        session = self._restoring.pop(vm_id, None)
+        if session is not None:
+            await session.close()
+
     async def _forget(self, vm_id: str, vm_dir: Path) -> None:
+        await self._end_restore(vm_id)
         (vm_dir / PID_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
         if self.cgroups is not None:
@@ -363,6 +412,7 @@ class QemuVMM:
         if await self.alive(vm_id, vm_dir) is None:
             raise VMMNotRunning(f"no running qemu to {op}", vm_id=vm_id, op=op)
         state_file.unlink(missing_ok=True)
+        await self._end_restore(vm_id)
         async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
             await qmp.execute("stop")
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
@@ -381,13 +431,14 @@ class QemuVMM:
             raise VMMFilesMissing(
                 "memory or device state file is missing", vm_id=spec.vm_id, op="restore"
             )
-        pid = await self.boot(dataclasses.replace(spec, incoming=True))
+        # One QMP connection from here until resume: the state is loaded as soon as QEMU is up
+        # (migrate-incoming refuses a QEMU not waiting for one), and `cont` needs no new one.
+        pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
+        self._restoring[spec.vm_id] = qmp
         try:
-            async with qmp_session(self.sockets(spec.vm_dir) / QMP_SOCKET) as qmp:
-                await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-                uri = f"exec:cat {shlex.quote(str(state_file))}"
-                await qmp.execute("migrate-incoming", {"uri": uri})
-                await qmp.wait_migration(MIGRATION_TIMEOUT)
+            await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
+            uri = f"exec:cat {shlex.quote(str(state_file))}"
+            await qmp.migrate_incoming(uri, MIGRATION_TIMEOUT)
         except VMMError:
             await self.kill(spec.vm_id, spec.vm_dir)
             raise
@@ -398,17 +449,23 @@ class QemuVMM:
         not finish, a boot or restore not yet let run). True if it runs."""
         if await self.alive(vm_id, vm_dir) is None:
             return False
-        qmp = self.sockets(vm_dir) / QMP_SOCKET
-        status = (await qmp_execute(qmp, "query-status")).get("status")
-        if status in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
-            await qmp_execute(qmp, "cont")
-            status = (await qmp_execute(qmp, "query-status")).get("status")
+        qmp = await self._control(vm_id, vm_dir)
+        try:
+            status = (await qmp.execute("query-status")).get("status")
+            if status in ("paused", "postmigrate", "finish-migrate", "prelaunch"):
+                await qmp.execute("cont")
+                status = (await qmp.execute("query-status")).get("status")
+        finally:
+            await qmp.close()
         return status == "running"
 
     async def resume(self, vm_id: str, vm_dir: Path) -> None:
-        async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
+        qmp = await self._control(vm_id, vm_dir)
+        try:
             await qmp.execute("cont")
             status = (await qmp.execute("query-status")).get("status")
+        finally:
+            await qmp.close()
         if status != "running":
             raise VMMError(f"the vm is {status} after cont, not running", vm_id=vm_id, op="resume")
 
@@ -420,10 +477,25 @@ class QemuVMM:
 
 
 def _reap(pid: int) -> None:
-    """Collect the exit status of a QEMU that is hatchd's child (hatchd is the subreaper of
-    daemonized QEMUs), so no zombie is left; its watch, if any, may have done so already."""
+    """Collect the exit status of a QEMU that is hatchd's child (one it started, or one whose
+    parent died while hatchd was its subreaper), so no zombie is left; its watch, if any, may
+    have done so already."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A Unix stream socket listening at path (replacing a stale one), private to root."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        path.chmod(0o600)
+        listener.listen(8)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 def _make_private_file(path: Path) -> None:

@@ -14,6 +14,7 @@ from qemu.qmp import QMPClient, QMPError
 from hatchvm.vmm.base import VMMError
 
 QMP_TIMEOUT = 10.0
+EVENT_SILENCE = 0.5  # seconds without a migration event before asking QEMU how it goes
 
 
 async def qmp_execute(
@@ -33,16 +34,27 @@ async def qmp_execute(
 @asynccontextmanager
 async def qmp_session(socket: Path, timeout: float = QMP_TIMEOUT) -> AsyncIterator[QMPSession]:
     """One connection for a sequence of commands (a snapshot or restore conversation)."""
+    session = await open_session(socket, timeout)
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+async def open_session(
+    socket: Path, timeout: float = QMP_TIMEOUT, connect_timeout: float | None = None
+) -> QMPSession:
+    """A connection the caller closes (QMPSession.close), for a conversation that spans
+    several steps of an operation (a restore: load the state, then later let it run).
+    connect_timeout (default: timeout) bounds the wait for QEMU's greeting."""
     client = QMPClient(socket.parent.name)
     try:
-        try:
-            await asyncio.wait_for(client.connect(str(socket)), timeout)
-        except (QMPError, OSError, TimeoutError) as exc:
-            reason = str(exc) or type(exc).__name__
-            raise VMMError(f"QMP connect to {socket.parent.name} failed: {reason}") from None
-        yield QMPSession(client, socket.parent.name, timeout)
-    finally:
+        await asyncio.wait_for(client.connect(str(socket)), connect_timeout or timeout)
+    except (QMPError, OSError, TimeoutError) as exc:
         await _disconnect(client)
+        reason = str(exc) or type(exc).__name__
+        raise VMMError(f"QMP connect to {socket.parent.name} failed: {reason}") from None
+    return QMPSession(client, socket.parent.name, timeout)
 
 
 async def _disconnect(client: QMPClient) -> None:
@@ -64,6 +76,33 @@ class QMPSession:
         except (QMPError, OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             raise VMMError(f"QMP {command} on {self._name} failed: {reason}") from None
+
+    async def close(self) -> None:
+        await _disconnect(self._client)
+
+    async def migrate_incoming(self, uri: str, timeout: float) -> None:
+        """Load the state from uri into a QEMU started with `-incoming defer` and migration
+        events on (-global migration.x-events=on): its MIGRATION event says when it is done,
+        no polling. query-migrate is asked only when no event came for a while, which also
+        notices a QEMU that died without saying so."""
+        with self._client.listener("MIGRATION") as events:
+            await self.execute("migrate-incoming", {"uri": uri})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), EVENT_SILENCE)
+                    status = (event.get("data") or {}).get("status")
+                except TimeoutError:
+                    status = (await self.execute("query-migrate")).get("status")
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    raise VMMError(f"migration on {self._name} {status}")
+                if loop.time() > deadline:
+                    raise VMMError(
+                        f"migration on {self._name} did not finish within {timeout:.0f}s"
+                    )
 
     async def wait_migration(self, timeout: float) -> dict[str, Any]:
         """Poll query-migrate until the migration ends; raise unless it completed."""
