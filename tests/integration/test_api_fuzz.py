@@ -28,7 +28,12 @@ pytestmark = pytest.mark.vm
 SEED = int(os.environ.get("HATCH_FUZZ_SEED", "20260306"))
 EXAMPLES = int(os.environ.get("HATCH_FUZZ_EXAMPLES", "40"))  # per operation and phase
 MIN_CASES = int(os.environ.get("HATCH_FUZZ_MIN_CASES", "500"))
-OPERATIONS = 18  # every operation in the document
+OPERATIONS = 31  # every operation in the document...
+# ... but those whose answer may rightly never end: a generated command may run until its
+# timeout_s (up to a day), and the console with follow=true streams for as long as the VM runs
+# (a generated request held the run for good). tests/integration/test_exec_files.py and the
+# console's tests cover them; tests/unit/test_openapi.py checks their documented inputs.
+UNENDING = ("exec_vm", "exec_vm_stream", "get_console")
 
 # Everything schemathesis checks except positive_data_acceptance: the document cannot promise
 # that a well-formed request succeeds (a random id is 404, the quota 403, user_data must be a
@@ -92,6 +97,7 @@ def schemathesis(hatch, key: str, phases: str, workdir: Path) -> Run:
         *(sys.executable, "-m", "schemathesis.cli", "run", f"{hatch.url}/openapi.json"),
         *("--header", f"Authorization: Bearer {key}"),
         *("--phases", phases, "--checks", ",".join(CHECKS), "--continue-on-failure"),
+        *(arg for op in UNENDING for arg in ("--exclude-operation-id", op)),
         *("--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "1"),
         *("--request-timeout", "300", "--report", "json,har"),
         *("--report-json-path", str(report), "--report-har-path", str(har)),
@@ -122,7 +128,7 @@ def test_api_against_its_own_document(hatch, tmp_path: Path) -> None:
         assert run.report["failures"] == [], run.output[-20000:]
         assert run.report["errors"] == [], run.output[-20000:]
         assert run.report["exit_code"] == 0, run.output[-5000:]
-    assert per_operation.report["operations"]["tested"] == OPERATIONS
+    assert per_operation.report["operations"]["tested"] == OPERATIONS - len(UNENDING)
     cases = sum(run.report["test_cases"]["generated"] for run in runs)
     seconds = sum(run.report["running_time"] for run in runs)
     print(f"{cases} generated cases, {sum(statuses.values())} requests in {seconds:.0f}s")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 
 from hatchvm.api.deps import Svc, User
 from hatchvm.api.openapi import AUTHENTICATED, GUEST, errors, json_body
@@ -18,6 +20,9 @@ from hatchvm.api.validation import parse_body
 
 router = APIRouter(tags=["exec"], responses=errors(*AUTHENTICATED, 500, *GUEST))
 
+# A guest's pid (Linux's are below 2^22; the protocol carries 8-byte integers).
+Pid = Annotated[int, Path(ge=1, le=2**31 - 1, description="the background process's pid")]
+
 
 @router.get("/vms/{vm_id}/processes")
 async def list_processes(vm_id: str, user: User, svc: Svc) -> list[Process]:
@@ -25,21 +30,21 @@ async def list_processes(vm_id: str, user: User, svc: Svc) -> list[Process]:
 
 
 @router.get("/vms/{vm_id}/processes/{pid}")
-async def get_process(vm_id: str, pid: int, user: User, svc: Svc) -> ProcessOutput:
+async def get_process(vm_id: str, pid: Pid, user: User, svc: Svc) -> ProcessOutput:
     return render_process_output(*await svc.execs.process(user, vm_id, pid))
 
 
 @router.post(
     "/vms/{vm_id}/processes/{pid}/kill", openapi_extra=json_body(KillRequest, required=False)
 )
-async def kill_process(vm_id: str, pid: int, request: Request, user: User, svc: Svc) -> Process:
+async def kill_process(vm_id: str, pid: Pid, request: Request, user: User, svc: Svc) -> Process:
     body = await parse_body(request, KillRequest)
     process = await svc.execs.signal(user, vm_id, pid, SIGNALS[body.signal], forget=False)
     return render_process(process)
 
 
 @router.delete("/vms/{vm_id}/processes/{pid}")
-async def delete_process(vm_id: str, pid: int, user: User, svc: Svc) -> Deleted:
+async def delete_process(vm_id: str, pid: Pid, user: User, svc: Svc) -> Deleted:
     """Killed (SIGKILL to its group) if it still runs, and forgotten with its output."""
     await svc.execs.signal(user, vm_id, pid, SIGNALS["KILL"], forget=True)
     return Deleted()
