@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 _HTTP_URL = TypeAdapter(HttpUrl)
+_MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "unchanged" to chown and setuid
 _T = TypeVar("_T")
 
 
@@ -96,6 +97,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HATCH_", env_file=".env", extra="ignore")
 
     http_addr: str = Field(default=":8080", description="API listen address (HOST:PORT or :PORT)")
+    metrics_addr: str = Field(
+        default="",
+        description="where GET /metrics (Prometheus, no API key) is served: empty on the API's "
+        "address; HOST:PORT or :PORT for a listener of its own (then not on the API's)",
+    )
     data_dir: Path = Field(
         default=Path("./data"),
         description="database, images, VM disks and consoles (made absolute at start-up)",
@@ -140,6 +146,30 @@ class Settings(BaseSettings):
         description="the VMs' cgroups are <this>/<vm_id>, below the cgroup root",
     )
     firecracker_bin: str = Field(default="firecracker", description="the Firecracker binary")
+    firecracker_jailer: str = Field(
+        default="",
+        description="Firecracker's jailer binary: set, each VM's Firecracker runs through it as "
+        "its own uid and gid, chrooted, in a cgroup with the VM's limits (hatchd runs as root); "
+        "empty: unjailed",
+    )
+    firecracker_chroot_base: Path | None = Field(
+        default=None,
+        description="where the jailer builds the VMs' jails (<this>/<Firecracker's file name>/"
+        "<vm id>/root); on the data dir's filesystem (VM files are hard-linked in, with POSIX "
+        "ACLs); empty: <data dir>/jailer",
+    )
+    firecracker_uid_base: int = Field(
+        default=900_000,
+        ge=1,
+        le=_MAX_UID,
+        description="first uid (and gid: the same number) of the range jailed Firecrackers run "
+        "as, one per running VM; no existing user or group may have one",
+    )
+    firecracker_uid_count: int = Field(
+        default=10_000,
+        ge=1,
+        description="how many uids that range holds: the most VMs running jailed at once",
+    )
     stop_timeout: float = Field(
         default=20.0, gt=0, description="seconds a guest gets to power off before it is killed"
     )
@@ -374,6 +404,13 @@ class Settings(BaseSettings):
         _parse_addr(value)
         return value
 
+    @field_validator("metrics_addr")
+    @classmethod
+    def _valid_optional_addr(cls, value: str) -> str:
+        if value:
+            _parse_addr(value)
+        return value
+
     @field_validator("better_auth_url", "better_auth_verify_url")
     @classmethod
     def _valid_url(cls, value: str) -> str:
@@ -390,6 +427,27 @@ class Settings(BaseSettings):
         if self.better_auth_verify_url and not self.better_auth_url:
             raise ValueError("HATCH_BETTER_AUTH_VERIFY_URL is set but HATCH_BETTER_AUTH_URL is not")
         return self
+
+    @model_validator(mode="after")
+    def _uid_range_fits(self) -> Settings:
+        last = self.firecracker_uid_base + self.firecracker_uid_count - 1
+        if last > _MAX_UID:
+            raise ValueError(
+                f"HATCH_FIRECRACKER_UID_BASE + HATCH_FIRECRACKER_UID_COUNT - 1 = {last} is "
+                f"beyond the largest uid ({_MAX_UID})"
+            )
+        return self
+
+    @field_validator("firecracker_chroot_base", mode="before")
+    @classmethod
+    def _absolute_or_none(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        return Path(str(value)).expanduser().resolve()
+
+    @property
+    def jail_base(self) -> Path:
+        return self.firecracker_chroot_base or self.data_dir / "jailer"
 
     @field_validator("bridge_cidr")
     @classmethod
@@ -448,6 +506,11 @@ class Settings(BaseSettings):
     @property
     def proxy_host_port(self) -> tuple[str, int]:
         return _parse_addr(self.proxy_addr)
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """The metrics listener's own address; None: /metrics is on the API's."""
+        return _parse_addr(self.metrics_addr) if self.metrics_addr else None
 
     @property
     def bridge_interface(self) -> ipaddress.IPv4Interface:

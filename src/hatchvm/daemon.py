@@ -18,6 +18,7 @@ from hatchvm import __version__
 from hatchvm.agent.agents import Agents
 from hatchvm.api.app import create_app
 from hatchvm.api.deps import Services
+from hatchvm.api.metrics import metrics_app
 from hatchvm.auth.base import build_verifier
 from hatchvm.config import ConfigError, Settings, load_settings
 from hatchvm.core.activity import Activity
@@ -39,6 +40,9 @@ from hatchvm.gateway.ssh import SSHGateway
 from hatchvm.images.registry import prune as prune_images
 from hatchvm.images.registry import register_default
 from hatchvm.logging import configure_logging
+from hatchvm.metrics import Metrics
+from hatchvm.metrics.listener import MetricsListener
+from hatchvm.metrics.scrape import Scrape
 from hatchvm.net.errors import NetworkError
 from hatchvm.private import PRIVATE_UMASK, make_private_dir, tighten_tree
 from hatchvm.proxy.server import Proxy
@@ -51,6 +55,7 @@ from hatchvm.vmm.accel import detect_accel
 from hatchvm.vmm.accel import probe as probe_accel
 from hatchvm.vmm.base import VMM, VMMError
 from hatchvm.vmm.cgroups import CgroupError, VMCgroups, find_layout
+from hatchvm.vmm.fc_jail import Jailer, JailError, UidRange, check_jail_base, check_uid_range
 from hatchvm.vmm.firecracker import FirecrackerVMM
 from hatchvm.vmm.process import become_subreaper
 from hatchvm.vmm.qemu import QemuVMM
@@ -80,14 +85,14 @@ async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
             log.warning(
                 "firecracker chosen but KVM is unusable: guests will not run", reason=problem
             )
-        fc = FirecrackerVMM(
-            firecracker, settings.run_dir, problem is None, _build_cgroups(settings)
-        )
+        fc = _build_firecracker(settings, firecracker, problem is None)
         return fc, "kvm" if problem is None else "none"
     accel = await detect_accel(settings.qemu_bin, settings.qemu_accel)
     if settings.vmm == "auto" and firecracker is not None and accel == "kvm":
         log.info("kvm works and firecracker is installed: guests run on firecracker")
-        return FirecrackerVMM(firecracker, settings.run_dir, True, _build_cgroups(settings)), accel
+        return _build_firecracker(settings, firecracker, True), accel
+    if settings.firecracker_jailer:
+        log.warning("HATCH_FIRECRACKER_JAILER is set but guests run on QEMU: it is not used")
     qemu = QemuVMM(
         settings.qemu_bin,
         accel,
@@ -96,6 +101,41 @@ async def _build_vmm(settings: Settings) -> tuple[VMM, str]:
         _build_cgroups(settings),
     )
     return qemu, accel
+
+
+def _build_firecracker(settings: Settings, firecracker: str, kvm_usable: bool) -> FirecrackerVMM:
+    cgroups = _build_cgroups(settings)
+    jailer = _build_jailer(settings, firecracker, cgroups)
+    return FirecrackerVMM(firecracker, settings.run_dir, kvm_usable, cgroups, jailer=jailer)
+
+
+def _build_jailer(settings: Settings, firecracker: str, cgroups: VMCgroups | None) -> Jailer | None:
+    """Firecracker's jailer when HATCH_FIRECRACKER_JAILER is set, with everything it needs
+    checked now: what is wrong here would fail every VM's start."""
+    if not settings.firecracker_jailer:
+        return None
+    binary = shutil.which(settings.firecracker_jailer)
+    if binary is None:
+        raise StartupError(
+            f"HATCH_FIRECRACKER_JAILER={settings.firecracker_jailer} is not an executable file "
+            "(give its path, or a name on PATH)"
+        )
+    if os.geteuid() != 0:
+        raise StartupError(
+            "HATCH_FIRECRACKER_JAILER needs hatchd to run as root (the jailer chroots Firecracker "
+            "and switches it to the VM's uid)"
+        )
+    uids = UidRange(settings.firecracker_uid_base, settings.firecracker_uid_count)
+    base = settings.jail_base
+    try:
+        check_uid_range(uids)
+        make_private_dir(base)
+        check_jail_base(base, settings.data_dir, uids.base)
+    except (JailError, OSError) as exc:
+        raise StartupError(f"the Firecracker jailer cannot be used: {exc}") from None
+    jailer = Jailer(os.path.abspath(binary), firecracker, base, uids, cgroups)
+    log.info("firecracker runs jailed", where=jailer.describe())
+    return jailer
 
 
 async def _kvm_problem(settings: Settings) -> str | None:
@@ -165,7 +205,8 @@ def raise_open_file_limit() -> int:
 async def serve(settings: Settings) -> None:
     raise_open_file_limit()
     make_private_dir(settings.data_dir)
-    if tightened := await asyncio.to_thread(tighten_tree, settings.data_dir):
+    tightened = await asyncio.to_thread(tighten_tree, settings.data_dir, (settings.jail_base,))
+    if tightened:
         log.info("made files in the data directory private", count=tightened)
     settings.vms_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url)
@@ -183,14 +224,16 @@ async def serve(settings: Settings) -> None:
         await network.setup()
     else:
         log.warning("not running as root: VMs can only be created with enable_network=false")
+    metrics = Metrics()
     consoles = Consoles(settings.console_max_bytes)
-    agents = Agents(settings.agent_timeout)
+    agents = Agents(settings.agent_timeout, metrics)
     vms = VMService(settings, sessions, vmm, network, consoles, agents)
-    liveness = Liveness(vms)
-    snapshots = SnapshotService(settings, vms, store)
+    liveness = Liveness(vms, metrics)
+    snapshots = SnapshotService(settings, vms, store, metrics)
     routes = RouteService(settings, vms)
     await routes.load()
     await reconcile(vms, snapshots)
+    await snapshots.collect_all()  # what a crash left in the chunk store
     await prune_images(settings, sessions)
 
     activity = Activity(vms)
@@ -199,9 +242,11 @@ async def serve(settings: Settings) -> None:
         snapshots,
         max_failures=settings.wake_max_failures,
         backoff=settings.wake_retry_backoff,
+        metrics=metrics,
     )
     guest = GuestService(settings, vms, wake, activity)
     verifier = build_verifier(settings, sessions)
+    scrape = Scrape(metrics, sessions)
     app = create_app(
         Services(
             settings,
@@ -213,7 +258,8 @@ async def serve(settings: Settings) -> None:
             ExecService(guest),
             FileService(guest),
             ForkService(settings, vms, snapshots, guest),
-        )
+        ),
+        None if settings.metrics_host_port else scrape,
     )
     host, port = settings.http_host_port
     server = uvicorn.Server(
@@ -227,9 +273,10 @@ async def serve(settings: Settings) -> None:
         data_dir=str(settings.data_dir),
         auth=verifier.name,
     )
-    proxy = Proxy(settings, vms, routes, wake, activity)
-    gateway = SSHGateway(settings, vms, wake, activity)
+    proxy = Proxy(settings, vms, routes, wake, activity, metrics)
+    gateway = SSHGateway(settings, vms, wake, activity, metrics=metrics)
     reaper = IdleReaper(settings, snapshots, routes, activity)
+    listener = await _start_metrics_listener(settings, scrape)
     try:
         await proxy.start()
     except OSError as exc:
@@ -241,6 +288,8 @@ async def serve(settings: Settings) -> None:
     try:
         await server.serve()
     finally:
+        if listener is not None:
+            await listener.close()
         await reaper.close()
         await gateway.close()
         await proxy.close()
@@ -248,8 +297,25 @@ async def serve(settings: Settings) -> None:
         await liveness.close()
         await consoles.close()
         await agents.close()
+        snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
+
+
+async def _start_metrics_listener(settings: Settings, scrape: Scrape) -> MetricsListener | None:
+    """GET /metrics on HATCH_METRICS_ADDR, when set (else the API's app serves it)."""
+    if settings.metrics_host_port is None:
+        return None
+    host, port = settings.metrics_host_port
+    listener = MetricsListener(metrics_app(scrape), host, port)
+    try:
+        await listener.start()
+    except OSError as exc:
+        raise StartupError(
+            f"metrics cannot listen on {settings.metrics_addr}: {exc.strerror}"
+        ) from None
+    log.info("metrics listening", addr=f"{host}:{port}")
+    return listener
 
 
 def _settings_help() -> str:
@@ -260,6 +326,7 @@ def _settings_help() -> str:
         shown = (
             f"./{default}" if isinstance(default, Path) and not default.is_absolute() else default
         )
+        shown = "" if shown is None else shown
         lines.append(f"  HATCH_{name.upper()}={shown}")
         lines.append(f"      {field.description}")
     return "\n".join(lines)

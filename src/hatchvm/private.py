@@ -19,17 +19,28 @@ def make_private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
-def tighten_tree(root: Path) -> int:
+ACL_XATTR = "system.posix_acl_access"
+
+
+def tighten_tree(root: Path, keep: tuple[Path, ...] = ()) -> int:
     """Take group and other bits off everything under root (files an older hatchvm wrote);
-    returns how many entries changed. Symlinks are left alone."""
+    returns how many entries changed. Left alone: symlinks, the directories in keep (the
+    Firecracker jails, which jailed uids must pass through) and files with a POSIX ACL (their
+    group bits are its mask: the access hatchd gave a running jail's uid)."""
     changed = 0
+    skipped = {os.fspath(p) for p in keep}
     for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skipped]
         for name in (*dirnames, *filenames):
             path = os.path.join(dirpath, name)
             mode = os.lstat(path).st_mode
-            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & PRIVATE_UMASK:
-                os.chmod(path, stat.S_IMODE(mode) & ~PRIVATE_UMASK)
-                changed += 1
+            if stat.S_ISLNK(mode) or not stat.S_IMODE(mode) & PRIVATE_UMASK:
+                continue
+            with contextlib.suppress(OSError):
+                if ACL_XATTR in os.listxattr(path):
+                    continue
+            os.chmod(path, stat.S_IMODE(mode) & ~PRIVATE_UMASK)
+            changed += 1
     return changed
 
 

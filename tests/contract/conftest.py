@@ -3,6 +3,9 @@
 - `fake`: the in-memory driver (vmm/fake.py);
 - `firecracker-double`: the Firecracker driver against the API double
   (tests/support/firecracker_double.py) given as its binary;
+- `firecracker-jailed`: the same under the jailer double (tests/support/jailer_double.py): each
+  VM's double runs chrooted in its jail as its own uid, so every file the driver hands it must
+  be placed in the jail with access for that uid (needs root);
 - `qemu` (marked vm): the QEMU driver booting the default guest image for real;
 - `firecracker` (marked vm): the Firecracker driver with a real Firecracker
   (HATCH_FIRECRACKER_BIN) and the default image's vmlinux; skipped, with the reason, where
@@ -22,13 +25,18 @@ from pathlib import Path
 import pytest
 
 from hatchvm.ids import new_id
+from hatchvm.private import PRIVATE_UMASK
 from hatchvm.vmm.base import VMM, BootSpec
 from hatchvm.vmm.fake import FakeHost, FakeVMM
+from hatchvm.vmm.fc_jail import Jailer, UidRange
 from hatchvm.vmm.firecracker import FirecrackerVMM
+
+JAIL_UIDS = UidRange(910_000, 64)  # no account on a test host has these
 
 DRIVERS = [
     "fake",
     "firecracker-double",
+    "firecracker-jailed",
     pytest.param("qemu", marks=pytest.mark.vm),
     pytest.param("firecracker", marks=pytest.mark.vm),
 ]
@@ -77,6 +85,7 @@ def _make_disk(disk: Path, vm_id: str, real: bool) -> None:
         create_vm_disk(disk, 64, vm_id.replace("_", "-"), None)
     else:
         disk.write_bytes(b"\0" * 4096)
+        disk.chmod(0o600)  # hatchd's disks are root's alone
 
 
 async def _kill_process(vmm: VMM, vm_id: str, vm_dir: Path) -> None:
@@ -96,6 +105,7 @@ def _dummy_files(root: Path) -> dict[str, Path]:
     for role in ("kernel", "vmlinux", "initrd", "rootfs"):
         files[role] = root / role
         files[role].write_bytes(b"\0" * 4096)
+        files[role].chmod(0o400)  # as the image builder leaves them: read-only, root's
     return files
 
 
@@ -129,11 +139,14 @@ async def kit(
 ) -> AsyncIterator[Kit]:
     # Short paths: the drivers' sockets live under run_dir (Unix socket paths <= 108 bytes).
     root = Path(tempfile.mkdtemp(prefix="hvc-", dir="/tmp"))
+    umask = os.umask(0o022)
+    os.umask(umask)
     try:
         async for kit in _kits(request.param, root):
             yield kit
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        os.umask(umask)
 
 
 async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
@@ -166,6 +179,35 @@ async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
             _kill_process,
             lambda: _stubborn_double(root),
         )
+    elif name == "firecracker-jailed":
+        from tests.support import jailer_double
+        from tests.support.firecracker_double import SWAGGER, launcher
+
+        if os.geteuid() != 0:
+            pytest.skip("the jailer chroots and changes uid: it needs root")
+        if not SWAGGER.exists():
+            pytest.fail(f"Firecracker's swagger file is missing: {SWAGGER}")
+        binary = str(launcher(root))
+        jailer_bin = str(jailer_double.launcher(root))
+        jails = root / "jails"
+        jails.mkdir(mode=0o700)
+
+        os.umask(PRIVATE_UMASK)  # hatchd's (restored by the fixture)
+
+        def jailed() -> VMM:
+            jailer = Jailer(jailer_bin, binary, jails, JAIL_UIDS)
+            return FirecrackerVMM(
+                binary, run_dir, kvm_usable=False, start_timeout=60, jailer=jailer
+            )
+
+        kit = Kit(
+            name,
+            jailed,
+            _dummy_files(root),
+            vms_dir,
+            _kill_process,
+            lambda: _stubborn_double(root),
+        )
     elif name == "qemu":
         from hatchvm.vmm.accel import detect_accel
         from hatchvm.vmm.qemu import QemuVMM
@@ -188,9 +230,18 @@ async def _kits(name: str, root: Path) -> AsyncIterator[Kit]:
         if (problem := await _kvm_problem()) is not None:
             pytest.skip(f"KVM does not run guests here ({problem}): Firecracker cannot")
         files = _image_files()
+        # HATCH_FIRECRACKER_JAILER set too: the real Firecracker under the real jailer.
+        jailer_bin = os.environ.get("HATCH_FIRECRACKER_JAILER")
+        jails = root / "jails"
+        jails.mkdir(mode=0o700)
+
+        def real() -> VMM:
+            jailer = Jailer(jailer_bin, binary, jails, JAIL_UIDS) if jailer_bin else None
+            return FirecrackerVMM(binary, run_dir, kvm_usable=True, jailer=jailer)
+
         kit = Kit(
             name,
-            lambda: FirecrackerVMM(binary, run_dir, kvm_usable=True),
+            real,
             files,
             vms_dir,
             _kill_process,

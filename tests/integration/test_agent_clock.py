@@ -80,23 +80,10 @@ echo hostile > /srv/www/hostile
 
 
 @pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
-@pytest.fixture
 def no_agent_image(hatch) -> str:
     """img_noagent: img_default as it was before the agent, i.e. without the binary and its
     inittab line (a user's own image, or one built by an older hatchvm)."""
     return install_image_without_agent(hatch.settings(), "img_noagent")
-
-
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
 
 
 def cgi(vm: dict, name: str) -> str:

@@ -21,13 +21,6 @@ IO_TIMEOUT = 30.0  # a safety net against a hung socket, not a measured duration
 
 
 @pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
-@pytest.fixture
 def key(hatch) -> str:
     return hatch.create_key("alice")
 

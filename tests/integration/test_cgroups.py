@@ -35,12 +35,6 @@ def cgroups(hatch) -> VMCgroups:
     return found
 
 
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
-
-
 def assert_confined(cgroups: VMCgroups, vm_id: str) -> None:
     """The VM's QEMU, every one of its threads, and nothing else, is in the VM's group."""
     pids = qemu_pids(vm_id)

@@ -15,13 +15,6 @@ pytestmark = pytest.mark.vm
 HATCHVM = [sys.executable, "-m", "hatchvm.cli.main"]
 
 
-@pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
 def run(hatch, *args: str, key: str | None = None, stdin: str | None = None):
     env = {**os.environ, **hatch.env, "HATCH_API_URL": hatch.url}
     env.pop("HATCH_API_KEY", None)

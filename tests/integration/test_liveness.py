@@ -29,19 +29,6 @@ echo "web server up"
 """
 
 
-@pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
-
-
 def boot_id(vm: dict) -> str:
     return wait_http(f"http://{vm['guest_ip']}:8080/boot_id").strip()
 

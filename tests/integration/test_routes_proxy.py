@@ -26,19 +26,6 @@ busybox httpd -p 8080 -h /srv/www
 """
 
 
-@pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
-
-
 def via_proxy(hatch, subdomain: str, path: str = "/", timeout: float = 120) -> httpx.Response:
     return httpx.get(
         f"http://127.0.0.1:{hatch.proxy_port}{path}",

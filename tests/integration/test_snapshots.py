@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from hatchvm.client import HatchAPIError
-from hatchvm.snapshots import codec
-from hatchvm.snapshots.manifest import SnapshotManifest
+from hatchvm.snapshots.chunks import namespace, pack_key
 from tests.support.host import qemu_pids
+from tests.support.snapshots import manifest_of, rebuild_files
 from tests.support.wait import http_text, wait_for, wait_http
 
 pytestmark = pytest.mark.vm
@@ -106,14 +106,9 @@ def disk_file(disk: Path, path: str) -> str:
     return out.stdout
 
 
-def unpack_disk(snap: dict, dest: Path) -> Path:
-    """Verify and decode a local snapshot's disk artifact, as a restore would."""
-    location = Path(snap["storage"]["location"])
-    manifest = SnapshotManifest.parse((location / "manifest.json").read_text())
-    record = manifest.artifacts["disk"]
-    out = dest / "disk.ext4"
-    codec.decode(location / "disk.zst", out, record.info())
-    return out
+def unpack_disk(hatch, snap: dict, dest: Path) -> Path:
+    """Fetch and verify a local snapshot's disk from its chunks, as a restore would."""
+    return rebuild_files(hatch, snap["id"], dest)["disk"]
 
 
 @pytest.fixture
@@ -121,12 +116,6 @@ def hatch(daemon_factory):
     d = daemon_factory(HATCH_MAX_SNAPSHOTS_PER_VM="2")
     d.start()
     return d
-
-
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
 
 
 def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
@@ -158,7 +147,7 @@ def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
     assert err.value.status == 409
 
     # The disk was captured with the memory: the log on it reaches the counter's value.
-    disk = disk_file(unpack_disk(snap, tmp_path), "/srv/www/log")
+    disk = disk_file(unpack_disk(hatch, snap, tmp_path), "/srv/www/log")
     at_snapshot = assert_consecutive(disk)[-1]
     assert at_snapshot >= before
 
@@ -216,32 +205,37 @@ def test_older_snapshot_by_id_quota_and_delete(api, hatch) -> None:
     assert [s["id"] for s in api.list_snapshots(vm["id"])] == [third["id"], first["id"]]
 
 
-def test_corrupted_or_missing_artifact_is_refused_and_retryable(api, hatch) -> None:
+def test_corrupted_or_missing_chunk_is_refused_and_retryable(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     wait_count(vm, 3)
     first = api.snapshot_vm(vm["id"])
     api.restore_vm(vm["id"])
     second = api.snapshot_vm(vm["id"])
 
-    mem = Path(first["storage"]["location"]) / "mem.zst"
-    good = mem.read_bytes()
+    # The largest pack of the first snapshot (the second names it too: they share pages).
+    chunks = manifest_of(hatch, first["id"]).chunks
+    assert chunks is not None
+    pack = max(chunks.packs, key=lambda p: chunks.packs[p].size)
+    path = hatch.data_dir / "snapshots" / pack_key(namespace("alice"), pack)
+    good = path.read_bytes()
     damaged = bytearray(good)
     damaged[len(damaged) // 2] ^= 0xFF
-    mem.write_bytes(bytes(damaged))
+    path.write_bytes(bytes(damaged))
     with pytest.raises(HatchAPIError) as err:
         api.restore_vm(vm["id"], first["id"])
     assert err.value.status == 500 and first["id"] in err.value.message
-    assert "checksum" in err.value.message
+    assert "checksum" in err.value.message or "corrupt" in err.value.message
+    assert pack in err.value.message
     assert api.get_vm(vm["id"])["state"] == "snapshotted"
 
-    mem.unlink()
+    path.unlink()
     with pytest.raises(HatchAPIError) as err:
         api.restore_vm(vm["id"], first["id"])
     assert err.value.status == 500 and first["id"] in err.value.message
     assert "missing" in err.value.message
     assert api.get_vm(vm["id"])["state"] == "snapshotted"
 
-    mem.write_bytes(good)  # repaired: the same request now succeeds
+    path.write_bytes(good)  # repaired: the same request now succeeds
     assert api.restore_vm(vm["id"], first["id"])["state"] == "running"
     wait_count(vm, 0)
     assert second["id"] in [s["id"] for s in api.list_snapshots(vm["id"])]
@@ -269,14 +263,16 @@ def test_delete_cascade_and_ownership(api, hatch) -> None:
                 call()
             assert err.value.status == 404
 
-    store = hatch.data_dir / "snapshots" / vm["id"]
-    assert store.is_dir()
+    user = hatch.data_dir / "snapshots" / "users" / namespace("alice")
+    store = user / "manifests" / vm["id"]
+    assert store.is_dir() and list((user / "packs").iterdir())
     assert api.delete_vm(vm["id"]) == {"status": "deleted"}
     for snap in (first, second):
         with pytest.raises(HatchAPIError) as err:
             api.get_snapshot(snap["id"])
         assert err.value.status == 404
     assert not store.exists()
+    assert [p for p in user.rglob("*") if p.is_file()] == []  # alice has no snapshot left
     assert not (hatch.data_dir / "vms" / vm["id"]).exists()
     assert qemu_pids(vm["id"]) == []
 
@@ -330,9 +326,8 @@ def test_daemon_killed_mid_operation_leaves_a_consistent_vm(api, hatch, phase) -
     state = api.get_vm(vm["id"])["state"]
     assert state in ("running", "snapshotted")
     snapshots = api.list_snapshots(vm["id"])
-    for snap in snapshots:  # every listed snapshot is complete
-        location = Path(snap["storage"]["location"])
-        SnapshotManifest.parse((location / "manifest.json").read_text())
+    for snap in snapshots:  # every listed snapshot is complete: all its chunks are there
+        rebuild_files(hatch, snap["id"], hatch.data_dir / "check" / snap["id"])
     if state == "snapshotted":
         assert snapshots
         api.restore_vm(vm["id"])

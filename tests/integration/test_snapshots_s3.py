@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hatchvm.snapshots.chunks import namespace
 from tests.integration.test_snapshots import COUNTER, boot_id, count_of, wait_count
 from tests.support.s3 import S3Server, start_s3, weed_binary
 
@@ -33,29 +34,28 @@ def test_s3_round_trip(daemon_factory, s3) -> None:
         boot = boot_id(vm)
         wait_count(vm, 3)
         first = api.snapshot_vm(vm["id"])
-        prefix = f"snapshots/{vm['id']}/{first['id']}/"
-        assert first["storage"] == {
-            "backend": "s3",
-            "location": f"s3://{s3.bucket}/{prefix.rstrip('/')}",
-        }
-        names = {"manifest.json", "mem.zst", "disk.zst", "state.zst"}
-        assert s3.keys(prefix) == sorted(prefix + name for name in names)
+        user = f"snapshots/users/{namespace('alice')}/"
+        listing = f"{user}manifests/{vm['id']}/{first['id']}.listing"
+        assert first["storage"] == {"backend": "s3", "location": f"s3://{s3.bucket}/{listing}"}
+        keys = s3.keys(user)
+        assert listing in keys and any(k.endswith(".pack") for k in keys)
+        # Every object of alice's is one the first snapshot added: packs, indexes, listing.
         stored = sum(
-            s3.client().head_object(Bucket=s3.bucket, Key=prefix + n)["ContentLength"]
-            for n in names - {"manifest.json"}
+            s3.client().head_object(Bucket=s3.bucket, Key=k)["ContentLength"] for k in keys
         )
         assert stored == first["size_bytes"]
 
         api.restore_vm(vm["id"])
         high = wait_count(vm, count_of(vm) + 40)
         api.snapshot_vm(vm["id"])
-        # Not the VM's own copy: this restore downloads, verifies and unpacks from S3.
+        # Not the VM's own copy: this restore fetches chunks from S3 in parallel ranged reads,
+        # verifies each and writes it into the sparse memory and disk files.
         assert api.restore_vm(vm["id"], first["id"])["state"] == "running"
         assert boot_id(vm) == boot
         assert count_of(vm) < high
 
         assert api.delete_vm(vm["id"]) == {"status": "deleted"}
-        assert s3.keys(f"snapshots/{vm['id']}/") == []
+        assert s3.keys(user) == []  # every pack and listing collected
 
 
 def test_unreachable_bucket_stops_the_daemon(daemon_factory, s3) -> None:

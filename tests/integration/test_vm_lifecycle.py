@@ -42,19 +42,6 @@ def environment(pid: int) -> dict[str, str]:
     return dict(v.decode().partition("=")[::2] for v in raw if v)
 
 
-@pytest.fixture
-def hatch(daemon_factory):
-    d = daemon_factory()
-    d.start()
-    return d
-
-
-@pytest.fixture
-def api(hatch):
-    with hatch.client(hatch.create_key("alice")) as client:
-        yield client
-
-
 def test_create_serves_http_from_user_data(api, hatch) -> None:
     vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
     assert vm["state"] == "running"

@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,15 +41,13 @@ import jsonschema_rs
 import yaml
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parents[2]
-SWAGGER = Path(
-    os.environ.get(
-        "HATCH_FIRECRACKER_SWAGGER", REPO.parent / "shared/reference/firecracker-swagger.yaml"
-    )
-)
+from tests.support.fc_swagger import REPO, SWAGGER
+
 VERSION = "1.17.0-double"
 STATE_MAGIC = "firecracker-double-state"
 MIB = 1 << 20
+TUNSETIFF = 0x400454CA
+IFF_TAP_FLAGS = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 
 # Which calls belong to which phase (Firecracker's PrebootApiController/RuntimeApiController).
 PRE_BOOT = {
@@ -182,15 +182,35 @@ class Instance:
             self.serial_fd = _open_nonblock(self.serial_path)
 
 
-def _require_file(what: str, path: str) -> None:
-    if not os.path.exists(path):
-        raise Fault(f"{what} cannot be opened: No such file or directory (os error 2): {path}")
+def _require_file(what: str, path: str, write: bool = False) -> None:
+    """Open it as Firecracker does (read-only, or read-write for a writable drive): under the
+    jailer as the jail's uid, inside the jail."""
+    try:
+        os.close(os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC))
+    except OSError as exc:
+        raise Fault(
+            f"{what} cannot be opened: {exc.strerror} (os error {exc.errno}): {path}"
+        ) from None
+
+
+def _open_tap(name: str) -> int:
+    """Attach to the TAP through /dev/net/tun, as Firecracker does (TUNSETIFF with IFF_TAP |
+    IFF_NO_PI | IFF_VNET_HDR); jailed, that is the jail's node, as the jail's uid."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP_FLAGS))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Double:
-    def __init__(self, vm_id: str, routes: list[Route]) -> None:
+    def __init__(self, vm_id: str, routes: list[Route], jailed: bool = False) -> None:
         self.vm = Instance(vm_id)
         self.routes = routes
+        self.jailed = jailed  # started by the jailer: opens TAPs through the jail's /dev/net/tun
+        self.taps: list[int] = []
         self.guest = os.environ.get("FC_DOUBLE_GUEST", "normal")
         self.exit_code: int | None = None
 
@@ -294,7 +314,11 @@ class Double:
                     raise Fault("The id from the path does not match the id from the body!")
                 if "path_on_host" not in body or "is_read_only" not in body:
                     raise Fault("Drive config error: path_on_host and is_read_only are required.")
-                _require_file("Drive config error: the block device", body["path_on_host"])
+                _require_file(
+                    "Drive config error: the block device",
+                    body["path_on_host"],
+                    write=not body["is_read_only"],
+                )
                 vm.drives[body["drive_id"]] = body
             case ("PUT", "/network-interfaces/{iface_id}"):
                 if body["iface_id"] != match.group("id"):
@@ -302,6 +326,8 @@ class Double:
                 tap = body["host_dev_name"]
                 try:  # this network namespace's (sysfs may show another's)
                     socket.if_nametoindex(tap)
+                    if self.jailed:
+                        self.taps.append(_open_tap(tap))
                 except OSError:
                     raise Fault(
                         f"Network interface error: Could not create the network device: "
@@ -347,9 +373,6 @@ class Double:
         if body.get("snapshot_type", "Full") != "Full":
             raise Fault("Create snapshot error: the double makes full snapshots only.")
         size = int(vm.machine["mem_size_mib"]) * MIB
-        with open(body["mem_file_path"], "wb") as mem:
-            mem.write(b"FCDOUBLE" + vm.vm_id.encode())
-            mem.truncate(size)
         payload = {
             "machine": vm.machine,
             "drives": vm.drives,
@@ -357,7 +380,13 @@ class Double:
             "mem_bytes": size,
         }
         state = {"magic": STATE_MAGIC, "version": VERSION, "crc": _crc(payload), **payload}
-        Path(body["snapshot_path"]).write_text(json.dumps(state))
+        try:
+            with open(body["mem_file_path"], "wb") as mem:
+                mem.write(b"FCDOUBLE" + vm.vm_id.encode())
+                mem.truncate(size)
+            Path(body["snapshot_path"]).write_text(json.dumps(state))
+        except OSError as exc:
+            raise Fault(f"Create snapshot error: {exc.strerror} (os error {exc.errno})") from None
 
     def _load_snapshot(self, body: dict[str, Any]) -> None:
         vm = self.vm
@@ -379,6 +408,7 @@ class Double:
             ) from None
         mem_path = body["mem_backend"]["backend_path"]
         try:
+            os.close(os.open(mem_path, os.O_RDONLY | os.O_CLOEXEC))  # mapped privately: read-only
             mem_size = os.path.getsize(mem_path)
         except OSError as exc:
             raise Fault(
@@ -393,12 +423,24 @@ class Double:
                 fatal=True,
             )
         for drive in payload["drives"].values():
-            if not os.path.exists(drive["path_on_host"]):
+            try:
+                _require_file("block device", drive["path_on_host"], not drive["is_read_only"])
+            except Fault:
                 raise Fault(
                     f"Load snapshot error: Failed to restore from snapshot: block device "
                     f"{drive['path_on_host']} cannot be opened",
                     fatal=True,
-                )
+                ) from None
+        if self.jailed:
+            for iface in payload["ifaces"].values():
+                try:
+                    self.taps.append(_open_tap(iface["host_dev_name"]))
+                except OSError as exc:
+                    raise Fault(
+                        f"Load snapshot error: Failed to restore from snapshot: Open tap device "
+                        f"failed: {iface['host_dev_name']}: {exc.strerror}",
+                        fatal=True,
+                    ) from None
         vm.machine, vm.drives, vm.ifaces = payload["machine"], payload["drives"], payload["ifaces"]
         vm.boot_path, vm.loaded = True, True
         vm.state = "Running" if body.get("resume_vm") else "Paused"
@@ -415,8 +457,8 @@ def _fault(status: int, message: str) -> web.Response:
     return web.json_response({"fault_message": message}, status=status)
 
 
-async def serve(api_sock: Path, vm_id: str) -> None:
-    double = Double(vm_id, load_routes())
+async def serve(api_sock: Path, vm_id: str, jailed: bool) -> None:
+    double = Double(vm_id, load_routes(), jailed)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", double.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -429,6 +471,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="firecracker")
     parser.add_argument("--api-sock", required=True, type=Path)
     parser.add_argument("--id", default="anonymous-instance")
+    # What the jailer passes (its timing): present only when started by it.
+    parser.add_argument("--start-time-us", type=int)
+    parser.add_argument("--start-time-cpu-us", type=int)
+    parser.add_argument("--parent-cpu-time-us", type=int)
+    given = sys.argv[1:] if argv is None else argv
+    for flag in {a for a in given if a.startswith("--")}:
+        if given.count(flag) > 1:  # Firecracker's parser refuses a repeated argument
+            print(f"The argument '{flag[2:]}' was provided more than once.", file=sys.stderr)
+            sys.exit(153)
     args = parser.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", args.id):
         print(f"Invalid instance ID: {args.id}", file=sys.stderr)
@@ -437,16 +488,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Failed to open the API socket at {args.api_sock}: Address in use", file=sys.stderr)
         sys.exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    asyncio.run(serve(args.api_sock, args.id))
+    asyncio.run(serve(args.api_sock, args.id, jailed=args.start_time_us is not None))
 
 
 def launcher(directory: Path, guest: str = "normal") -> Path:
     """An executable that runs the double with this interpreter: HATCH_FIRECRACKER_BIN.
     Called again with another guest, it changes what later starts get."""
     path = directory / "firecracker"
+    # Its settings are in the script: the jailer starts it with an empty environment.
     path.write_text(
-        f"#!/bin/sh\nFC_DOUBLE_GUEST={guest} PYTHONPATH={REPO} exec {sys.executable}"
-        ' -m tests.support.firecracker_double "$@"\n'
+        f"#!/bin/sh\nFC_DOUBLE_GUEST={guest} HATCH_FIRECRACKER_SWAGGER={SWAGGER}"
+        f' PYTHONPATH={REPO} exec {sys.executable} -m tests.support.firecracker_double "$@"\n'
     )
     path.chmod(0o755)
     return path

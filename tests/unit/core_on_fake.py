@@ -24,6 +24,7 @@ from hatchvm.db.models import VM
 from hatchvm.ids import DEFAULT_IMAGE_ID
 from hatchvm.images.builder import BUILDER_VERSION, content_version, load_artifacts
 from hatchvm.images.registry import register
+from hatchvm.metrics import Metrics
 from hatchvm.net.egress import Egress
 from hatchvm.snapshots.local import LocalStore
 from hatchvm.vmm.base import Feature
@@ -93,7 +94,9 @@ def _fake_image(image_dir: Path) -> None:
     staging.rename(image_dir / content_version(manifest))
 
 
-async def make_core(tmp: Path, features: Feature = Feature.SNAPSHOTS) -> AsyncIterator[Core]:
+async def make_core(
+    tmp: Path, features: Feature = Feature.SNAPSHOTS, metrics: Metrics | None = None
+) -> AsyncIterator[Core]:
     settings = load_settings(
         data_dir=tmp / "data",
         run_dir=tmp / "run",
@@ -115,10 +118,10 @@ async def make_core(tmp: Path, features: Feature = Feature.SNAPSHOTS) -> AsyncIt
     host = FakeHost()
     consoles = Consoles(settings.console_max_bytes)
     vms = VMService(settings, sessions, FakeVMM(host, features), None, consoles)
-    liveness = Liveness(vms)
-    snapshots = SnapshotService(settings, vms, LocalStore(settings.snapshots_dir))
+    liveness = Liveness(vms, metrics)
+    snapshots = SnapshotService(settings, vms, LocalStore(settings.snapshots_dir), metrics)
     clock = Clock()
-    wake = WakeService(vms, snapshots, max_failures=3, backoff=5.0, clock=clock)
+    wake = WakeService(vms, snapshots, max_failures=3, backoff=5.0, clock=clock, metrics=metrics)
     core = Core(settings, host, vms, snapshots, wake, liveness, Activity(vms), clock)
     try:
         yield core

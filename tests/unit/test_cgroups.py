@@ -89,6 +89,22 @@ def test_v2_group_limits(fake_v2) -> None:
     assert (group.parent / "vm_big" / "cpu.weight").read_text() == "10000"  # v2's maximum
 
 
+def test_v1_group_limits_go_to_each_controllers_hierarchy(tmp_path) -> None:
+    memory, cpu = tmp_path / "memory", tmp_path / "cpu,cpuacct"
+    for root in (memory, cpu):
+        (root / "hatchvm").mkdir(parents=True)
+    cgroups = VMCgroups(Layout(1, (memory, cpu)), "hatchvm")
+    cgroups.create("vm_a", Limits(memory_bytes=400 << 20, vcpus=2))
+    assert sorted(p.name for p in (memory / "hatchvm" / "vm_a").iterdir()) == [
+        "memory.limit_in_bytes"
+    ]
+    assert (memory / "hatchvm" / "vm_a" / "memory.limit_in_bytes").read_text() == str(400 << 20)
+    group = cpu / "hatchvm" / "vm_a"
+    assert (group / "cpu.cfs_quota_us").read_text() == "200000"
+    assert (group / "cpu.cfs_period_us").read_text() == "100000"
+    assert (group / "cpu.shares").read_text() == "2048"
+
+
 def test_launcher_enters_before_the_command_runs(fake_v2) -> None:
     fake_v2.create("vm_a", Limits(memory_bytes=1 << 30, vcpus=1))
     procs = fake_v2.procs_files("vm_a")[0]

@@ -104,3 +104,21 @@ def test_malformed_egress_names_the_bad_part(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "'10.0.0.1/8'" in str(err.value) and "host bits" in str(err.value)
+
+
+def test_the_jailers_uid_range_must_end_within_the_uids(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATCH_FIRECRACKER_UID_BASE", "4294967000")
+    monkeypatch.setenv("HATCH_FIRECRACKER_UID_COUNT", "1000")
+    with pytest.raises(ConfigError, match="HATCH_FIRECRACKER_UID_BASE \\+ HATCH_FIRECRACKER_UID"):
+        load_settings()
+    monkeypatch.setenv("HATCH_FIRECRACKER_UID_BASE", "0")
+    with pytest.raises(ConfigError, match=r"^HATCH_FIRECRACKER_UID_BASE:"):
+        load_settings()
+
+
+def test_the_jails_default_to_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("HATCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HATCH_FIRECRACKER_CHROOT_BASE", "")
+    assert load_settings().jail_base == tmp_path / "jailer"
+    monkeypatch.setenv("HATCH_FIRECRACKER_CHROOT_BASE", str(tmp_path / "j"))
+    assert load_settings().jail_base == tmp_path / "j"

@@ -39,8 +39,8 @@ def test_every_route_is_an_operation(doc) -> None:
     assert ids == sorted(
         """healthz create_vm list_vms get_vm stop_vm start_vm delete_vm snapshot_vm restore_vm
         list_snapshots get_snapshot delete_snapshot create_route list_routes delete_route
-        list_images get_image get_console exec_vm exec_vm_stream list_processes get_process
-        kill_process delete_process upload_file download_file stat_file list_files
+        list_images get_image get_console get_metrics exec_vm exec_vm_stream list_processes
+        get_process kill_process delete_process upload_file download_file stat_file list_files
         delete_file fork_vm fork_snapshot""".split()
     )
 
@@ -121,6 +121,13 @@ def test_the_console_is_text(doc) -> None:
     assert [p["name"] for p in op["parameters"]] == ["vm_id", "lines", "follow"]
 
 
+def test_metrics_are_prometheus_text(doc) -> None:
+    op = doc["paths"]["/metrics"]["get"]
+    assert sorted(op["responses"]) == ["200", "404", "413"]  # 404: HATCH_METRICS_ADDR is set
+    assert list(op["responses"]["200"]["content"]) == ["text/plain; version=0.0.4"]
+    assert "parameters" not in op and "requestBody" not in op
+
+
 def test_request_bodies(doc) -> None:
     bodies = {
         op["operationId"]: op["requestBody"] for _, _, op in operations(doc) if "requestBody" in op
@@ -157,7 +164,8 @@ def test_security(doc) -> None:
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     }
     for method, path, op in operations(doc):
-        expected = None if path == "/healthz" else [{"bearer": []}, {"apiKey": []}]
+        public = path in ("/healthz", "/metrics")
+        expected = None if public else [{"bearer": []}, {"apiKey": []}]
         assert op.get("security") == expected, (method, path)
 
 

@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from hatchvm.config import Settings
 from hatchvm.core.activity import Activity
 from hatchvm.core.states import State
+from hatchvm.core.wake import Woken
 from hatchvm.gateway.ssh import SSHGateway
 from tests.support.daemon import free_port
 from tests.unit.test_proxy_protocol import eventually
@@ -51,11 +52,12 @@ class StubWake:
     def __init__(self) -> None:
         self.wakes = 0
 
-    async def ensure_running(self, vm: StubVM) -> StubVM:
-        if vm.state != State.RUNNING.value:
-            self.wakes += 1
-            vm.state = State.RUNNING.value
-        return vm
+    async def wake_up(self, vm: StubVM, trigger: str) -> Woken:
+        if vm.state == State.RUNNING.value:
+            return Woken(vm, None)  # type: ignore[arg-type]
+        self.wakes += 1
+        vm.state = State.RUNNING.value
+        return Woken(vm, "restore")  # type: ignore[arg-type]
 
 
 class GuestSSHD:

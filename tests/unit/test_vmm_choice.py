@@ -4,6 +4,9 @@ KVM (a warning), but not without its binary."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,69 @@ async def test_explicit_firecracker_needs_its_binary(tmp_path, monkeypatch) -> N
     settings = _settings(tmp_path, vmm="firecracker", firecracker_bin=str(tmp_path / "none"))
     with pytest.raises(daemon.StartupError, match=r"HATCH_VMM=firecracker but .* is not found"):
         await daemon._build_vmm(settings)
+
+
+# ---- the jailer: everything it needs is checked at start-up -----------------------------
+
+
+def _jailed(tmp_path: Path, binary: str, **values: str) -> object:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    values.setdefault("firecracker_jailer", binary)
+    return _settings(
+        tmp_path, vmm="firecracker", firecracker_bin=binary, data_dir=str(data), **values
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
+async def test_a_usable_jailer_is_given_to_the_firecracker_driver(
+    tmp_path, monkeypatch, binary
+) -> None:
+    _kvm(monkeypatch, works=False)
+    vmm, _ = await daemon._build_vmm(_jailed(tmp_path, binary, firecracker_uid_base="910200"))
+    assert isinstance(vmm, FirecrackerVMM) and vmm.jailer is not None
+    assert vmm.jailer.chroot_base == tmp_path / "data" / "jailer"
+    assert stat.S_IMODE((tmp_path / "data" / "jailer").stat().st_mode) == 0o700
+    assert vmm.jailer.uids.base == 910200 and vmm.jailer.exec_name == "firecracker"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"firecracker_jailer": "/no/such/jailer"},
+            "HATCH_FIRECRACKER_JAILER=/no/such/jailer is not an executable file",
+        ),
+        ({"firecracker_jailer": "{not executable}"}, "is not an executable file"),
+        (
+            {"firecracker_uid_base": "65534", "firecracker_uid_count": "1"},
+            "uid 65534 of HATCH_FIRECRACKER_UID_BASE/_COUNT (65534-65534) belongs to user",
+        ),
+        (
+            {"firecracker_chroot_base": "/dev/shm/hatchvm-jail-test"},
+            "is not on the filesystem of the data dir",
+        ),
+    ],
+)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jailer needs root")
+async def test_a_jailer_that_cannot_work_stops_the_start_naming_the_setting(
+    tmp_path, monkeypatch, binary, values, message
+) -> None:
+    _kvm(monkeypatch, works=False)
+    if "firecracker_chroot_base" in values and _same_fs("/dev/shm", tmp_path):
+        pytest.skip("/dev/shm is on the same filesystem as the test's data dir here")
+    if values.get("firecracker_jailer") == "{not executable}":
+        plain = tmp_path / "jailer"
+        plain.write_text("#!/bin/sh\n")
+        plain.chmod(0o644)
+        values = {"firecracker_jailer": str(plain)}
+    try:
+        with pytest.raises(daemon.StartupError) as err:
+            await daemon._build_vmm(_jailed(tmp_path, binary, **values))
+        assert message in str(err.value)
+    finally:
+        shutil.rmtree("/dev/shm/hatchvm-jail-test", ignore_errors=True)
+
+
+def _same_fs(a: str, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev

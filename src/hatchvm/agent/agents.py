@@ -33,6 +33,7 @@ from hatchvm.agent.messages import (
     sync_request,
 )
 from hatchvm.agent.protocol import REPLY, Frame, MsgType
+from hatchvm.metrics import Metrics
 
 log = structlog.get_logger("hatchvm.agent")
 
@@ -59,8 +60,9 @@ class SyncResult:
 
 
 class Agents:
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, metrics: Metrics | None = None) -> None:
         self.timeout = timeout
+        self.metrics = metrics or Metrics()
         self._channels: dict[str, AgentChannel] = {}
         self.hellos: dict[str, Hello] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -125,11 +127,14 @@ class Agents:
         try:
             result = await self.sync(vm_id)
         except AgentError as exc:
+            self.metrics.agent_synced(False)
             log.warning("guest clock and rng not synced after a restore", vm_id=vm_id, why=str(exc))
             return f"clock not synced, RNG not reseeded: {exc}"
         except Exception as exc:  # a bug here must not cost the guest its restore
+            self.metrics.agent_synced(False)
             log.exception("guest resync failed unexpectedly", vm_id=vm_id)
             return f"clock not synced, RNG not reseeded: internal error ({type(exc).__name__})"
+        self.metrics.agent_synced(True)
         log.info(
             "guest clock and rng synced",
             vm_id=vm_id,

@@ -62,7 +62,7 @@ class VM(Output):
 
 
 class Artifact(Output):
-    size_bytes: int
+    size_bytes: int  # compressed bytes a restore of it reads (its chunks' blocks, each once)
     raw_bytes: int
     sha256: str
 
@@ -81,7 +81,7 @@ class SnapshotStorage(Output):
 class Snapshot(Output):
     id: str
     vm_id: str
-    size_bytes: int
+    size_bytes: int  # bytes it added to the store: its new chunks and its listing
     automatic: bool
     storage: SnapshotStorage
     artifacts: SnapshotArtifacts

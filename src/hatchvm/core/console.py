@@ -87,6 +87,8 @@ class Consoles:
         if current is not None and current.task is not None and not current.task.done():
             return
         try:
+            if socket.is_symlink():  # a jailed VMM owns its pipes' directory: never followed
+                raise OSError(f"{socket} is a symlink")
             if is_fifo(socket):  # Firecracker writes the serial console to a named pipe
                 reader, writer = await open_fifo(socket)
             else:

@@ -20,6 +20,7 @@ from hatchvm.core.states import State
 from hatchvm.core.vms import VMService
 from hatchvm.db.models import VM
 from hatchvm.errors import HatchError
+from hatchvm.metrics import Metrics
 from hatchvm.timefmt import rfc3339
 from hatchvm.vmm.base import ExitInfo
 
@@ -33,8 +34,9 @@ PANIC = b"Kernel panic - not syncing"
 
 
 class Liveness:
-    def __init__(self, vms: VMService) -> None:
+    def __init__(self, vms: VMService, metrics: Metrics | None = None) -> None:
         self.vms = vms
+        self.metrics = metrics or Metrics()
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._restarts: dict[str, asyncio.Task[None]] = {}
         self._crashes: dict[str, tuple[int, float]] = {}  # vm id -> (in a row, last boot)
@@ -90,6 +92,7 @@ class Liveness:
                 "console": last_lines(self.vms.vm_dir(vm_id)),
             }
             log.warning("vm died", vm_id=vm_id, reason=reason)
+            self.metrics.vm_died(info.reason)
             return await self.vms.record_death(vm, reason, json.dumps(last_exit))
 
     def _schedule_restart(self, vm: VM) -> None:

@@ -2,13 +2,16 @@
 
 A snapshot pauses the guest and saves only its device state: its RAM already is a file
 (vms.MEM_NAME) and its disk is quiet once paused. The VMM process ends, then RAM, disk and
-state are compressed into the artifact store. The snapshot row is written only when every
-artifact is stored, so a half-written snapshot is never listed; until then the VM's own files
-can resume it, so a failed store or a daemon crash never loses the VM.
+state go into the chunk store (snapshots/chunks.py: every page the user already stores is only
+named). Write order: chunks, then the listing, then the snapshot row, so a half-written
+snapshot is never listed and a listed one never lacks a chunk; until the row is written the
+VM's own files can resume it, so a failed store or a daemon crash never loses the VM. Chunks
+no committed snapshot names are collected (snapshots/gc.py) after deletes and at start-up.
 
 After a snapshot the VM's files still equal it (the "hot copy", marked by resume/LATEST):
 restoring that snapshot maps them directly, without reading the store. Any other restore
-verifies and unpacks the artifacts first, and touches the VM's files only once all are good.
+fetches, verifies and writes the chunks into fresh sparse files first (old-format snapshots:
+decodes their artifacts), and touches the VM's files only once all are good.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,9 +36,18 @@ from hatchvm.db import repo
 from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import new_id
+from hatchvm.metrics import Metrics
 from hatchvm.snapshots import codec
+from hatchvm.snapshots.chunks import ChunkStore, StoredListing, Written, listing_key, namespace
 from hatchvm.snapshots.errors import ArtifactError
-from hatchvm.snapshots.manifest import ARTIFACT_NAMES, ArtifactRecord, SnapshotManifest
+from hatchvm.snapshots.gc import Collector, Committed, CommittedFn, Writing
+from hatchvm.snapshots.manifest import (
+    ARTIFACT_NAMES,
+    ArtifactRecord,
+    ChunkRecord,
+    PackRecord,
+    SnapshotManifest,
+)
 from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import Feature
@@ -79,17 +92,40 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _old_format(snap: Snapshot) -> bool:
+    """Stored in its own files (manifest version 1), not as chunks; an unreadable manifest
+    counts as old: deleting its folder is harmless either way."""
+    try:
+        return SnapshotManifest.parse(snap.manifest).chunks is None
+    except ArtifactError:
+        return True
+
+
 def _reset_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
 
 
 class SnapshotService:
-    def __init__(self, settings: Settings, vms: VMService, store: ArtifactStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        vms: VMService,
+        store: ArtifactStore,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._s = settings
         self.vms = vms
         self.store = store
+        # S3 answers each ranged read after a round trip: more of them in flight.
+        io_workers = 8 if store.backend == "s3" else 3
+        self.chunks = ChunkStore(store, settings.snapshot_zstd_level, io_workers)
+        self.collector = Collector(store)
         vms.delete_hooks.append(self._forget_vm)
+        self.metrics = metrics or Metrics()
+
+    def close(self) -> None:
+        self.chunks.close()
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -172,44 +208,63 @@ class SnapshotService:
         # Written first: a daemon that dies from here on finds which snapshot was under way.
         await asyncio.to_thread((resume / PENDING).write_text, snap_id)
         crashpoint("snapshot.begun")
+        began = time.monotonic()
         try:
             await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("capture")
             log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
             state = await self._after_failed_capture(vm, reason)
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
         crashpoint("snapshot.captured")
+        captured = time.monotonic()
         await self.vms.detach_network(vm)
+        ns = namespace(vm.user_id)
         try:
-            manifest = await self._store_artifacts(vm, snap_id)
+            # Pinned from before the first chunk until the row is committed: the collector
+            # spares every pack this snapshot may name.
+            async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
+                files = {
+                    "mem": vm_dir / MEM_NAME,
+                    "disk": vm_dir / DISK_NAME,
+                    "state": resume / STATE_NAME,
+                }
+                manifest = await self.store_files(vm, snap_id, files, w)
+                crashpoint("snapshot.stored")
+                assert manifest.chunks is not None
+                snap = Snapshot(
+                    id=snap_id,
+                    vm_id=vm.id,
+                    user_id=vm.user_id,
+                    size_bytes=manifest.chunks.added_bytes,
+                    storage=self.store.backend,
+                    location=self.store.location(manifest.chunks.listing_key),
+                    manifest=manifest.model_dump_json(),
+                    automatic=automatic,
+                    created_at=datetime.now(UTC),
+                )
+                # The snapshot row and the VM's new state commit together.
+                await self.vms.update(
+                    vm.id,
+                    state=State.SNAPSHOTTED,
+                    state_reason=None,
+                    touch=not automatic,
+                    add=[snap],
+                )
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("store")
             log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
-            with contextlib.suppress(ArtifactError):
-                await self.store.delete_prefix(self._prefix(vm.id, snap_id))
+            await self._collect(vm.user_id)  # what it wrote is named by nothing now
             state = await self.resume_local(vm, f"storing snapshot {snap_id} failed: {reason}")
             raise InternalError(
                 f"storing snapshot of {vm.id} failed: {reason} (vm is {state})"
             ) from exc
-        crashpoint("snapshot.stored")
-        snap = Snapshot(
-            id=snap_id,
-            vm_id=vm.id,
-            user_id=vm.user_id,
-            size_bytes=manifest.stored_size,
-            storage=self.store.backend,
-            location=self.store.location(self._prefix(vm.id, snap_id)),
-            manifest=manifest.model_dump_json(),
-            automatic=automatic,
-            created_at=datetime.now(UTC),
-        )
-        # The snapshot row and the VM's new state commit together.
-        await self.vms.update(
-            vm.id, state=State.SNAPSHOTTED, state_reason=None, touch=not automatic, add=[snap]
-        )
         crashpoint("snapshot.recorded")
         await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
+        stored = time.monotonic()
+        self.metrics.snapshot_taken(automatic, captured - began, stored - captured, snap.size_bytes)
         log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
         return snap
 
@@ -226,45 +281,99 @@ class SnapshotService:
         snap_id, _, boot = (_read(self._resume_dir(vm_id) / LATEST) or "").partition(" ")
         return snap_id if snap_id and boot == host_boot_id() else None
 
-    async def _store_artifacts(self, vm: VM, snap_id: str) -> SnapshotManifest:
-        vm_dir = self.vms.vm_dir(vm.id)
-        work = vm_dir / WORK_DIR
-        prefix = self._prefix(vm.id, snap_id)
-        sources = {
-            "mem": vm_dir / MEM_NAME,
-            "disk": vm_dir / DISK_NAME,
-            "state": self._resume_dir(vm.id) / STATE_NAME,
-        }
-        await asyncio.to_thread(_reset_dir, work)
-        try:
-            records: dict[str, ArtifactRecord] = {}
-            for name in ARTIFACT_NAMES:
-                packed = work / f"{name}.zst"
-                info = await asyncio.to_thread(
-                    codec.encode, sources[name], packed, self._s.snapshot_zstd_level
-                )
-                key = f"{prefix}/{name}.zst"
-                await self.store.put(key, packed)
-                records[name] = ArtifactRecord(
-                    key=key,
-                    raw_size=info.raw_size,
-                    stored_size=info.stored_size,
-                    sha256=info.sha256,
-                )
-            manifest = SnapshotManifest(
-                snapshot_id=snap_id,
-                vm_id=vm.id,
-                mem_mib=vm.mem_mib,
-                image_id=vm.image_id,
-                image_version=vm.image_version,
-                artifacts=records,
+    async def store_files(
+        self, vm: VM, snap_id: str, files: dict[str, Path], writing: Writing
+    ) -> SnapshotManifest:
+        """Store the snapshot's files (mem, disk, state) as chunks, then its listing; returns
+        the manifest for its row. Works from the given paths only, so it could run off the
+        VM's lock on copies of them."""
+        ns = namespace(vm.user_id)
+
+        def write_chunks() -> Written:
+            committed = writing.committed.packs
+            known = self.chunks.known(ns, {p: r.index_sha256 for p, r in committed.items()})
+            return self.chunks.write_chunks(ns, files, known, writing.pins)
+
+        written = await asyncio.to_thread(write_chunks)
+        crashpoint("snapshot.packed")
+        listing = await asyncio.to_thread(
+            self.chunks.write_listing, listing_key(ns, vm.id, snap_id), written
+        )
+        self.metrics.deduplicated(written.shared_bytes)  # the store holds them once
+        packs: dict[str, PackRecord] = {}
+        for pack in written.packs:
+            new = written.new_packs.get(pack)
+            packs[pack] = (
+                PackRecord(size=new.size, index_sha256=new.index_sha256)
+                if new is not None
+                else writing.committed.packs[pack]
             )
-            manifest_file = work / "manifest.json"
-            await asyncio.to_thread(manifest_file.write_text, manifest.model_dump_json(indent=2))
-            await self.store.put(f"{prefix}/manifest.json", manifest_file)
-            return manifest
-        finally:
-            await asyncio.to_thread(shutil.rmtree, work, True)
+        return SnapshotManifest(
+            snapshot_id=snap_id,
+            vm_id=vm.id,
+            mem_mib=vm.mem_mib,
+            image_id=vm.image_id,
+            image_version=vm.image_version,
+            artifacts={
+                name: ArtifactRecord(
+                    raw_size=a.raw_size, stored_size=a.stored_size, sha256=a.sha256
+                )
+                for name, a in written.artifacts.items()
+            },
+            chunks=ChunkRecord(
+                namespace=ns,
+                listing_key=listing.key,
+                listing_size=listing.size,
+                listing_sha256=listing.sha256,
+                packs=packs,
+                added_bytes=sum(p.size for p in written.new_packs.values()) + listing.size,
+            ),
+        )
+
+    def _committed(self, user_id: str) -> CommittedFn:
+        async def committed() -> Committed:
+            async with self.vms.sessions() as session:
+                rows = await repo.user_snapshots(session, user_id)
+            packs: dict[str, PackRecord] = {}
+            for row in rows:
+                with contextlib.suppress(ArtifactError):
+                    chunks = SnapshotManifest.parse(row.manifest).chunks
+                    if chunks is not None:
+                        packs.update(chunks.packs)
+            return Committed({row.id for row in rows}, packs)
+
+        return committed
+
+    async def _collect(self, user_id: str) -> None:
+        """Delete the user's chunks no snapshot names (after a delete or a failed store)."""
+        try:
+            await self.collector.collect(namespace(user_id), self._committed(user_id))
+        except ArtifactError as exc:
+            log.warning("chunk collection failed", reason=str(exc))
+
+    async def collect_all(self) -> None:
+        """At start-up: what a crash left (packs of a snapshot never committed, a listing
+        without its row, a sweep cut short) is collected, for every user in the store."""
+        async with self.vms.sessions() as session:
+            users = await repo.snapshot_users(session)
+            users |= {vm.user_id for vm in await repo.list_vms(session)}
+        by_ns = {namespace(user): user for user in users}
+        try:
+            found = await self.collector.namespaces()
+        except ArtifactError as exc:
+            log.warning("chunk collection failed", reason=str(exc))
+            return
+        for ns in found:
+            user = by_ns.get(ns)
+            if user is not None:
+                await self._collect(user)
+            else:  # no snapshot and no VM left: nothing there is named
+
+                async def nothing() -> Committed:
+                    return Committed(set(), {})
+
+                with contextlib.suppress(ArtifactError):
+                    await self.collector.collect(ns, nothing)
 
     async def _after_failed_capture(self, vm: VM, reason: str) -> str:
         """The VMM could not save the state: let the guest run on if it still can."""
@@ -338,6 +447,7 @@ class SnapshotService:
 
         A restore that fails, or a daemon killed during one, leaves the VM's files exactly as
         they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
+        began = time.monotonic()
         prior = vm.state
         resume = self._resume_dir(vm.id)
         hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
@@ -350,6 +460,7 @@ class SnapshotService:
             try:
                 await self._unpack(vm, snap, prior)
             except ArtifactError as exc:
+                self.metrics.snapshot_failed("restore")
                 await self.vms.update(vm.id, state=prior)
                 log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
                 raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
@@ -365,6 +476,7 @@ class SnapshotService:
             warning = await self.vms.run(vm, restored=True)  # the guest's clock and RNG resynced
         except Exception as exc:
             reason = reason_of(exc)
+            self.metrics.snapshot_failed("restore")
             log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
             await self.vms.detach_network(vm)
@@ -373,26 +485,44 @@ class SnapshotService:
             raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
         crashpoint("restore.running")
         await asyncio.to_thread(self._forget_previous, vm.id)
+        self.metrics.restored(hot, time.monotonic() - began)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
 
     async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
-        """Fetch, verify and unpack every artifact; only then put the VM's files aside and
+        """Fetch, verify and write out every artifact; only then put the VM's files aside and
         move the snapshot's in."""
         manifest = SnapshotManifest.parse(snap.manifest)
         vm_dir = self.vms.vm_dir(vm.id)
         work = vm_dir / WORK_DIR
         await asyncio.to_thread(_reset_dir, work)
         try:
-            for name in ARTIFACT_NAMES:
-                record = manifest.artifacts[name]
-                packed = await self.store.fetch(record.key, work)
-                await asyncio.to_thread(codec.decode, packed, work / name, record.info())
-                if packed.is_relative_to(work):
-                    await asyncio.to_thread(packed.unlink)
+            await self._write_artifacts(manifest, work)
             await asyncio.to_thread(self._swap_in, vm.id, work, prior)
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    async def _write_artifacts(self, manifest: SnapshotManifest, dest: Path) -> None:
+        """Every artifact of the snapshot, fetched, verified and written out into dest."""
+        chunks = manifest.chunks
+        if chunks is not None:
+            listing = StoredListing(chunks.listing_key, chunks.listing_size, chunks.listing_sha256)
+            dests = {name: dest / name for name in ARTIFACT_NAMES}
+            await asyncio.to_thread(
+                self.chunks.restore, chunks.namespace, listing, chunks.index_hashes(), dests
+            )
+        else:
+            await self._decode_v1(manifest, dest)
+
+    async def _decode_v1(self, manifest: SnapshotManifest, work: Path) -> None:
+        """An old-format snapshot: one zstd file per artifact."""
+        for name in ARTIFACT_NAMES:
+            record = manifest.artifacts[name]
+            assert record.key is not None
+            packed = await self.store.fetch(record.key, work)
+            await asyncio.to_thread(codec.decode, packed, work / name, record.info())
+            if packed.is_relative_to(work):
+                await asyncio.to_thread(packed.unlink)
 
     async def materialize(self, vm: VM, snap: Snapshot, dest: Path) -> None:
         """The snapshot's files (mem, disk, state) as new files in dest, the VM's own files
@@ -408,14 +538,8 @@ class SnapshotService:
             for name, source in (("disk", vm_dir / DISK_NAME), ("state", resume / STATE_NAME)):
                 await asyncio.to_thread(copy_sparse, source, dest / name)
             return
-        manifest = SnapshotManifest.parse(snap.manifest)
         try:
-            for name in ARTIFACT_NAMES:
-                record = manifest.artifacts[name]
-                packed = await self.store.fetch(record.key, dest)
-                await asyncio.to_thread(codec.decode, packed, dest / name, record.info())
-                if packed.is_relative_to(dest):
-                    await asyncio.to_thread(packed.unlink)
+            await self._write_artifacts(SnapshotManifest.parse(snap.manifest), dest)
         except ArtifactError as exc:
             raise InternalError(f"snapshot {snap.id} cannot be used: {exc}") from exc
 
@@ -488,10 +612,12 @@ class SnapshotService:
         latest = self._resume_dir(vm.id) / LATEST
         if (await asyncio.to_thread(_read, latest) or "").split(" ")[0] == snap.id:
             await asyncio.to_thread(latest.unlink, True)
-        try:
-            await self.store.delete_prefix(self._prefix(vm.id, snap.id))
-        except ArtifactError as exc:
-            log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
+        if _old_format(snap):
+            try:
+                await self.store.delete_prefix(self._prefix(vm.id, snap.id))
+            except ArtifactError as exc:
+                log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
+        await self._collect(vm.user_id)
         log.info("snapshot deleted", vm_id=vm.id, snapshot_id=snap.id)
 
     async def _forget_vm(self, vm: VM) -> None:
@@ -500,9 +626,10 @@ class SnapshotService:
             for snap in await repo.list_snapshots(session, vm.id):
                 await session.delete(snap)
         try:
-            await self.store.delete_prefix(vm.id)
+            await self.store.delete_prefix(vm.id)  # old-format snapshots
         except ArtifactError as exc:
             log.warning("snapshot artifacts left behind", vm_id=vm.id, reason=str(exc))
+        await self._collect(vm.user_id)
 
     # ---- start-up ----------------------------------------------------------------------
 

@@ -7,6 +7,10 @@ seconds, doubling), and every request until then is refused at once with the las
 nothing (a snapshot download, a QEMU start) is redone per request. After
 HATCH_WAKE_MAX_FAILURES failures in a row the VM goes to `error` with the reason. The count
 lives in this process: a restarted daemon tries afresh.
+
+Each wake is timed once (metrics: hatch_wake_duration_seconds, stage "wake"), labelled by how
+the VM woke and by what asked first (proxy, ssh, api); every waiter learns how it woke, so the
+proxy and the SSH gateway can time their own stages after it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from hatchvm.core.vms import VMService, reason_of
 from hatchvm.db import repo
 from hatchvm.db.models import VM
 from hatchvm.errors import BackendUnavailable, Conflict, NotFound
+from hatchvm.metrics import Metrics
+from hatchvm.metrics.figures import How, Trigger
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -35,6 +41,12 @@ MAX_BACKOFF = 600.0  # seconds: the longest wait between two attempts
 
 class WakeFailed(BackendUnavailable):
     """The VM could not be woken now (503); the message says why and when it is tried again."""
+
+
+@dataclass(frozen=True)
+class Woken:
+    vm: VM  # running
+    how: How | None  # None: nothing was done, the VM already ran
 
 
 @dataclass
@@ -52,27 +64,34 @@ class WakeService:
         max_failures: int = 3,
         backoff: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.vms = vms
         self.snapshots = snapshots
         self.max_failures = max_failures
         self.backoff = backoff
         self._clock = clock
-        self._tasks: dict[str, asyncio.Task[VM]] = {}
+        self.metrics = metrics or Metrics()
+        self._tasks: dict[str, asyncio.Task[Woken]] = {}
         self._failures: dict[str, _Failures] = {}
         vms.delete_hooks.append(self._forget)
 
-    async def ensure_running(self, vm: VM) -> VM:
+    async def ensure_running(self, vm: VM, trigger: Trigger = "api") -> VM:
         """The VM, running; raises the wake's error (HatchError) if it cannot be."""
+        return (await self.wake_up(vm, trigger)).vm
+
+    async def wake_up(self, vm: VM, trigger: Trigger) -> Woken:
+        """ensure_running, also telling how the VM woke (for the caller's own timing)."""
         if vm.state == State.RUNNING:
             self._failures.pop(vm.id, None)  # woken some other way (the API): a fresh start
-            return vm
+            return Woken(vm, None)
         if vm.state == State.ERROR:
             raise WakeFailed(f"vm {vm.id} is in error: {vm.state_reason or 'unknown'}")
         task = self._tasks.get(vm.id)
         if task is None:
             self._check_backoff(vm.id)
-            task = asyncio.create_task(self._wake(vm.user_id, vm.id), name=f"wake-{vm.id}")
+            wake = self._wake(vm.user_id, vm.id, trigger)
+            task = asyncio.create_task(wake, name=f"wake-{vm.id}")
             self._tasks[vm.id] = task
             task.add_done_callback(lambda _t, vm_id=vm.id: self._tasks.pop(vm_id, None))
         # shield: a waiter that gives up (client gone, timeout) leaves the wake running.
@@ -90,30 +109,34 @@ class WakeService:
                 f"next attempt in {left:.0f}s"
             )
 
-    async def _wake(self, user_id: str, vm_id: str) -> VM:
+    async def _wake(self, user_id: str, vm_id: str, trigger: Trigger) -> Woken:
+        began = time.monotonic()  # waiting for the lock is part of what the waiters see
         async with self.vms.locks.hold(vm_id):
             try:
-                vm = await self._wake_locked(user_id, vm_id)
+                woken = await self._wake_locked(user_id, vm_id)
             except NotFound:
                 raise  # deleted meanwhile: nothing to back off from
             except Exception as exc:
+                self.metrics.wake_failed(trigger)
                 raise await self._failed(vm_id, reason_of(exc)) from exc
         self._failures.pop(vm_id, None)
-        return vm
+        if woken.how is not None:
+            self.metrics.wake_stage("wake", woken.how, trigger, time.monotonic() - began)
+        return woken
 
-    async def _wake_locked(self, user_id: str, vm_id: str) -> VM:
+    async def _wake_locked(self, user_id: str, vm_id: str) -> Woken:
         vm = await self.vms.get(user_id, vm_id)
         if vm.state == State.RUNNING:
-            return vm
+            return Woken(vm, None)
         if vm.state == State.SNAPSHOTTED:
             async with self.vms.sessions() as session:
                 snaps = await repo.list_snapshots(session, vm_id)
             if snaps:
                 log.info("waking vm from its latest snapshot", vm_id=vm_id, snapshot=snaps[0].id)
-                return await self.snapshots.restore_locked(vm, snaps[0])
+                return Woken(await self.snapshots.restore_locked(vm, snaps[0]), "restore")
         if vm.state == State.STOPPED:
             log.info("waking stopped vm (cold boot)", vm_id=vm_id)
-            return await self.vms.start_locked(vm)
+            return Woken(await self.vms.start_locked(vm), "cold_boot")
         raise Conflict(f"vm {vm_id} is {vm.state} and cannot be woken")
 
     async def _failed(self, vm_id: str, reason: str) -> WakeFailed:

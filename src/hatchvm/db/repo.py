@@ -6,6 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hatchvm.db.models import VM, ApiKey, Image, Route, Snapshot
+from hatchvm.snapshots.manifest import unique_bytes
 
 
 def _storable(value: str) -> bool:
@@ -26,6 +27,12 @@ async def list_vms(session: AsyncSession, user_id: str | None = None) -> list[VM
     return list((await session.scalars(query)).all())
 
 
+async def vms_by_state(session: AsyncSession) -> dict[str, int]:
+    """How many VMs are in each state (states no VM is in are absent)."""
+    rows = (await session.execute(select(VM.state, func.count()).group_by(VM.state))).all()
+    return {str(state): int(count) for state, count in rows}
+
+
 async def user_totals(session: AsyncSession, user_id: str) -> tuple[int, int, int]:
     """The user's VM count, vCPUs and memory (MiB), over all their VMs."""
     query = select(
@@ -38,11 +45,18 @@ async def user_totals(session: AsyncSession, user_id: str) -> tuple[int, int, in
 
 
 async def snapshot_bytes(session: AsyncSession, user_id: str) -> int:
-    """What the user's stored snapshots take in the artifact store."""
-    query = select(func.coalesce(func.sum(Snapshot.size_bytes), 0)).where(
-        Snapshot.user_id == user_id
-    )
-    return int(await session.scalar(query) or 0)
+    """What the user's stored snapshots take in the artifact store: the chunk packs they
+    reference counted once (snapshots share them), their listings, old-format snapshots whole."""
+    query = select(Snapshot.size_bytes, Snapshot.manifest).where(Snapshot.user_id == user_id)
+    return unique_bytes((row.size_bytes, row.manifest) for row in await session.execute(query))
+
+
+async def user_snapshots(session: AsyncSession, user_id: str) -> list[Snapshot]:
+    return list((await session.scalars(select(Snapshot).where(Snapshot.user_id == user_id))).all())
+
+
+async def snapshot_users(session: AsyncSession) -> set[str]:
+    return set((await session.scalars(select(Snapshot.user_id).distinct())).all())
 
 
 async def used_allocations(session: AsyncSession) -> tuple[set[str], set[str], set[int]]:

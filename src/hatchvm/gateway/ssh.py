@@ -30,6 +30,7 @@ from hatchvm.db import repo
 from hatchvm.db.models import VM
 from hatchvm.errors import HatchError
 from hatchvm.logsummary import RepeatLog
+from hatchvm.metrics import Metrics
 from hatchvm.ratelimit import TokenBuckets
 
 log = structlog.get_logger("hatchvm.gateway")
@@ -83,8 +84,10 @@ class SSHGateway:
         wake: WakeService,
         activity: Activity,
         guest_port: int = GUEST_SSH_PORT,
+        metrics: Metrics | None = None,
     ) -> None:
         self._s = settings
+        self.metrics = metrics or Metrics()
         self.vms = vms
         self.wake = wake
         self.activity = activity
@@ -141,12 +144,15 @@ class SSHGateway:
         peer = writer.get_extra_info("peername")
         source = str(peer[0]) if peer else ""
         address = parse_address(source)
+        self.metrics.ssh_connected()
         try:
             if address is None or not self._admits(address):
+                self.metrics.ssh_refused("address_not_allowed")
                 self.refusals.note("outside HATCH_SSH_ALLOWED_CIDR", source=source, vm_id=vm_id)
                 return
             hello = await read_identification(reader, self._s.ssh_banner_timeout)
             if hello is None:  # a port scan, a health check, another protocol: wake nothing
+                self.metrics.ssh_refused("no_identification")
                 self.refusals.note("no SSH identification line", source=source, vm_id=vm_id)
                 return
             with self.activity.connection(vm_id):
@@ -172,14 +178,17 @@ class SSHGateway:
         try:
             vm = await self.vms.get(user_id, vm_id)
             if vm.state != State.RUNNING and not self._wakes.take(client):
+                self.metrics.ssh_refused("wake_rate_limited")
                 self.refusals.note("wake rate limit", source=source, vm_id=vm_id)
                 return None
-            vm = await asyncio.wait_for(self.wake.ensure_running(vm), timeout)
+            woken = await asyncio.wait_for(self.wake.wake_up(vm, "ssh"), timeout)
         except (HatchError, TimeoutError) as exc:
             reason = getattr(exc, "message", "") or "timeout"
+            self.metrics.ssh_refused("wake_failed")
             self.refusals.note("wake failed", source=source, vm_id=vm_id, reason=reason)
             return None
-        guest = vm.guest_ip
+        woke = time.monotonic()
+        guest = woken.vm.guest_ip
         connection = None
         if guest:
             port = self.guest_port
@@ -187,5 +196,8 @@ class SSHGateway:
                 lambda: asyncio.open_connection(guest, port), deadline
             )
         if connection is None:
+            self.metrics.ssh_refused("port_closed")
             log.warning("guest ssh port did not open", vm_id=vm_id)
+        elif woken.how is not None:
+            self.metrics.wake_stage("port_wait", woken.how, "ssh", time.monotonic() - woke)
         return connection

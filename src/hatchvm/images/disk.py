@@ -167,10 +167,13 @@ def create_vm_disk(path: Path, size_mib: int, hostname: str, user_data: str | No
             _write(upper / "root/.ssh/authorized_keys", "\n".join(seed.ssh_keys) + "\n", 0o600)
         tmp_disk = path.with_name(f".{path.name}.tmp")
         tmp_disk.unlink(missing_ok=True)
-        # A 16 MiB journal instead of mke2fs's default (64 MiB from 1 GiB on, written in full):
-        # VM disks stay small on the host and in snapshots.
+        # A 16 MiB journal instead of mke2fs's default (64 MiB from 1 GiB on): VM disks stay
+        # small on the host and in snapshots. lazy_journal_init: mke2fs would write the journal
+        # full of zeros, 16 MiB of I/O on every create; in a new sparse file it reads as zeros
+        # already (a hole), so the disk allocates well under 1 MiB.
         journal = ["-J", "size=16"] if size_mib >= 256 else []
-        cmd = ["mkfs.ext4", "-q", "-F", "-L", "hatchdisk", *journal, "-E", "root_owner=0:0"]
+        options = "root_owner=0:0,lazy_journal_init=1"
+        cmd = ["mkfs.ext4", "-q", "-F", "-L", "hatchdisk", *journal, "-E", options]
         result = subprocess.run(
             [*cmd, "-d", str(stage), str(tmp_disk), f"{size_mib}M"],
             capture_output=True,

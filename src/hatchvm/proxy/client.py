@@ -308,6 +308,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _send_bad_request(self) -> None:
         status, message = self._bad_request or (400, "bad request")
+        # A request all the same, answered by the proxy; timed from the head's last progress.
+        self.proxy.requests.observe(status, True, monotonic() - self.since)
         self.write(error_response(status, message, close=True))
         self.close(answered=True)
 

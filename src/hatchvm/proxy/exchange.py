@@ -77,6 +77,10 @@ class Exchange:
         self.retried = False
         self.chunked_out = False
         self.until_close = False  # the upstream body ends when its connection does
+        # Counted when the exchange ends (metrics/requests.py): how long, what answer, whose.
+        self.began = monotonic()
+        self.status = 0  # none yet
+        self.by_proxy = False
 
     # Every change of phase restarts the connection's clock (client.since), inline: this is
     # the per-request path, where a method call costs more than the assignment.
@@ -142,6 +146,7 @@ class Exchange:
     def response_head(self, status: int, reason: bytes, headers: Headers) -> None:
         if self.phase is DONE:
             return
+        self.status = status
         kept, chunked, sized = end_to_end(headers)
         if status < 200:
             if status != 101:
@@ -202,6 +207,7 @@ class Exchange:
             return
         self.upstream = None
         self.phase = DONE  # the connection carries on as a tunnel
+        self._record()
         opened, self.opened = self.opened, None
         self.client.start_tunnel(upstream, rest, self.vm_id, opened)
 
@@ -247,10 +253,12 @@ class Exchange:
         if phase in (STREAMING, TUNNEL):
             self.phase = DONE
             self._release_activity()
+            self._record()  # as the guest's answer began: its head is what the client saw
             self.client.abort()
             return
         if not self.body_done or self.upgrade is not None:
             self.keep_alive = False
+        self.status, self.by_proxy = status, True
         self.client.write(error_response(status, message, close=not self.keep_alive))
         self.finish()
 
@@ -260,15 +268,21 @@ class Exchange:
         self.phase = DONE
         if self.task is not None:
             self.task.cancel()  # the wait ends; a shared wake goes on for the others
+        self.by_proxy = self.upstream is None  # unanswered: left waiting for us or the guest?
         if self.upstream is not None:
             self.upstream.abort()  # mid-exchange: that connection cannot be reused
             self.upstream = None
         self._release_activity()
+        self._record()
 
     def finish(self) -> None:
         self.phase = DONE
         self._release_activity()
+        self._record()
         self.client.exchange_finished(self)
+
+    def _record(self) -> None:
+        self.client.proxy.requests.observe(self.status, self.by_proxy, monotonic() - self.began)
 
     def _release_activity(self) -> None:
         if self.opened is not None and self.vm_id is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -29,6 +30,8 @@ from hatchvm.core.wake import WakeService, first_connection
 from hatchvm.db.models import VM, Route
 from hatchvm.errors import HatchError, NotFound
 from hatchvm.logsummary import RepeatLog
+from hatchvm.metrics import Metrics
+from hatchvm.metrics.figures import How
 from hatchvm.proxy.client import ClientConnection
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import Headers, forwarded_for
@@ -46,6 +49,15 @@ class ProxyError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class Waited:
+    """A request that waited for its VM to wake: how it woke, when the wait began and ended."""
+
+    how: How | None  # None: another caller's wake had just ended
+    began: float
+    woke: float
+
+
 class Proxy:
     def __init__(
         self,
@@ -54,12 +66,15 @@ class Proxy:
         routes: RouteService,
         wake: WakeService,
         activity: Activity,
+        metrics: Metrics | None = None,
     ) -> None:
         self._s = settings
         self.vms = vms
         self.routes = routes
         self.wake = wake
         self.activity = activity
+        self.metrics = metrics or Metrics()
+        self.requests = self.metrics.requests  # every exchange's end is counted here
         self.max_head = settings.proxy_max_head_bytes
         self.timeouts = Timeouts.from_settings(settings)
         self.admission = Admission(
@@ -131,9 +146,11 @@ class Proxy:
         return None
 
     def refused(self, status: int, source: str) -> None:
+        self.metrics.proxy_refused(status)
         self._refusals.note(str(status), source=source)
 
     def timed_out(self, phase: Phase, source: str) -> None:
+        self.metrics.proxy_timed_out(phase.value)
         self._timeouts.note(phase.value, source=source)
 
     # ---- one request -------------------------------------------------------------------
@@ -170,12 +187,13 @@ class Proxy:
 
     async def _prepare(self, exchange: Exchange, route: Route) -> None:
         try:
-            vm, woken_at = await self._awake_vm(route)
+            vm, waited = await self._awake_vm(route)
             key = pool_key(vm, route)
-            if woken_at is None:
+            if waited is None:
                 upstream = self.pool.take(key) or await self._connect(key)
             else:
-                upstream = await self._connect_after_wake(key, woken_at)
+                upstream = await self._connect_after_wake(key, waited)
+            connected = time.monotonic()
         except ProxyError as exc:
             exchange.fail(exc.status, exc.message)
             return
@@ -185,6 +203,28 @@ class Proxy:
             return
         exchange.task = None
         exchange.attach(upstream, key, vm.id)
+        if waited is not None:
+            self._woken_request(exchange, waited, connected, vm.id)
+
+    def _woken_request(
+        self, exchange: Exchange, waited: Waited, connected: float, vm_id: str
+    ) -> None:
+        """A request that woke its VM is now with the guest: its stages, logged and measured
+        (the wake itself is measured once per wake, by WakeService)."""
+        now = time.monotonic()
+        port_wait = connected - waited.woke
+        own = (waited.began - exchange.began) + (now - connected)  # the proxy's own time
+        log.info(
+            "request woke vm",
+            vm_id=vm_id,
+            how=waited.how,
+            wake_ms=round((waited.woke - waited.began) * 1000, 1),
+            port_wait_ms=round(port_wait * 1000, 1),
+            proxy_ms=round(own * 1000, 2),
+        )
+        if waited.how is not None:
+            self.metrics.wake_stage("port_wait", waited.how, "proxy", port_wait)
+            self.metrics.wake_stage("proxy", waited.how, "proxy", own)
 
     async def _reconnect(self, exchange: Exchange) -> None:
         key, vm_id = exchange.key, exchange.vm_id
@@ -208,24 +248,17 @@ class Proxy:
             reason = exc.strerror or str(exc)
             raise ProxyError(502, f"target {target} refused the connection: {reason}") from None
 
-    async def _connect_after_wake(self, key: PoolKey, woken_at: tuple[float, float]) -> Upstream:
+    async def _connect_after_wake(self, key: PoolKey, waited: Waited) -> Upstream:
         """The first connection the woken guest accepts is the one the request uses."""
-        began, woke = woken_at
-        deadline = began + self._s.proxy_wake_timeout
+        deadline = waited.began + self._s.proxy_wake_timeout
         upstream = await first_connection(lambda: self.pool.connect(key, timeout=None), deadline)
         if upstream is None:
             raise ProxyError(503, f"vm {key[0]} woke but port {key[3]} did not open")
-        log.info(
-            "request woke vm",
-            vm_id=key[0],
-            wake_ms=round((woke - began) * 1000, 1),
-            port_wait_ms=round((time.monotonic() - woke) * 1000, 1),
-        )
         return upstream
 
-    async def _awake_vm(self, route: Route) -> tuple[VM, tuple[float, float] | None]:
-        """The route's VM, running: woken when it slept (then also when the wake began and
-        ended, for the connection that follows)."""
+    async def _awake_vm(self, route: Route) -> tuple[VM, Waited | None]:
+        """The route's VM, running: woken when it slept (then also how, and when the wait
+        began and ended, for the connection that follows)."""
         cached = self.vms.cached(route.vm_id)
         if cached is not None and cached.state == State.RUNNING:
             return cached, None
@@ -242,12 +275,12 @@ class Proxy:
         timeout = self._s.proxy_wake_timeout
         began = time.monotonic()
         try:
-            vm = await asyncio.wait_for(self.wake.ensure_running(vm), timeout)
+            woken = await asyncio.wait_for(self.wake.wake_up(vm, "proxy"), timeout)
         except TimeoutError:
             raise ProxyError(503, f"vm {vm.id} did not wake within {timeout:g}s") from None
         except HatchError as exc:  # the message names the vm and when it is tried again
             raise ProxyError(503, exc.message) from None
-        return vm, (began, time.monotonic())
+        return woken.vm, Waited(woken.how, began, time.monotonic())
 
 
 def pool_key(vm: VM, route: Route) -> PoolKey:

@@ -46,6 +46,7 @@ class S3Store:
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
                 read_timeout=60,
+                max_pool_connections=32,  # a restore fetches ranges of packs in parallel
             ),
         )
 
@@ -88,6 +89,57 @@ class S3Store:
             keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
             if keys:
                 self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+    # ---- blobs (the chunk store): blocking, called from the chunk store's threads ---------
+
+    def _sync(self, what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return func(*args, **kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                raise ArtifactMissing(f"{what} is missing from s3://{self.bucket}") from None
+            raise ArtifactError(f"{what}: S3 error {code or exc}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise ArtifactError(f"{what}: {exc}") from None
+
+    def write_blob(self, key: str, data: bytes) -> None:
+        self._sync(
+            key, self._client.put_object, Bucket=self.bucket, Key=KEY_PREFIX + key, Body=data
+        )
+
+    def read_blob(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""
+        end = "" if length is None else str(start + length - 1)
+        answer = self._sync(
+            key,
+            self._client.get_object,
+            Bucket=self.bucket,
+            Key=KEY_PREFIX + key,
+            Range=f"bytes={start}-{end}",
+        )
+        return self._sync(key, answer["Body"].read)
+
+    def list_blobs(self, prefix: str) -> list[tuple[str, int]]:
+        def run() -> list[tuple[str, int]]:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=KEY_PREFIX + prefix
+            )
+            return [
+                (obj["Key"][len(KEY_PREFIX) :], int(obj["Size"]))
+                for page in pages
+                for obj in page.get("Contents", [])
+            ]
+
+        return self._sync(prefix, run)
+
+    def delete_blobs(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):  # the most one request may name
+            batch = [{"Key": KEY_PREFIX + k} for k in keys[i : i + 1000]]
+            self._sync(
+                "delete", self._client.delete_objects, Bucket=self.bucket, Delete={"Objects": batch}
+            )
 
     async def check(self) -> None:
         """Fail early (at daemon start) when the bucket cannot be reached."""

@@ -126,25 +126,35 @@ class VMCgroups:
 
     # ---- one VM ------------------------------------------------------------------------
 
+    def properties(self, limits: Limits) -> list[tuple[str, str]]:
+        """The (file, value) pairs that set these limits on a VM's group: written by create(),
+        or handed to Firecracker's jailer as its --cgroup options."""
+        quota = limits.vcpus * CPU_PERIOD_US
+        if self.layout.version == 2:
+            return [
+                ("memory.max", str(limits.memory_bytes)),
+                ("cpu.max", f"{quota} {CPU_PERIOD_US}"),
+                ("cpu.weight", str(min(100 * limits.vcpus, 10_000))),
+            ]
+        return [
+            ("memory.limit_in_bytes", str(limits.memory_bytes)),
+            ("cpu.cfs_period_us", str(CPU_PERIOD_US)),
+            ("cpu.cfs_quota_us", str(quota)),
+            ("cpu.shares", str(1024 * limits.vcpus)),
+        ]
+
     def create(self, vm_id: str, limits: Limits) -> None:
         """The VM's group with these limits (an existing one gets them too)."""
-        for d in self._dirs(vm_id):
+        dirs = self._dirs(vm_id)
+        for d in dirs:
             try:
                 d.mkdir(exist_ok=True)
             except OSError as exc:
                 raise CgroupError(f"cannot create {d}: {exc.strerror}") from None
-        quota = limits.vcpus * CPU_PERIOD_US
-        if self.layout.version == 2:
-            (d,) = self._dirs(vm_id)
-            _write(d / "memory.max", str(limits.memory_bytes))
-            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
-            _write(d / "cpu.weight", str(min(100 * limits.vcpus, 10_000)))
-        else:
-            mem, cpu = self._dirs(vm_id)
-            _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
-            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(cpu / "cpu.cfs_quota_us", str(quota))
-            _write(cpu / "cpu.shares", str(1024 * limits.vcpus))
+        for name, value in self.properties(limits):
+            # v1: the memory controller's hierarchy first, the cpu controller's second.
+            d = dirs[-1] if name.startswith("cpu.") else dirs[0]
+            _write(d / name, value)
 
     def launcher(self, vm_id: str) -> list[str]:
         """argv prefix that runs a command inside the VM's group (see the module's doc)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -29,10 +30,21 @@ def is_fifo(path: Path) -> bool:
         return False
 
 
+def open_fifo_fd(path: Path, flags: int) -> int:
+    """The pipe at path opened non-blocking, never what a symlink there points to and never
+    anything but a pipe: a jailed Firecracker owns the directory of its pipes and could swap
+    one for a link to a host file, which hatchd would then record as the guest's output."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a named pipe")
+    return fd
+
+
 async def open_fifo(path: Path) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     """A reader of the pipe; it reaches EOF once every writer has closed it (the VMM ended).
     Open it only while the VMM holds it open, or it ends at once."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_fifo_fd(path, os.O_RDONLY)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
     try:

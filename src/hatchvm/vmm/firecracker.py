@@ -13,6 +13,13 @@ resume() starts it once hatchd records the console. A snapshot pauses the guest 
 full snapshot (all guest RAM to the memory file, device state to the state file); a restore
 maps that memory file privately (it stays intact) in a fresh process. Deaths are seen through
 a pidfd: Firecracker has no event channel, so an exit says only its code or signal.
+
+With a jailer (vmm/fc_jail.py) Firecracker is started through it, chrooted as the VM's own uid:
+the files it is given are placed in its jail first and it is handed their paths there; the
+sockets directory under HATCH_RUN_DIR is then a link to the jail's own directory, where its
+API socket and pipes are linked out of the jail. Neither --daemonize
+nor --new-pid-ns is passed, so the jailer execs Firecracker in the process hatchd started and
+everything above (pid file, pidfd, exit status) holds as unjailed.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from hatchvm.vmm import fifo
+from hatchvm.vmm import fc_jail, fifo
 from hatchvm.vmm.base import (
     BootSpec,
     Capabilities,
@@ -46,6 +53,7 @@ from hatchvm.vmm.base import (
 from hatchvm.vmm.cgroups import CgroupError, Limits, VMCgroups
 from hatchvm.vmm.environment import vmm_environment
 from hatchvm.vmm.fc_api import FirecrackerAPI, wait_api
+from hatchvm.vmm.fc_jail import Jailer, JailError, jail_id
 from hatchvm.vmm.fc_models import (
     BootSource,
     Drive,
@@ -149,8 +157,10 @@ class FirecrackerVMM:
         kvm_usable: bool = True,
         cgroups: VMCgroups | None = None,
         start_timeout: float = API_READY_TIMEOUT,
+        jailer: Jailer | None = None,
     ) -> None:
         self.firecracker_bin = firecracker_bin
+        self.jailer = jailer  # None: Firecracker runs as hatchd's user, unconfined
         self.start_timeout = start_timeout
         self.run_dir = run_dir
         self.kvm_usable = kvm_usable
@@ -163,7 +173,20 @@ class FirecrackerVMM:
     # ---- paths -------------------------------------------------------------------------
 
     def sockets(self, vm_dir: Path) -> Path:
+        """The API socket's and pipes' directory; under the jailer a link to the jail's own
+        directory, where they are linked out of the jail (the path to the socket stays short
+        whatever the jail's is)."""
         return sockets_dir(self.run_dir, vm_dir)
+
+    def _in_vmm(self, vm_dir: Path, name: str) -> str:
+        """The path Firecracker is given for a file in its sockets directory."""
+        if self.jailer is not None:
+            return f"{fc_jail.RUN_DIR}/{name}"
+        return str(self.sockets(vm_dir) / name)
+
+    def _cgroup_name(self, vm_id: str) -> str:
+        # The jailer names the group after its --id.
+        return jail_id(vm_id) if self.jailer is not None else vm_id
 
     def api_socket(self, vm_dir: Path) -> Path:
         return self.sockets(vm_dir) / API_SOCKET
@@ -196,11 +219,17 @@ class FirecrackerVMM:
 
     async def alive(self, vm_id: str, vm_dir: Path) -> int | None:
         pid = _read_pid(vm_dir)
-        return pid if pid is not None and _is_ours(pid, self.api_socket(vm_dir)) else None
+        if pid is None:
+            return None
+        if self.jailer is not None:
+            return pid if self.jailer.is_ours(pid, vm_id) else None
+        return pid if _is_ours(pid, self.api_socket(vm_dir)) else None
 
     async def processes(self, vms_dir: Path) -> dict[str, int]:
         """The Firecrackers whose API sockets belong to VMs under vms_dir, by VM id: read from
         their command lines, so another daemon's or a test's are never counted."""
+        if self.jailer is not None:
+            return self._jailed_processes(vms_dir)
         root = sockets_dir(self.run_dir, vms_dir / "x").parent
         found: dict[str, int] = {}
         for pid, sock in processes_with_arg(b"--api-sock"):
@@ -208,23 +237,55 @@ class FirecrackerVMM:
                 found[sock.parent.name] = pid
         return found
 
-    async def _spawn(self, vm_id: str, vm_dir: Path, vcpu_count: int, mem_mib: int) -> int:
-        """Start Firecracker (its API socket answering, nothing configured); its pid."""
+    def _jailed_processes(self, vms_dir: Path) -> dict[str, int]:
+        """The jailed Firecrackers of VMs under vms_dir: each jail records its VM's directory,
+        whose pid file names a process that must be chrooted in that jail (a jailed process
+        can rewrite its command line, not its root)."""
+        assert self.jailer is not None
+        found: dict[str, int] = {}
+        for _, vm_dir in self.jailer.jails():
+            if vm_dir is None or vm_dir.parent != vms_dir:
+                continue
+            pid = _read_pid(vm_dir)
+            if pid is not None and self.jailer.is_ours(pid, vm_dir.name):
+                found[vm_dir.name] = pid
+        return found
+
+    async def _spawn(
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        vcpu_count: int,
+        mem_mib: int,
+        files: dict[str, tuple[Path, bool]],
+        tap: str | None,
+    ) -> tuple[int, dict[str, str]]:
+        """Start Firecracker (its API socket answering, nothing configured); its pid and the
+        paths it is to be given for files (role: (host path, writable)): the same paths
+        unjailed, their places in its jail under the jailer."""
         await self._forget(vm_id, vm_dir)
         sock = self.sockets(vm_dir)
-        sock.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for name in (CONSOLE_FIFO, LOG_FIFO, METRICS_FIFO):
-            fifo.make_fifo(sock / name)
         api_socket = sock / API_SOCKET
-        cmd = [self.firecracker_bin, "--api-sock", str(api_socket), "--id", vm_id.replace("_", "-")]
-        if self.cgroups is not None:
-            try:
-                await asyncio.to_thread(
-                    self.cgroups.create, vm_id, self._limits(vcpu_count, mem_mib)
-                )
-            except CgroupError as exc:
-                raise VMMStartFailed(str(exc), vm_id=vm_id, op="start") from None
-            cmd = self.cgroups.launcher(vm_id) + cmd
+        if self.jailer is None:
+            sock.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for name in (CONSOLE_FIFO, LOG_FIFO, METRICS_FIFO):
+                fifo.make_fifo(sock / name)
+            paths = {role: str(path) for role, (path, _) in files.items()}
+            cmd = [self.firecracker_bin, "--api-sock", str(api_socket), "--id", jail_id(vm_id)]
+            if self.cgroups is not None:
+                try:
+                    await asyncio.to_thread(
+                        self.cgroups.create, vm_id, self._limits(vcpu_count, mem_mib)
+                    )
+                except CgroupError as exc:
+                    raise VMMStartFailed(str(exc), vm_id=vm_id, op="start") from None
+                cmd = self.cgroups.launcher(vm_id) + cmd
+        else:
+            cmd, paths = self._jail(vm_id, vm_dir, vcpu_count, mem_mib, files, tap)
+        # Jailed, the socket is watched for where Firecracker makes it, then linked out.
+        wait_for = api_socket
+        if self.jailer is not None:
+            wait_for = self.jailer.jail(vm_id).host(fc_jail.API_SOCKET)
         out = vm_dir / OUT_FILE
         out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -251,7 +312,14 @@ class FirecrackerVMM:
         (vm_dir / PID_FILE).write_text(f"{pid}\n")
         deadline = time.monotonic() + self.start_timeout
         # Not _is_ours yet: under the cgroup launcher it is `sh` until it execs Firecracker.
-        if not await wait_api(api_socket, lambda: _running(pid), deadline):
+        started = await wait_api(wait_for, lambda: _running(pid), deadline)
+        if started and self.jailer is not None:
+            try:
+                self.jailer.link_api_socket(self.jailer.jail(vm_id))
+            except JailError as exc:
+                log.warning("jailed firecracker's api socket unusable", vm_id=vm_id, error=str(exc))
+                started = False
+        if not started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await process_ended(pid, KILL_TIMEOUT)
@@ -263,15 +331,49 @@ class FirecrackerVMM:
                 vm_id=vm_id,
                 op="start",
             )
-        return pid
+        return pid, paths
+
+    def _jail(
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        vcpu_count: int,
+        mem_mib: int,
+        files: dict[str, tuple[Path, bool]],
+        tap: str | None,
+    ) -> tuple[list[str], dict[str, str]]:
+        """The VM's jail, filled (its pipes, its files; its TAP made the uid's), and the
+        jailer's command line."""
+        assert self.jailer is not None
+        sock = self.sockets(vm_dir)
+        try:
+            jail = self.jailer.prepare(vm_id, vm_dir)
+            for name in (CONSOLE_FIFO, LOG_FIFO, METRICS_FIFO):
+                self.jailer.make_fifo(jail, name)
+            paths = {
+                role: self.jailer.place(jail, role, path, writable)
+                for role, (path, writable) in files.items()
+            }
+            if tap is not None:
+                fc_jail.give_tap(tap, jail.owner())
+            sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            sock.symlink_to(jail.dir)
+        except (JailError, OSError) as exc:
+            with contextlib.suppress(JailError):
+                self.jailer.remove(self.jailer.jail(vm_id))
+            sock.unlink(missing_ok=True)
+            raise VMMStartFailed(str(exc), vm_id=vm_id, op="start") from None
+        limits = self._limits(vcpu_count, mem_mib) if self.cgroups is not None else None
+        cmd = self.jailer.command(jail, limits, ["--api-sock", fc_jail.API_SOCKET])
+        return cmd, paths
 
     async def _setup_outputs(self, api: FirecrackerAPI, vm_dir: Path) -> None:
         """Logger, metrics and serial console into their pipes (allowed before a snapshot
         load too: they are not part of a snapshot)."""
-        sock = self.sockets(vm_dir)
-        await api.put("/logger", Logger(log_path=str(sock / LOG_FIFO), level="Warning"))
-        await api.put("/metrics", Metrics(metrics_path=str(sock / METRICS_FIFO)))
-        await api.put("/serial", SerialDevice(serial_out_path=str(sock / CONSOLE_FIFO)))
+        log_path, metrics_path = self._in_vmm(vm_dir, LOG_FIFO), self._in_vmm(vm_dir, METRICS_FIFO)
+        await api.put("/logger", Logger(log_path=log_path, level="Warning"))
+        await api.put("/metrics", Metrics(metrics_path=metrics_path))
+        await api.put("/serial", SerialDevice(serial_out_path=self._in_vmm(vm_dir, CONSOLE_FIFO)))
 
     def _write_record(self, spec: BootSpec) -> None:
         record = {"mem_file": str(spec.mem_file) if spec.mem_file else None, "mem": spec.mem_mib}
@@ -303,7 +405,12 @@ class FirecrackerVMM:
         for what, path in needed.items():
             if path is not None and not path.exists():
                 raise VMMFilesMissing(f"{what} {path} does not exist", vm_id=spec.vm_id, op="boot")
-        pid = await self._spawn(spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib)
+        files = {"kernel": (kernel, False), "base": (spec.rootfs, False), "disk": (spec.disk, True)}
+        if spec.initrd is not None:
+            files["initrd"] = (spec.initrd, False)
+        pid, paths = await self._spawn(
+            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files, spec.tap_name
+        )
         self._write_record(spec)
         cmdline = spec.cmdline if "pci=off" in spec.cmdline else f"{spec.cmdline} pci=off"
         try:
@@ -313,8 +420,8 @@ class FirecrackerVMM:
                 await api.put(
                     "/boot-source",
                     BootSource(
-                        kernel_image_path=str(kernel),
-                        initrd_path=str(spec.initrd) if spec.initrd else None,
+                        kernel_image_path=paths["kernel"],
+                        initrd_path=paths.get("initrd"),
                         boot_args=cmdline,
                     ),
                 )
@@ -326,14 +433,11 @@ class FirecrackerVMM:
                 )
                 # No root device: the initramfs mounts the base (vda) under the disk's overlay
                 # (vdb); drives appear in the order they are added.
-                for drive_id, path, read_only in (
-                    ("base", spec.rootfs, True),
-                    ("disk", spec.disk, False),
-                ):
+                for drive_id, read_only in (("base", True), ("disk", False)):
                     drive = Drive(
                         drive_id=drive_id,
                         is_root_device=False,
-                        path_on_host=str(path),
+                        path_on_host=paths[drive_id],
                         is_read_only=read_only,
                     )
                     await api.put(f"/drives/{drive_id}", drive)
@@ -351,7 +455,7 @@ class FirecrackerVMM:
     def _keep_console(self, vm_id: str, vm_dir: Path) -> None:
         self._drop_console_keeper(vm_id)
         with contextlib.suppress(OSError):
-            fd = os.open(self.console_socket(vm_dir), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = fifo.open_fifo_fd(self.console_socket(vm_dir), os.O_RDWR)
             self._console_keepers[vm_id] = fd
 
     def _drop_console_keeper(self, vm_id: str) -> None:
@@ -413,12 +517,21 @@ class FirecrackerVMM:
     async def _forget(self, vm_id: str, vm_dir: Path) -> None:
         self._drop_console_keeper(vm_id)
         (vm_dir / PID_FILE).unlink(missing_ok=True)
-        shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
+        sock = self.sockets(vm_dir)
+        if sock.is_symlink():
+            sock.unlink()
+        else:
+            shutil.rmtree(sock, ignore_errors=True)
         if self.cgroups is not None:
             try:
-                await asyncio.to_thread(self.cgroups.remove, vm_id)
+                await asyncio.to_thread(self.cgroups.remove, self._cgroup_name(vm_id))
             except CgroupError as exc:  # the next start-up's sweep retries
                 log.warning("vm cgroup left behind", vm_id=vm_id, reason=str(exc))
+        if self.jailer is not None:
+            try:
+                await asyncio.to_thread(self.jailer.remove, self.jailer.jail(vm_id))
+            except JailError as exc:  # the next start-up's sweep retries
+                log.warning("vm jail left behind", vm_id=vm_id, reason=str(exc))
 
     # ---- snapshot / restore ------------------------------------------------------------
 
@@ -440,15 +553,23 @@ class FirecrackerVMM:
         partial.unlink(missing_ok=True)
         mem_mib = json.loads((vm_dir / RECORD).read_text()).get("mem", 0)
         timeout = SNAPSHOT_TIMEOUT + int(mem_mib) / SNAPSHOT_MIB_PER_S
+        state_path, mem_path = str(state_file), str(partial)
+        if self.jailer is not None:
+            try:
+                state_path, mem_path = self.jailer.snapshot_targets(self.jailer.jail(vm_id))
+            except (JailError, OSError) as exc:
+                raise VMMError(str(exc), vm_id=vm_id, op="snapshot") from None
         try:
             async with self._api(vm_id, vm_dir) as api:
                 await api.patch("/vm", Vm(state="Paused"))
                 params = SnapshotCreateParams(
                     snapshot_type="Full",
-                    snapshot_path=str(state_file),
-                    mem_file_path=str(partial),
+                    snapshot_path=state_path,
+                    mem_file_path=mem_path,
                 )
                 await api.put("/snapshot/create", params, timeout=timeout)
+            if self.jailer is not None:
+                self._take_out_snapshot(vm_id, state_file, partial)
             if not partial.exists() or not state_file.exists():
                 raise VMMFilesMissing(
                     "firecracker reported success but wrote no snapshot files",
@@ -462,6 +583,17 @@ class FirecrackerVMM:
         partial.chmod(0o600)
         os.replace(partial, mem_file)
 
+    def _take_out_snapshot(self, vm_id: str, state_file: Path, partial: Path) -> None:
+        """The snapshot the jailed Firecracker wrote, out of its jail: root's, mode 0600."""
+        assert self.jailer is not None
+        jail = self.jailer.jail(vm_id)
+        for in_jail, dest in ((fc_jail.NEW_STATE, state_file), (fc_jail.NEW_MEM, partial)):
+            try:
+                self.jailer.take_out(jail, in_jail, dest)
+            except JailError as exc:
+                state_file.unlink(missing_ok=True)
+                raise VMMFilesMissing(str(exc), vm_id=vm_id, op="snapshot") from None
+
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         """A fresh Firecracker loads the snapshot (its memory file mapped privately, so it
         stays byte-identical), paused where it was."""
@@ -471,14 +603,24 @@ class FirecrackerVMM:
                     f"{what} {path} does not exist", vm_id=spec.vm_id, op="restore"
                 )
         assert spec.mem_file is not None
-        pid = await self._spawn(spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib)
+        # The drives too: the state names them as they were configured (in the jail: the same
+        # places for every VM).
+        files = {
+            "base": (spec.rootfs, False),
+            "disk": (spec.disk, True),
+            "state": (state_file, False),
+            "mem": (spec.mem_file, False),
+        }
+        pid, paths = await self._spawn(
+            spec.vm_id, spec.vm_dir, spec.vcpu_count, spec.mem_mib, files, spec.tap_name
+        )
         self._write_record(spec)
         try:
             async with self._api(spec.vm_id, spec.vm_dir) as api:
                 await self._setup_outputs(api, spec.vm_dir)
                 params = SnapshotLoadParams(
-                    snapshot_path=str(state_file),
-                    mem_backend=MemoryBackend(backend_type="File", backend_path=str(spec.mem_file)),
+                    snapshot_path=paths["state"],
+                    mem_backend=MemoryBackend(backend_type="File", backend_path=paths["mem"]),
                     resume_vm=False,
                 )
                 # A failed load ends Firecracker ("too dirty to recover"): killed below anyway.
@@ -523,6 +665,8 @@ class FirecrackerVMM:
         return ExitInfo(at=info.at, reason=reason, exit_code=info.exit_code, signal=info.signal)
 
     async def settle(self, running: list[RunningVM]) -> None:
+        if self.jailer is not None:
+            await self._sweep_jails({vm.vm_id for vm in running})
         if self.cgroups is None:
             return
         for vm in running:
@@ -531,12 +675,31 @@ class FirecrackerVMM:
                 continue
             try:
                 limits = self._limits(vm.vcpu_count, vm.mem_mib)
-                if await asyncio.to_thread(self.cgroups.adopt, vm.vm_id, pid, limits):
+                name = self._cgroup_name(vm.vm_id)
+                if await asyncio.to_thread(self.cgroups.adopt, name, pid, limits):
                     log.warning("running vm moved into its cgroup", vm_id=vm.vm_id, pid=pid)
             except CgroupError as exc:
                 log.warning("running vm keeps its old limits", vm_id=vm.vm_id, reason=str(exc))
-        removed, busy = await asyncio.to_thread(self.cgroups.sweep, {vm.vm_id for vm in running})
+        keep = {self._cgroup_name(vm.vm_id) for vm in running}
+        removed, busy = await asyncio.to_thread(self.cgroups.sweep, keep)
         if removed:
             log.info("removed cgroups of vms that are gone", vms=removed)
         if busy:
             log.warning("cgroups of unknown vms still hold processes, left alone", vms=busy)
+
+    async def _sweep_jails(self, keep: set[str]) -> None:
+        """Remove the jails of VMs that no longer run (they died while no daemon watched)."""
+        assert self.jailer is not None
+        removed = []
+        for jail, vm_dir in self.jailer.jails():
+            if jail.vm_id in keep:
+                continue
+            if vm_dir is not None and await self.alive(jail.vm_id, vm_dir) is not None:
+                continue  # a process no VM claims: reconcile decides about it, not the sweep
+            try:
+                await asyncio.to_thread(self.jailer.remove, jail)
+                removed.append(jail.vm_id)
+            except JailError as exc:
+                log.warning("jail of a vm that is gone left behind", reason=str(exc))
+        if removed:
+            log.info("removed jails of vms that are gone", vms=removed)
