@@ -185,10 +185,16 @@ def test_forks_of_a_snapshotted_vm_and_of_a_stored_snapshot(world: World) -> Non
     answer = who(older["guest_ip"])
     assert answer["memory"] == "first" and answer["name"] == older["id"].replace("_", "-")
 
-    # A child sleeps and wakes like any VM (its RAM goes into its snapshot).
-    api.exec(older["id"], "echo changed > /tmp/in-memory")
+    # A child sleeps and wakes like any VM (its RAM goes into its snapshot)...
+    api.exec(older["id"], "echo changed > /tmp/in-memory; echo kept > /root/on-disk")
     api.snapshot_vm(older["id"])
     assert api.exec(older["id"], ["cat", "/tmp/in-memory"])["stdout"] == "changed\n"
+    # ... and boots cold like any VM: as itself, its disk kept, its memory fresh.
+    api.stop_vm(older["id"])
+    api.start_vm(older["id"])
+    answer = who(older["guest_ip"])
+    assert answer["name"] == older["id"].replace("_", "-")
+    assert (answer["memory"], answer["disk"]) == ("", "kept")
     # The parent wakes as it slept, with memory of its own: the child never sees its writes.
     assert api.exec(vm["id"], ["cat", "/tmp/in-memory"])["stdout"] == "second\n"
     api.exec(vm["id"], "echo third > /tmp/in-memory")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hatchvm.agent.errors import AgentRefused
+from hatchvm.agent.identity import Address, identity_fields
 from hatchvm.agent.messages import (
     check_reply,
     hello_request,
@@ -36,6 +37,7 @@ from hatchvm.agent.protocol import (
     decode,
     encode,
     int_field,
+    text_field,
 )
 from hatchvm.images.builder import AGENT_CFLAGS, AGENT_SOURCE
 
@@ -126,6 +128,39 @@ def test_a_bad_sync_is_refused_before_anything_is_touched(
 ) -> None:
     (answer,) = talk(agent, encode(Frame(MsgType.SYNC, 3, fields)))
     assert (answer.type, answer.id) == (MsgType.ERROR, 3)
+    assert answer.get_int(Tag.CODE) == ErrorCode.BAD_FIELD
+
+
+@pytest.mark.parametrize(
+    "address",
+    [None, Address(mac="52:54:00:12:34:56", cidr="172.16.0.9/24", gateway="172.16.0.1")],
+)
+def test_identity_without_privileges_changes_nothing_and_says_why(
+    agent: Path, address: Address | None
+) -> None:
+    """Unprivileged (the host's tests), the first step fails and the agent stops there."""
+    fields = identity_fields("vm-child", "0" * 32, address)
+    (answer,) = talk(agent, encode(Frame(MsgType.IDENTITY, 5, fields)))
+    with pytest.raises(AgentRefused, match="sethostname: Operation not permitted") as err:
+        check_reply(MsgType.IDENTITY, answer)
+    assert err.value.code == ErrorCode.FAILED and err.value.errno == 1
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (),  # nothing
+        (text_field(Tag.NAME, "vm-x"),),  # no machine id
+        (text_field(Tag.NAME, "vm-x"), text_field(Tag.MACHINE_ID, "a"), text_field(Tag.ADDR, "x")),
+        (text_field(Tag.NAME, "a" * 64), text_field(Tag.MACHINE_ID, "a")),  # name too long
+        (text_field(Tag.NAME, "vm\nx"), text_field(Tag.MACHINE_ID, "a")),  # a line break
+    ],
+)
+def test_a_bad_identity_is_refused_before_anything_is_touched(
+    agent: Path, fields: tuple[tuple[int, bytes], ...]
+) -> None:
+    (answer,) = talk(agent, encode(Frame(MsgType.IDENTITY, 4, fields)))
+    assert (answer.type, answer.id) == (MsgType.ERROR, 4)
     assert answer.get_int(Tag.CODE) == ErrorCode.BAD_FIELD
 
 
