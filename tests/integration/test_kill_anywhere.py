@@ -1,5 +1,5 @@
 """Kill -9 anywhere: hatchd is SIGKILLed at each step boundary of create, stop, start,
-snapshot (capture, store), restore, wake and delete (its crash points, HATCH_CRASH_AT), then
+snapshot (capture, store), restore, wake, delete and fork (its crash points, HATCH_CRASH_AT), then
 restarted. Afterwards no VM is lost or stuck in a transitional state, nothing is leaked (QEMU
 process, TAP, nft element, neighbour pin, work files) and every VM is still usable as its state
 allows."""
@@ -68,6 +68,10 @@ CASES: list[tuple[str, str | None, Callable[[HatchClient, HatchDaemon, dict], ob
     ("restore.vmm-started", "snapshotted", lambda api, h, vm: proxied(h)),  # a wake
     ("boot.vmm-started", "stopped", lambda api, h, vm: proxied(h)),  # a cold-boot wake
     ("delete.torn-down", "running", lambda api, h, vm: api.delete_vm(vm["id"])),
+    ("fork.paused", "running", lambda api, h, vm: api.fork_vm(vm["id"], 2)),
+    ("fork.reserved", "running", lambda api, h, vm: api.fork_vm(vm["id"], 2)),
+    ("fork.child-resumed", "snapshotted", lambda api, h, vm: api.fork_vm(vm["id"], 2)),
+    ("fork.child-remade", "running", lambda api, h, vm: api.fork_vm(vm["id"], 2)),
 ]
 
 
@@ -99,11 +103,17 @@ def check_settled_and_usable(api: HatchClient, hatch: HatchDaemon, point: str) -
     vms = api.list_vms()
     for vm in vms:
         state = vm["state"]
-        # A create or delete cut short leaves a VM in error (with no disk), which can only be
-        # deleted; every other VM is settled.
+        # A create or delete cut short leaves a VM in error (with no disk), and so does a fork
+        # cut short for each child it was making (it may hold its parent's identity and RNG
+        # state); such a VM can only be deleted. Every other VM is settled.
         if state == "error":
-            assert point.startswith(("create.", "delete.")), vm
-            assert "has no disk" in vm["state_reason"], vm
+            if point.startswith("fork."):  # a child with its files, or one not yet given them
+                assert "fork was interrupted" in vm["state_reason"] or (
+                    "has no disk" in vm["state_reason"]
+                ), vm
+            else:
+                assert point.startswith(("create.", "delete.")), vm
+                assert "has no disk" in vm["state_reason"], vm
         else:
             assert state in SETTLED, vm
         running = state == "running"
@@ -156,6 +166,8 @@ def test_hatchd_killed_at(daemon_factory, point, state, call) -> None:
     with hatch.client(key) as api:
         wait_for(lambda: api.list_vms() is not None, 30, "the API")
         check_settled_and_usable(api, hatch, point)
+    forks = hatch.data_dir / "forks"  # a fork's frozen moments
+    assert not forks.exists() or not any(forks.iterdir())
 
 
 def _swallow(call: Callable[[], object]) -> None:

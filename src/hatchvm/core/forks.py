@@ -45,6 +45,7 @@ from hatchvm.core.vms import (
     VMService,
     reason_of,
 )
+from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError
@@ -158,6 +159,7 @@ class ForkService:
         took = _Stopwatch()
         try:
             await vmm.capture(vm.id, vm_dir, work / "state")
+            crashpoint("fork.paused")  # the parent stands paused: start-up lets it run on
             took.lap("state")
             await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem")
             took.lap("memory")
@@ -208,6 +210,7 @@ class ForkService:
                     children.append(
                         await self.vms.reserve(user_id, cfg, parent.image_version, child_id)
                     )
+                crashpoint("fork.reserved")
                 gate = asyncio.Semaphore(PARALLEL)
 
                 async def start(child: VM) -> VM:
@@ -249,6 +252,7 @@ class ForkService:
             await self.vms.vmm.set_link(child.id, vm_dir, False)
         await self.vms.adopt(child, restored=True)
         await self.vms.vmm.resume(child.id, vm_dir)
+        crashpoint("fork.child-resumed")  # still its parent's identity: never let it run on
         took.lap("restore")
         # Its clock is set and its RNG reseeded while its agent re-makes it: nothing that
         # does needs the new randomness (the machine id comes from the host; dropbear makes
@@ -264,6 +268,7 @@ class ForkService:
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
         took.lap("remade")
+        crashpoint("fork.child-remade")
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
         await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
         log.info("fork child running", vm_id=child.id, **took.ms)

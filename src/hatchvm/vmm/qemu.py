@@ -424,7 +424,13 @@ class QemuVMM:
         # The netdev's link: QEMU carries it to the NIC (the guest's carrier) and drops
         # whatever the NIC sends while it is down.
         args = {"name": "net0", "up": up}
-        await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "set_link", args)
+        # Between a restore and its resume the restore's connection is still open, and QEMU's
+        # monitor serves one client at a time: a second connection would wait for good.
+        held = self._restoring.get(vm_id)
+        if held is not None:
+            await held.execute("set_link", args)
+        else:
+            await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "set_link", args)
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         if spec.mem_file is None or not spec.mem_file.exists() or not state_file.exists():
