@@ -121,16 +121,13 @@ class ErrorCode(IntEnum):
     NO_SUCH = 7  # no such background process
 
 
-@dataclass(frozen=True)
-class Frame:
-    type: int
-    id: int
-    fields: Fields = ()
-    flags: int = END
-    version: int = VERSION
+class _FieldReader:
+    """Typed reads of tagged fields, shared by frames and the records inside their fields."""
 
-    def get_all(self, tag: int) -> list[bytes]:
-        return [value for t, value in self.fields if t == tag]
+    fields: Fields
+
+    def _where(self) -> str:
+        raise NotImplementedError
 
     def get(self, tag: int) -> bytes | None:
         return next((value for t, value in self.fields if t == tag), None)
@@ -140,12 +137,27 @@ class Frame:
         if value is None:
             return None
         if len(value) != 8:
-            raise ProtocolError(f"field {tag} of a {self.type:#04x} frame is not an integer")
+            raise ProtocolError(f"field {tag} of {self._where()} is not an integer")
         return int.from_bytes(value, "big", signed=True)
 
     def get_text(self, tag: int) -> str | None:
         value = self.get(tag)
         return None if value is None else value.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Frame(_FieldReader):
+    type: int
+    id: int
+    fields: Fields = ()
+    flags: int = END
+    version: int = VERSION
+
+    def get_all(self, tag: int) -> list[bytes]:
+        return [value for t, value in self.fields if t == tag]
+
+    def _where(self) -> str:
+        return f"a {self.type:#04x} frame"
 
     def records(self, tag: int) -> list[Record]:
         """The record fields with this tag, each decoded (ProtocolError if malformed)."""
@@ -157,25 +169,13 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class Record:
+class Record(_FieldReader):
     """Fields inside a field: one process, one directory entry."""
 
     fields: Fields
 
-    def get(self, tag: int) -> bytes | None:
-        return next((value for t, value in self.fields if t == tag), None)
-
-    def get_int(self, tag: int) -> int | None:
-        value = self.get(tag)
-        if value is None:
-            return None
-        if len(value) != 8:
-            raise ProtocolError(f"field {tag} of a record is not an integer")
-        return int.from_bytes(value, "big", signed=True)
-
-    def get_text(self, tag: int) -> str | None:
-        value = self.get(tag)
-        return None if value is None else value.decode("utf-8", errors="replace")
+    def _where(self) -> str:
+        return "a record"
 
 
 def int_field(tag: int, value: int) -> tuple[int, bytes]:
