@@ -76,6 +76,14 @@ def wait_template_ready(hatch: HatchDaemon, count: int = 1) -> None:
     wait_for(lambda: len(events(hatch, "template ready")) >= count, 240, "a template")
 
 
+def in_disk(disk: Path, path: str) -> bool:
+    """Whether the ext4 image holds path (read with debugfs, nothing mounted)."""
+    out = subprocess.run(
+        ["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True, check=True
+    )
+    return "Inode:" in out.stdout
+
+
 def who(vm: dict[str, Any]) -> dict[str, str]:
     text = wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who", timeout=120)
     return dict(line.split("=", 1) for line in text.strip().splitlines())
@@ -120,7 +128,12 @@ def test_creates_after_the_first_come_from_its_template(
     assert missing.value.status == 404
     wait_template_ready(hatch)
     assert qemu_pids(template_vm) == []  # captured, then ended
-    assert len(templates(hatch)) == 1
+    (name,) = templates(hatch)
+    # Its disk holds nothing of any user's: no user_data, no authorized keys.
+    disk = hatch.data_dir / "templates" / name / "disk"
+    assert in_disk(disk, "/upper/etc/hostname")  # positive control
+    assert not in_disk(disk, "/upper/etc/hatch/user-data")
+    assert not in_disk(disk, "/upper/root/.ssh/authorized_keys")
 
     first = alice.create_vm(**SHAPE, user_data=user_data)
     second = alice.create_vm(**SHAPE, user_data=user_data)
@@ -155,9 +168,23 @@ def test_creates_after_the_first_come_from_its_template(
         alice.delete_vm(vm["id"])
 
 
+def test_a_vm_without_network_from_its_template(hatch: HatchDaemon, alice: HatchClient) -> None:
+    shape = {**SHAPE, "enable_network": False, "user_data": "#!/bin/sh\necho run >> /root/runs\n"}
+    cold = alice.create_vm(**shape)
+    wait_template_ready(hatch, 2)
+    warm = alice.create_vm(**shape)
+    assert created_from_template(hatch, warm["id"])
+    for vm in (cold, warm):
+        name = vm["id"].replace("_", "-")
+        assert alice.exec(vm["id"], "hostname")["stdout"].strip() == name
+        runs = wait_for(lambda vm=vm: alice.exec(vm["id"], "cat /root/runs")["stdout"], 60, "a run")
+        assert runs == "run\n"
+        alice.delete_vm(vm["id"])
+
+
 def test_a_rebuilt_image_gets_a_new_template(hatch: HatchDaemon, alice: HatchClient) -> None:
     old = templates(hatch)
-    assert len(old) == 1  # the previous test's
+    assert len(old) == 2  # the previous tests' (with and without network)
     image_dir = hatch.data_dir / "images" / "img_default"
     version = alice.get_image("img_default")["version"]
     second = rebuilt_copy(image_dir, version)
@@ -171,9 +198,9 @@ def test_a_rebuilt_image_gets_a_new_template(hatch: HatchDaemon, alice: HatchCli
     assert alice.get_image("img_default")["version"] == second
     vm = alice.create_vm(**SHAPE, user_data=WHO)  # a new version: no template for it yet
     assert not created_from_template(hatch, vm["id"])
-    wait_template_ready(hatch, 2)
+    wait_template_ready(hatch, 3)
     new = templates(hatch)
-    assert len(new) == 1 and new != old  # the new version's; the old one retired
+    assert len(new) == 2 and new != old  # the new version's; the old one retired
     again = alice.create_vm(**SHAPE, user_data=WHO)
     assert created_from_template(hatch, again["id"])
     assert again["image_version"] == second
@@ -185,9 +212,8 @@ def test_a_rebuilt_image_gets_a_new_template(hatch: HatchDaemon, alice: HatchCli
 def test_a_broken_template_falls_back_to_a_cold_boot(
     hatch: HatchDaemon, alice: HatchClient
 ) -> None:
-    (name,) = templates(hatch)
-    state = hatch.data_dir / "templates" / name / "state"
-    state.write_bytes(b"not a device state")
+    for name in templates(hatch):
+        (hatch.data_dir / "templates" / name / "state").write_bytes(b"not a device state")
     vm = alice.create_vm(**SHAPE, user_data=WHO)
     assert not created_from_template(hatch, vm["id"])
     me = who(vm)
@@ -246,3 +272,34 @@ def _swallow(call: Callable[[], object]) -> None:
         call()
     except Exception:
         pass  # the daemon may die before it answers
+
+
+def test_hatchd_killed_starting_a_vm_from_its_template(daemon_factory: Any) -> None:
+    hatch = daemon_factory(HATCH_TEMPLATES="true", HATCH_VM_DISK_MIB="64")
+    hatch.start()
+    key = hatch.create_key("alice")
+    with hatch.client(key) as api:
+        cold = api.create_vm(**SHAPE)
+        wait_template_ready(hatch)
+    hatch.stop()
+    hatch.env["HATCH_CRASH_AT"] = "fork.child-resumed"  # still the template's identity
+    hatch.start()
+    with hatch.client(key) as api:
+        worker = threading.Thread(target=lambda: _swallow(lambda: api.create_vm(**SHAPE)))
+        worker.start()
+        assert hatch.proc is not None
+        hatch.proc.wait(240)
+        worker.join(60)
+    assert '"point": "fork.child-resumed"' in hatch.log_tail(20)
+    del hatch.env["HATCH_CRASH_AT"]
+    hatch.start()
+    with hatch.client(key) as api:
+        (broken,) = [vm for vm in api.list_vms() if vm["id"] != cold["id"]]
+        # It never runs as the template: no process, no TAP, an error the user can delete.
+        assert broken["state"] == "error" and "interrupted" in broken["state_reason"], broken
+        assert qemu_pids(broken["id"]) == []
+        assert not link_exists(tap_name(hatch.tap_prefix, broken["id"]))
+        api.delete_vm(broken["id"])
+        made = api.create_vm(**SHAPE, user_data=WHO)
+        assert created_from_template(hatch, made["id"])
+        assert who(made)["runs"] == "1"
