@@ -22,8 +22,9 @@ import pytest
 from hatchvm.client import HatchAPIError, HatchClient
 from hatchvm.net.alloc import tap_name
 from tests.integration.test_image_versions import rebuilt_copy
+from tests.integration.test_kill_anywhere import in_guests_set
 from tests.support.daemon import HatchDaemon
-from tests.support.host import link_exists, qemu_pids
+from tests.support.host import link_exists, pinned_addresses, qemu_pids
 from tests.support.ssh import host_key, ssh, ssh_key
 from tests.support.wait import wait_for, wait_http
 
@@ -257,8 +258,12 @@ def test_hatchd_killed_in_a_template_build(daemon_factory: Any, point: str) -> N
     assert qemu_pids(template_vm) == []
     assert not link_exists(tap_name(hatch.tap_prefix, template_vm))
     assert not (hatch.data_dir / "vms" / template_vm).exists()
+    tap = tap_name(hatch.tap_prefix, template_vm)
+    assert building["ip"] and building["ip"] not in pinned_addresses(hatch.bridge)
+    assert not in_guests_set(hatch, tap)
     done = point == "template.stored"
-    assert len(templates(hatch)) == (1 if done else 0), templates(hatch)
+    left = templates(hatch)  # a finished template, or nothing (no half-built or old one)
+    assert len(left) == (1 if done else 0) and all("." not in name for name in left), left
     with hatch.client(key) as api:
         (vm,) = api.list_vms()  # the user's VM, booted before the build began
         assert vm["state"] == "running", vm

@@ -278,7 +278,7 @@ class TemplateService:
         build = self.root / f"{shape.key}.building"
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.reserve_unowned(TEMPLATE_OWNER, cfg, shape.image_version, vm_id)
-            log.info("template building", template=shape.key, vm_id=vm_id)
+            log.info("template building", template=shape.key, vm_id=vm_id, ip=vm.guest_ip)
             try:
                 crashpoint("template.reserved")
                 await asyncio.to_thread(self.vms.prepare_dir, vm)
