@@ -308,3 +308,20 @@ def test_hatchd_killed_starting_a_vm_from_its_template(daemon_factory: Any) -> N
         made = api.create_vm(**SHAPE, user_data=WHO)
         assert created_from_template(hatch, made["id"])
         assert who(made)["runs"] == "1"
+
+
+def test_the_least_recently_used_template_goes_beyond_the_limit(daemon_factory: Any) -> None:
+    hatch = daemon_factory(HATCH_TEMPLATES="true", HATCH_MAX_TEMPLATES="1")
+    hatch.start()
+    with hatch.client(hatch.create_key("alice")) as api:
+        small = api.create_vm(mem_mib=128)
+        wait_template_ready(hatch)
+        (first,) = templates(hatch)
+        api.delete_vm(small["id"])
+        big = api.create_vm(mem_mib=256)  # another shape: boots, then its template
+        assert not created_from_template(hatch, big["id"])
+        wait_template_ready(hatch, 2)
+        (second,) = templates(hatch)  # one kept: the newer
+        assert second != first
+        again = api.create_vm(mem_mib=256)
+        assert created_from_template(hatch, again["id"])

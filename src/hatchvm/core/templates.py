@@ -200,6 +200,7 @@ class TemplateService:
             await self.vms.teardown(vm)
             await asyncio.to_thread(_remove, source)  # built again after a cold create
             return False
+        await asyncio.to_thread(_touch, source)  # recently used: the last to be evicted
         log.info("vm started from a template", vm_id=vm.id, template=shape.key)
         return True
 
@@ -238,6 +239,8 @@ class TemplateService:
         key = shape.key
         if key in self._pending or key in self._failed or self._ready(shape) is not None:
             return
+        if len(self._pending) >= self._s.max_templates:
+            return  # shapes come faster than templates can be built: this one boots again
         self._pending.add(key)
         task = asyncio.create_task(self._build_in_turn(shape), name=f"template-{key}")
         self._tasks.add(task)
@@ -296,6 +299,7 @@ class TemplateService:
                 await self.vms.discard(vm)
                 await asyncio.to_thread(_remove, build)
         await asyncio.to_thread(self._retire_others, shape)
+        await asyncio.to_thread(self._evict)
         log.info("template ready", template=shape.key)
 
     async def _settle(self, vm: VM) -> None:
@@ -315,6 +319,14 @@ class TemplateService:
                 _remove(path)
                 log.info("template of an older image version removed", template=path.name)
 
+    def _evict(self) -> None:
+        """Beyond HATCH_MAX_TEMPLATES, the least recently used (built or started from) go."""
+        built = [path for path in self.root.iterdir() if _read_shape(path) is not None]
+        built.sort(key=_last_used, reverse=True)
+        for path in built[self._s.max_templates :]:
+            _remove(path)
+            log.info("least recently used template removed", template=path.name)
+
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
@@ -325,6 +337,20 @@ def _read_shape(path: Path) -> Shape | None:
         return Shape(**json.loads((path / SHAPE_FILE).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return (path / SHAPE_FILE).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path / SHAPE_FILE)
+    except OSError:
+        pass  # removed meanwhile: the VM runs from its own links
 
 
 def _remove(path: Path) -> None:
