@@ -165,6 +165,17 @@ def test_creates_after_the_first_come_from_its_template(
     keys = {host_key(vm["ssh_port"], tmp_path) for vm in (cold, first, second)}
     assert len(keys) == 3
 
+    # Their lives go on as any VM's: a snapshot and restore resumes it as it was; a stop and
+    # start boots it (its own kernel command line now) and runs its user_data again.
+    alice.snapshot_vm(first["id"])
+    alice.restore_vm(first["id"])
+    after = who(first)
+    assert (after["runs"], after["machine"]) == ("1", seen[first["id"]]["machine"])
+    alice.stop_vm(second["id"])
+    alice.start_vm(second["id"])
+    again = who(second)
+    assert again["runs"] == "2" and again["booted_as"] == second["id"].replace("_", "-")
+    assert again["name"] == second["id"].replace("_", "-")
     for vm in (cold, first, second):
         alice.delete_vm(vm["id"])
 

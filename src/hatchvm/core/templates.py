@@ -45,7 +45,7 @@ from hatchvm.core.vms import DISK_NAME, MEM_NAME, VMConfig, VMService, reason_of
 from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM
-from hatchvm.errors import InternalError
+from hatchvm.errors import BackendUnavailable, InternalError
 from hatchvm.ids import new_id
 from hatchvm.images import registry
 from hatchvm.images.builder import ImageArtifacts
@@ -255,6 +255,8 @@ class TemplateService:
         except _Unusable as exc:
             self._failed.add(shape.key)
             log.info("no template for this shape", template=shape.key, reason=str(exc))
+        except BackendUnavailable as exc:  # the host is full now: tried again at a later create
+            log.info("template build put off", template=shape.key, reason=exc.message)
         except Exception as exc:
             self._failed.add(shape.key)
             log.error("template build failed", template=shape.key, reason=reason_of(exc))
