@@ -336,3 +336,21 @@ def test_the_least_recently_used_template_goes_beyond_the_limit(daemon_factory: 
         assert second != first
         again = api.create_vm(mem_mib=256)
         assert created_from_template(hatch, again["id"])
+
+
+def test_a_failed_build_leaves_nothing_and_creates_boot(daemon_factory: Any) -> None:
+    # The template's guest agent "does not answer" in time: its build fails after the boot.
+    hatch = daemon_factory(HATCH_TEMPLATES="true", HATCH_AGENT_READY_TIMEOUT="0.001")
+    hatch.start()
+    with hatch.client(hatch.create_key("alice")) as api:
+        first = api.create_vm(**SHAPE)
+        failed = wait_for(lambda: events(hatch, "template build failed"), 120, "the failure")
+        assert "did not" in failed[0]["reason"] or "timed out" in failed[0]["reason"], failed
+        (building,) = events(hatch, "template building")
+        assert qemu_pids(building["vm_id"]) == []
+        assert not link_exists(tap_name(hatch.tap_prefix, building["vm_id"]))
+        assert templates(hatch) == []
+        second = api.create_vm(**SHAPE)  # boots, and the shape is not tried again
+        assert not created_from_template(hatch, second["id"])
+        assert len(events(hatch, "template building")) == 1
+        assert {vm["id"] for vm in api.list_vms()} == {first["id"], second["id"]}

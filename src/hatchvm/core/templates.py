@@ -114,6 +114,10 @@ class _Unusable(Exception):
     """The shape's guest cannot be a template (its agent lacks what it takes)."""
 
 
+class _PutOff(Exception):
+    """The host has no room for a template's VM now: a later create of its shape tries again."""
+
+
 class TemplateService:
     def __init__(self, settings: Settings, vms: VMService) -> None:
         self._s = settings
@@ -255,8 +259,8 @@ class TemplateService:
         except _Unusable as exc:
             self._failed.add(shape.key)
             log.info("no template for this shape", template=shape.key, reason=str(exc))
-        except BackendUnavailable as exc:  # the host is full now: tried again at a later create
-            log.info("template build put off", template=shape.key, reason=exc.message)
+        except _PutOff as exc:
+            log.info("template build put off", template=shape.key, reason=str(exc))
         except Exception as exc:
             self._failed.add(shape.key)
             log.error("template build failed", template=shape.key, reason=reason_of(exc))
@@ -282,7 +286,10 @@ class TemplateService:
         final = self.root / shape.key
         build = self.root / f"{shape.key}.building"
         async with self.vms.locks.hold(vm_id):
-            vm = await self.vms.reserve_unowned(TEMPLATE_OWNER, cfg, shape.image_version, vm_id)
+            try:
+                vm = await self.vms.reserve_unowned(TEMPLATE_OWNER, cfg, shape.image_version, vm_id)
+            except BackendUnavailable as exc:  # no room on the host now
+                raise _PutOff(exc.message) from None
             log.info("template building", template=shape.key, vm_id=vm_id, ip=vm.guest_ip)
             try:
                 crashpoint("template.reserved")
