@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -233,6 +234,13 @@ def test_a_broken_template_falls_back_to_a_cold_boot(
     assert [r["vm_id"] for r in events(hatch, "start from a template failed, booting cold")] == [
         vm["id"]
     ]
+    # Its booted QEMU is watched like any VM's: a death is seen (not only the template's run).
+    (pid,) = qemu_pids(vm["id"])
+    os.kill(pid, signal.SIGKILL)
+    stopped = wait_for(
+        lambda: (got := alice.get_vm(vm["id"]))["state"] == "stopped" and got, 60, "its death"
+    )
+    assert "killed" in stopped["state_reason"] or "signal" in stopped["state_reason"], stopped
     alice.delete_vm(vm["id"])
 
 
