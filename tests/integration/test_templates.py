@@ -344,6 +344,11 @@ def test_the_least_recently_used_template_goes_beyond_the_limit(daemon_factory: 
         assert second != first
         again = api.create_vm(mem_mib=256)
         assert created_from_template(hatch, again["id"])
+    # Turned off, templates are removed at start-up (their disk space is the host's again).
+    hatch.stop()
+    hatch.env["HATCH_TEMPLATES"] = "false"
+    hatch.start()
+    assert templates(hatch) == []
 
 
 def test_a_failed_build_leaves_nothing_and_creates_boot(daemon_factory: Any) -> None:

@@ -148,7 +148,8 @@ class TemplateService:
 
     async def recover(self) -> None:
         """At start-up, before reconciliation (templates on or off): what a daemon killed
-        mid-build left goes, and templates no create can use any more."""
+        mid-build left goes, and templates no create can use any more (with templates off,
+        all of them: their disk space is the host's again)."""
         async with self.vms.sessions() as session:
             rows = [vm for vm in await repo.list_vms(session) if vm.user_id == TEMPLATE_OWNER]
             images = {image.id: image.version for image in await repo.list_images(session)}
@@ -159,6 +160,9 @@ class TemplateService:
 
     def _tidy(self, current: dict[str, str | None]) -> None:
         if not self.root.is_dir():
+            return
+        if not self._s.templates:
+            _remove(self.root)
             return
         for path in self.root.iterdir():
             shape = _read_shape(path)
