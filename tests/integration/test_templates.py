@@ -289,6 +289,12 @@ def test_hatchd_killed_in_a_template_build(daemon_factory: Any, point: str) -> N
         made = api.create_vm(**SHAPE, user_data=WHO)
         assert created_from_template(hatch, made["id"]) == done
         assert who(made)["runs"] == "1"
+    if done:  # other DNS servers for the guests: the template (its resolv.conf) goes
+        assert len(templates(hatch)) == 1
+        hatch.stop()
+        hatch.env["HATCH_GUEST_DNS"] = "9.9.9.9"
+        hatch.start()
+        assert templates(hatch) == []
 
 
 def _swallow(call: Callable[[], object]) -> None:

@@ -1,7 +1,8 @@
 """Warm templates: a create starts from a pre-booted, snapshotted guest of its shape.
 
 A shape is what a guest's memory and devices depend on: image and image version, vCPUs,
-memory, networking (whether it has a NIC), boot_args and the disk size. After the first cold
+memory, networking (whether it has a NIC), boot_args and the disk size (and HATCH_GUEST_DNS,
+which the template's boot wrote into its resolv.conf). After the first cold
 create of a shape, a template of it is built in the background (one at a time): a VM that no
 user owns (not listed, in no quota, counted by host admission while it runs) boots with no
 user_data, waits until its guest has settled (agent up, sshd listening), is captured (device
@@ -86,9 +87,10 @@ class Shape:
     enable_network: bool
     boot_args: str
     disk_mib: int
+    guest_dns: str  # HATCH_GUEST_DNS: the template's boot wrote it to /etc/resolv.conf
 
     @classmethod
-    def of(cls, vm: VM, disk_mib: int) -> Shape | None:
+    def of(cls, vm: VM, settings: Settings) -> Shape | None:
         if vm.image_version is None:
             return None
         return cls(
@@ -98,7 +100,8 @@ class Shape:
             mem_mib=vm.mem_mib,
             enable_network=vm.enable_network,
             boot_args=vm.boot_args or "",
-            disk_mib=disk_mib,
+            disk_mib=settings.vm_disk_mib,
+            guest_dns=settings.guest_dns,
         )
 
     @property
@@ -170,8 +173,9 @@ class TemplateService:
                 shape is None
                 or path.name != shape.key
                 or current.get(shape.image_id) != shape.image_version
+                or shape.guest_dns != self._s.guest_dns
             ):
-                _remove(path)  # half-built, half-removed, or of an image version not current
+                _remove(path)  # half-built, half-removed, of an old image version or DNS
             elif registry.pinned_artifacts(self._s, shape.image_id, shape.image_version) is None:
                 _remove(path)
 
@@ -182,7 +186,7 @@ class TemplateService:
         return path if _read_shape(path) == shape else None
 
     async def start(self, vm: VM, image: ImageArtifacts) -> bool:
-        shape = Shape.of(vm, self._s.vm_disk_mib)
+        shape = Shape.of(vm, self._s)
         source = self._ready(shape) if shape is not None else None
         forks = self._forks
         if shape is None or source is None or forks is None or vm.user_id == TEMPLATE_OWNER:
@@ -241,7 +245,7 @@ class TemplateService:
     # ---- builds ------------------------------------------------------------------------
 
     def booted(self, vm: VM) -> None:
-        shape = Shape.of(vm, self._s.vm_disk_mib)
+        shape = Shape.of(vm, self._s)
         if shape is None or vm.user_id == TEMPLATE_OWNER:
             return
         key = shape.key
