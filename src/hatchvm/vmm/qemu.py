@@ -90,6 +90,18 @@ async def _wait_gone(pid: int, vm_id: str, timeout: float) -> bool:
     return True
 
 
+def reset_by_triple_fault(cmdline: str) -> str:
+    """The image's reboot=k suits Firecracker, which resets on the keyboard controller; QEMU's
+    microvm has none, so the kernel falls through to a jump into the firmware, which at times
+    hangs a panicked guest forever instead of resetting it. A triple fault resets at once, and
+    -no-reboot makes that reset QEMU's exit. Any other reboot= the VM's own boot_args chose
+    (the last one counts) is kept."""
+    chosen = [arg for arg in cmdline.split() if arg.startswith("reboot=")]
+    if chosen and chosen[-1] == "reboot=k":
+        return f"{cmdline} reboot=t"
+    return cmdline
+
+
 class QemuVMM:
     def __init__(
         self,
@@ -176,6 +188,7 @@ class QemuVMM:
             # Under emulation the guest cannot time its TSC against the PIT reliably (a busy
             # host makes calibration fail and the boot hang): tell it the frequency instead.
             cmdline += f" tsc_early_khz={tsc_khz}"
+        cmdline = reset_by_triple_fault(cmdline)
         cmd += [
             "-append",
             cmdline,
