@@ -228,7 +228,7 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     consoles = Consoles(settings.console_max_bytes)
     agents = Agents(settings.agent_timeout, metrics)
-    vms = VMService(settings, sessions, vmm, network, consoles, agents)
+    vms = VMService(settings, sessions, vmm, network, consoles, agents, metrics)
     liveness = Liveness(vms, metrics)
     snapshots = SnapshotService(settings, vms, store, metrics)
     routes = RouteService(settings, vms)

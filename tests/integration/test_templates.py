@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from hatchvm.client import HatchAPIError, HatchClient
@@ -141,6 +142,9 @@ def test_creates_after_the_first_come_from_its_template(
     second = alice.create_vm(**SHAPE, user_data=user_data)
     assert created_from_template(hatch, first["id"])
     assert created_from_template(hatch, second["id"])
+    exposed = httpx.get(hatch.url + "/metrics", timeout=30).text
+    assert 'hatch_create_duration_seconds_count{how="template"} 2.0' in exposed
+    assert 'hatch_create_duration_seconds_count{how="cold_boot"} 1.0' in exposed
     # Quotas count only the user's VMs: three of three, the template's not among them.
     assert len(alice.list_vms()) == 3
     with pytest.raises(HatchAPIError) as full:

@@ -55,6 +55,7 @@ def test_every_figure_is_exposed_with_its_type() -> None:
         "hatch_restore_duration_seconds": "histogram",
         "hatch_snapshot_failures": "counter",
         "hatch_vms": "gauge",
+        "hatch_create_duration_seconds": "histogram",
         "hatch_proxy_request_duration_seconds": "histogram",
         "hatch_proxy_refusals": "counter",
         "hatch_proxy_timeouts": "counter",
@@ -78,6 +79,7 @@ def test_known_series_start_at_zero() -> None:
     assert value(text, "hatch_snapshot_stored_bytes_total", automatic="true") == 0
     assert value(text, "hatch_restore_duration_seconds_count", source="store") == 0
     assert value(text, "hatch_vm_deaths_total", reason="guest-panic") == 0
+    assert value(text, "hatch_create_duration_seconds_count", how="template") == 0
     assert value(text, "hatch_ssh_refusals_total", reason="wake_rate_limited") == 0
     assert value(text, "hatch_proxy_refusals_total", status="429") == 0
     assert value(text, "hatch_agent_syncs_total", result="failed") == 0
@@ -93,6 +95,8 @@ def test_events_move_their_series() -> None:
     metrics.deduplicated(8192)
     metrics.restored(True, 0.2)
     metrics.snapshot_failed("store")
+    metrics.vm_created("template", 0.4)
+    metrics.vm_created("cold_boot", 3.1)
     metrics.vm_died(None)
     metrics.vm_died("guest-panic")
     metrics.vm_died("something-qemu-added")
@@ -115,6 +119,9 @@ def test_events_move_their_series() -> None:
     assert value(text, "hatch_snapshot_bytes_deduplicated_total") == 8192
     assert value(text, "hatch_restore_duration_seconds_count", source="hot") == 1
     assert value(text, "hatch_snapshot_failures_total", step="store") == 1
+    assert value(text, "hatch_create_duration_seconds_sum", how="template") == 0.4
+    assert value(text, "hatch_create_duration_seconds_bucket", how="cold_boot", le="2.5") == 0
+    assert value(text, "hatch_create_duration_seconds_bucket", how="cold_boot", le="5.0") == 1
     assert value(text, "hatch_vm_deaths_total", reason="unknown") == 1
     assert value(text, "hatch_vm_deaths_total", reason="guest-panic") == 1
     assert value(text, "hatch_vm_deaths_total", reason="other") == 1  # the label set is fixed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from hatchvm.ids import DEFAULT_IMAGE_ID, new_id
 from hatchvm.images import registry
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import create_vm_disk, parse_user_data
+from hatchvm.metrics import Metrics
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
 from hatchvm.sparse import copy_sparse
@@ -101,8 +103,10 @@ class VMService:
         network: HostNetwork | None,
         consoles: Consoles,
         agents: Agents | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._s = settings
+        self.metrics = metrics or Metrics()
         self.sessions = sessions
         self.vmm = vmm
         self.net = network
@@ -174,6 +178,7 @@ class VMService:
                 vm = await self._insert(vm_id, user_id, cfg, image.version)
             log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
             crashpoint("create.inserted")
+            started = time.monotonic()
             warm = False
             try:
                 image_files = await self.image_files(vm)
@@ -197,7 +202,9 @@ class VMService:
                 )
                 raise InternalError(f"creating {vm.id} failed: {reason}") from exc
             vm = await self.update(vm.id, state=State.RUNNING, state_reason=None)
-            log.info("vm created", vm_id=vm.id, from_template=warm)
+            took = time.monotonic() - started
+            self.metrics.vm_created("template" if warm else "cold_boot", took)
+            log.info("vm created", vm_id=vm.id, from_template=warm, took_s=round(took, 3))
         if not warm and self.warm is not None:
             self.warm.booted(vm)  # its shape may deserve a template
         for hook in self.create_hooks:

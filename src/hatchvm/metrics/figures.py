@@ -16,6 +16,7 @@ from hatchvm.core.states import State
 from hatchvm.metrics.requests import RequestStats
 
 How = Literal["restore", "cold_boot"]  # how a sleeping VM was woken
+Creation = Literal["template", "cold_boot"]  # how a new VM came to run
 Trigger = Literal["proxy", "ssh", "api"]  # what woke it
 Stage = Literal["wake", "port_wait", "proxy"]
 Step = Literal["capture", "store", "restore"]
@@ -117,6 +118,14 @@ class Metrics:
             ["step"],
             registry=r,
         )
+        self._create = Histogram(
+            "hatch_create_duration_seconds",
+            "Creating a VM until its guest runs, by how: from a warm template of its shape, or "
+            "a cold boot",
+            ["how"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
         self._vms = Gauge(
             "hatch_vms",
             "VMs by lifecycle state, counted in the database at scrape time",
@@ -172,6 +181,8 @@ class Metrics:
             self._capture.labels(automatic)
             self._store.labels(automatic)
             self._stored_bytes.labels(automatic)
+        for creation in get_args(Creation):
+            self._create.labels(creation)
         for source in ("hot", "store"):
             self._restore.labels(source)
         for step in ("capture", "store", "restore"):
@@ -222,6 +233,9 @@ class Metrics:
             return
         for state in sorted({*(s.value for s in State), *counts}):
             self._vms.labels(state).set(counts.get(state, 0))
+
+    def vm_created(self, how: Creation, seconds: float) -> None:
+        self._create.labels(how).observe(seconds)
 
     def vm_died(self, reason: str | None) -> None:
         if reason is None:
