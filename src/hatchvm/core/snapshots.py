@@ -21,6 +21,8 @@ import contextlib
 import json
 import os
 import shutil
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,15 +31,16 @@ import structlog
 from hatchvm.config import Settings
 from hatchvm.core import quotas
 from hatchvm.core.states import Op, State, guard
+from hatchvm.core.storing import StoreTasks, Then
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
-from hatchvm.crashpoints import crashpoint
+from hatchvm.crashpoints import crashpoint, holdpoint
 from hatchvm.db import repo
-from hatchvm.db.models import VM, Snapshot
+from hatchvm.db.models import FAILED, STORED, STORING, VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import new_id
-from hatchvm.snapshots import codec
+from hatchvm.snapshots import codec, frozen
 from hatchvm.snapshots.chunks import ChunkStore, StoredListing, Written, listing_key, namespace
-from hatchvm.snapshots.errors import ArtifactError
+from hatchvm.snapshots.errors import ArtifactError, ArtifactMissing, StoreStopped
 from hatchvm.snapshots.gc import Collector, Committed, CommittedFn, Writing
 from hatchvm.snapshots.manifest import (
     ARTIFACT_NAMES,
@@ -98,6 +101,11 @@ def _old_format(snap: Snapshot) -> bool:
         return True
 
 
+def latest_restorable(snaps: list[Snapshot]) -> Snapshot | None:
+    """The newest snapshot that did not fail to store (snaps: newest first)."""
+    return next((s for s in snaps if s.status != FAILED), None)
+
+
 def _reset_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -112,9 +120,12 @@ class SnapshotService:
         io_workers = 8 if store.backend == "s3" else 3
         self.chunks = ChunkStore(store, settings.snapshot_zstd_level, io_workers)
         self.collector = Collector(store)
+        self.storing = StoreTasks()
+        vms.teardown_hooks.append(self._call_off_stores)
         vms.delete_hooks.append(self._forget_vm)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.storing.close()
         self.chunks.close()
 
     # ---- reads -------------------------------------------------------------------------
@@ -181,17 +192,26 @@ class SnapshotService:
         autos = [s for s in snaps if s.automatic]
         if len(snaps) >= limit and not (automatic and autos and limit > 0):
             raise QuotaExceeded(f"snapshot limit reached ({len(snaps)}/{limit})")
-        snap = await self._take(vm, automatic)
-        # Room is made only now: a capture that fails must not have cost an older snapshot.
-        while len(snaps) + 1 > limit and autos:
+        # Room is made once the new one is stored (_after_store): a capture or a store that
+        # fails must not have cost an older snapshot.
+        return await self._take(vm, automatic)
+
+    async def _make_room(self, vm: VM) -> None:
+        """Over the per-VM limit (an automatic snapshot was let in at it): the oldest
+        automatic snapshots go."""
+        limit = self._s.max_snapshots_per_vm
+        async with self.vms.sessions() as session:
+            snaps = await repo.list_snapshots(session, vm.id)  # newest first
+        autos = [s for s in snaps if s.automatic and s.status != STORING]
+        while len(snaps) > limit and autos:
             oldest = autos.pop()
             await self._delete(vm, oldest)
             snaps.remove(oldest)
-        return snap
 
     async def _take(self, vm: VM, automatic: bool) -> Snapshot:
+        """Capture the guest and return: the snapshot is listed `storing` while its files are
+        stored in the background (_store), off the VM's lock."""
         snap_id = new_id("snap")
-        vm_dir = self.vms.vm_dir(vm.id)
         resume = self._resume_dir(vm.id)
         await self.vms.update(vm.id, state=State.SNAPSHOTTING)
         await asyncio.to_thread(_reset_dir, resume)
@@ -199,7 +219,7 @@ class SnapshotService:
         await asyncio.to_thread((resume / PENDING).write_text, snap_id)
         crashpoint("snapshot.begun")
         try:
-            await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
+            await self.vms.vmm.snapshot(vm.id, self.vms.vm_dir(vm.id), resume / STATE_NAME)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("snapshot capture failed", vm_id=vm.id, reason=reason)
@@ -207,58 +227,143 @@ class SnapshotService:
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
         crashpoint("snapshot.captured")
         await self.vms.detach_network(vm)
+        frozen_dir = self._frozen_dir(vm.id, snap_id)
         ns = namespace(vm.user_id)
+        snap = Snapshot(
+            id=snap_id,
+            vm_id=vm.id,
+            user_id=vm.user_id,
+            size_bytes=0,
+            storage=self.store.backend,
+            location=self.store.location(listing_key(ns, vm.id, snap_id)),
+            manifest="{}",  # its chunks are named once they are all stored
+            automatic=automatic,
+            status=STORING,
+            created_at=datetime.now(UTC),
+        )
         try:
-            # Pinned from before the first chunk until the row is committed: the collector
-            # spares every pack this snapshot may name.
-            async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
-                files = {
-                    "mem": vm_dir / MEM_NAME,
-                    "disk": vm_dir / DISK_NAME,
-                    "state": resume / STATE_NAME,
-                }
-                manifest = await self.store_files(vm, snap_id, files, w)
-                crashpoint("snapshot.stored")
-                assert manifest.chunks is not None
-                snap = Snapshot(
-                    id=snap_id,
-                    vm_id=vm.id,
-                    user_id=vm.user_id,
-                    size_bytes=manifest.chunks.added_bytes,
-                    storage=self.store.backend,
-                    location=self.store.location(manifest.chunks.listing_key),
-                    manifest=manifest.model_dump_json(),
-                    automatic=automatic,
-                    created_at=datetime.now(UTC),
-                )
-                # The snapshot row and the VM's new state commit together.
-                await self.vms.update(
-                    vm.id,
-                    state=State.SNAPSHOTTED,
-                    state_reason=None,
-                    touch=not automatic,
-                    add=[snap],
-                )
+            boot = host_boot_id()
+            files = self._captured_files(vm.id)
+            await asyncio.to_thread(frozen.freeze, files, frozen_dir, boot)
+            # The VM's own files equal the snapshot (its hot copy) from here on.
+            await asyncio.to_thread(_write_synced, resume / LATEST, f"{snap_id} {boot}")
+            # The snapshot row and the VM's new state commit together.
+            await self.vms.update(
+                vm.id,
+                state=State.SNAPSHOTTED,
+                state_reason=None,
+                touch=not automatic,
+                add=[snap],
+            )
         except Exception as exc:
             reason = reason_of(exc)
-            log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
-            await self._collect(vm.user_id)  # what it wrote is named by nothing now
-            state = await self.resume_local(vm, f"storing snapshot {snap_id} failed: {reason}")
-            raise InternalError(
-                f"storing snapshot of {vm.id} failed: {reason} (vm is {state})"
-            ) from exc
+            log.error("snapshot not kept", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
+            await asyncio.to_thread(frozen.forget, frozen_dir)
+            state = await self.resume_local(vm, f"keeping snapshot {snap_id} failed: {reason}")
+            raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
+        await asyncio.to_thread((resume / PENDING).unlink, True)
         crashpoint("snapshot.recorded")
-        await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
-        log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
+        self._store_in_background(vm, snap_id)
+        log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, status=STORING)
         return snap
 
-    def _mark_latest(self, vm_id: str, snap_id: str) -> None:
-        """The VM's own files equal snap_id, as long as this host has not rebooted: the RAM
-        file was never flushed to disk (that would cost a second per GiB on every snapshot),
-        so after a power loss it may hold stale pages, and a restore then reads the store."""
+    def _captured_files(self, vm_id: str) -> dict[str, Path]:
+        vm_dir = self.vms.vm_dir(vm_id)
         resume = self._resume_dir(vm_id)
-        _write_synced(resume / LATEST, f"{snap_id} {host_boot_id()}")
-        (resume / PENDING).unlink(missing_ok=True)
+        return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "state": resume / STATE_NAME}
+
+    def _frozen_dir(self, vm_id: str, snap_id: str) -> Path:
+        return self.vms.vm_dir(vm_id) / frozen.STORING_DIR / snap_id
+
+    def _store_in_background(self, vm: VM, snap_id: str) -> None:
+        async def run(stop: threading.Event) -> Then | None:
+            return await self._store(vm, snap_id, stop)
+
+        self.storing.start(snap_id, vm.id, run)
+
+    async def _store(self, vm: VM, snap_id: str, stop: threading.Event) -> Then | None:
+        """Store the frozen files, then settle the row: `stored` with its manifest (chunks,
+        then the listing, then the row: a row never names a missing chunk), or `failed`.
+        Returns what must follow under the VM's lock."""
+        frozen_dir = self._frozen_dir(vm.id, snap_id)
+        ns = namespace(vm.user_id)
+        started = time.monotonic()
+        try:
+            await holdpoint("snapshot.storing", released=stop.is_set)
+            if stop.is_set():
+                raise StoreStopped("its store was called off")
+            files = await asyncio.to_thread(
+                frozen.frozen_files, frozen_dir, ARTIFACT_NAMES, host_boot_id()
+            )
+            if files is None:
+                raise ArtifactMissing("its captured files are gone")
+            # Pinned from before the first chunk until the row is settled: the collector
+            # spares every pack this snapshot may name.
+            async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
+                manifest = await self.store_files(vm, snap_id, files, w, stop)
+                crashpoint("snapshot.stored")
+                assert manifest.chunks is not None
+                async with self.vms.sessions() as session, session.begin():
+                    settled = await repo.settle_snapshot(
+                        session,
+                        snap_id,
+                        status=STORED,
+                        size_bytes=manifest.chunks.added_bytes,
+                        manifest=manifest.model_dump_json(),
+                    )
+            ok, reason = True, ""
+        except StoreStopped:
+            # Called off by a delete (which removes the row, the files and the chunks), or at
+            # shutdown (still `storing`: the next hatchd resumes it).
+            return None
+        except Exception as exc:
+            ok, reason = False, reason_of(exc)
+            log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
+            async with self.vms.sessions() as session, session.begin():
+                settled = await repo.settle_snapshot(
+                    session, snap_id, status=FAILED, status_reason=f"storing failed: {reason}"
+                )
+            await self._collect(vm.user_id)  # what it wrote is named by nothing
+        crashpoint("snapshot.settled")
+        await asyncio.to_thread(frozen.forget, frozen_dir)
+        if not settled:
+            await self._collect(vm.user_id)  # deleted meanwhile: its chunks too
+            return None
+        seconds = round(time.monotonic() - started, 3)
+        log.info("snapshot stored" if ok else "snapshot failed", snapshot_id=snap_id, s=seconds)
+
+        async def then() -> None:
+            await self._after_store(vm.user_id, vm.id, snap_id, reason if not ok else None)
+
+        return then
+
+    async def _after_store(
+        self, user_id: str, vm_id: str, snap_id: str, failure: str | None
+    ) -> None:
+        """Under the VM's lock, once a store settled: make room for a stored snapshot, or,
+        for one that failed while the VM still sleeps on its files, resume the VM from them
+        (as any snapshot that cannot be stored), or stop it if nothing can resume it."""
+        async with self.vms.locks.hold(vm_id):
+            try:
+                vm = await self.vms.get(user_id, vm_id)
+            except NotFound:
+                return  # deleted meanwhile
+            if failure is None:
+                await self._make_room(vm)
+                return
+            if vm.state != State.SNAPSHOTTED:
+                return  # woken meanwhile: it runs on its own copy
+            why = f"storing snapshot {snap_id} failed: {failure}"
+            if await asyncio.to_thread(self._latest, vm.id) == snap_id:
+                await self.resume_local(vm, why)
+                return
+            async with self.vms.sessions() as session:
+                restorable = await repo.count_restorable(session, vm.id)
+            if restorable == 0:
+                await asyncio.to_thread(self.vms.drop_memory, vm.id)
+                await self.vms.update(
+                    vm.id, state=State.STOPPED, state_reason=f"{why}; the guest's memory is lost"
+                )
 
     def _latest(self, vm_id: str) -> str | None:
         """The snapshot the VM's own files equal, if they can be trusted (same host boot)."""
@@ -266,20 +371,28 @@ class SnapshotService:
         return snap_id if snap_id and boot == host_boot_id() else None
 
     async def store_files(
-        self, vm: VM, snap_id: str, files: dict[str, Path], writing: Writing
+        self,
+        vm: VM,
+        snap_id: str,
+        files: dict[str, Path],
+        writing: Writing,
+        stop: threading.Event | None = None,
     ) -> SnapshotManifest:
         """Store the snapshot's files (mem, disk, state) as chunks, then its listing; returns
-        the manifest for its row. Works from the given paths only, so it could run off the
-        VM's lock on copies of them."""
+        the manifest for its row. Works from the given paths only (the frozen links), off the
+        VM's lock."""
         ns = namespace(vm.user_id)
 
         def write_chunks() -> Written:
             committed = writing.committed.packs
             known = self.chunks.known(ns, {p: r.index_sha256 for p, r in committed.items()})
-            return self.chunks.write_chunks(ns, files, known, writing.pins)
+            return self.chunks.write_chunks(ns, files, known, writing.pins, stop)
 
         written = await asyncio.to_thread(write_chunks)
         crashpoint("snapshot.packed")
+        await holdpoint("snapshot.packed", released=stop.is_set if stop else lambda: False)
+        if stop is not None and stop.is_set():
+            raise StoreStopped("its store was called off")
         listing = await asyncio.to_thread(
             self.chunks.write_listing, listing_key(ns, vm.id, snap_id), written
         )
@@ -383,6 +496,7 @@ class SnapshotService:
         snapshot that could not be stored. Returns the state the VM ends in."""
         state_file = self._resume_dir(vm.id) / STATE_NAME
         try:
+            await self._unshare(vm.id)
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
@@ -413,26 +527,45 @@ class SnapshotService:
             vm = await self.vms.get(user_id, vm_id)
             async with self.vms.sessions() as session:
                 snaps = await repo.list_snapshots(session, vm_id)
-            if not (vm.state == State.STOPPED and snaps):
+            if not (vm.state == State.STOPPED and latest_restorable(snaps)):
                 guard(Op.RESTORE, vm.state)
             if snapshot_id is not None:
                 snap = next((s for s in snaps if s.id == snapshot_id), None)
                 if snap is None:
                     raise NotFound(f"vm {vm_id} has no snapshot {snapshot_id}")
-            elif snaps:
-                snap = snaps[0]
             else:
-                raise Conflict(f"vm {vm_id} has no snapshot to restore")
+                snap = latest_restorable(snaps)
+                if snap is None:
+                    raise Conflict(f"vm {vm_id} has no snapshot to restore")
             return await self.restore_locked(vm, snap)
 
     async def restore_locked(self, vm: VM, snap: Snapshot) -> VM:
         """Resume vm from snap; the caller holds the VM's lock (the API, or a wake).
 
         A restore that fails, or a daemon killed during one, leaves the VM's files exactly as
-        they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
+        they were: a restore from the store puts them aside (PREVIOUS_DIR) and back.
+
+        A snapshot still being stored resumes at once from the VM's own files when they are
+        it (a wake right after a snapshot); any other waits until it is stored."""
         prior = vm.state
         resume = self._resume_dir(vm.id)
         hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
+        if snap.status == STORING and not hot:
+            log.info(
+                "restore waits for its snapshot to be stored", vm_id=vm.id, snapshot_id=snap.id
+            )
+            await self.storing.wait(snap.id)  # stores never take the VM's lock
+            async with self.vms.sessions() as session:
+                row = await repo.get_snapshot(session, snap.id)
+            if row is None:
+                raise NotFound(f"snapshot {snap.id} was deleted while it was being stored")
+            snap = row
+            if snap.status == STORING:
+                raise Conflict(f"snapshot {snap.id} is still being stored; try again shortly")
+        if snap.status == FAILED:
+            raise Conflict(
+                f"snapshot {snap.id} cannot be restored: {snap.status_reason or 'it failed'}"
+            )
         async with self.vms.admission.lock:
             space = await asyncio.to_thread(self.vms.space_needed_mib, vm, not hot)
             await self.vms.admission.admit(vm.id, vm.mem_mib, space)
@@ -449,6 +582,7 @@ class SnapshotService:
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
         try:
+            await self._unshare(vm.id)
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
@@ -466,6 +600,16 @@ class SnapshotService:
         await asyncio.to_thread(self._forget_previous, vm.id)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
+
+    async def _unshare(self, vm_id: str) -> None:
+        """The guest is about to write into its RAM file and disk: a store still reading them
+        keeps the captured bytes (frozen.py)."""
+        vm_dir = self.vms.vm_dir(vm_id)
+        started = time.monotonic()
+        copied = await asyncio.to_thread(frozen.unshare, [vm_dir / MEM_NAME, vm_dir / DISK_NAME])
+        if copied:
+            seconds = round(time.monotonic() - started, 3)
+            log.info("resuming on copies of files being stored", vm_id=vm_id, s=seconds)
 
     async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
         """Fetch, verify and write out every artifact; only then put the VM's files aside and
@@ -552,8 +696,8 @@ class SnapshotService:
             snap = await self.get(user_id, snapshot_id)
             vm = await self.vms.get(user_id, snap.vm_id)
             async with self.vms.sessions() as session:
-                count = await repo.count_snapshots(session, vm.id)
-            if vm.state == State.SNAPSHOTTED and count == 1:
+                count = await repo.count_restorable(session, vm.id)
+            if vm.state == State.SNAPSHOTTED and count == 1 and snap.status != FAILED:
                 raise Conflict(
                     f"snapshot {snapshot_id} is the only one {vm.id} can resume from; "
                     "restore or delete the vm first"
@@ -561,7 +705,9 @@ class SnapshotService:
             await self._delete(vm, snap)
 
     async def _delete(self, vm: VM, snap: Snapshot) -> None:
-        """Row first (it is never listed again), then the artifacts."""
+        """Its store stops first (if under way), then the row goes (it is never listed
+        again), then its frozen files and its artifacts."""
+        await self.storing.call_off(snap.id)
         async with self.vms.sessions() as session, session.begin():
             row = await repo.get_snapshot(session, snap.id)
             if row is not None:
@@ -569,13 +715,18 @@ class SnapshotService:
         latest = self._resume_dir(vm.id) / LATEST
         if (await asyncio.to_thread(_read, latest) or "").split(" ")[0] == snap.id:
             await asyncio.to_thread(latest.unlink, True)
-        if _old_format(snap):
+        await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, snap.id))
+        if snap.status == STORED and _old_format(snap):
             try:
                 await self.store.delete_prefix(self._prefix(vm.id, snap.id))
             except ArtifactError as exc:
                 log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
         await self._collect(vm.user_id)
         log.info("snapshot deleted", vm_id=vm.id, snapshot_id=snap.id)
+
+    async def _call_off_stores(self, vm: VM) -> None:
+        """Teardown hook of VMService: stores reading the VM's files stop before they go."""
+        await self.storing.call_off_vm(vm.id)
 
     async def _forget_vm(self, vm: VM) -> None:
         """Delete hook of VMService: the VM's snapshots go with it."""
@@ -589,6 +740,48 @@ class SnapshotService:
         await self._collect(vm.user_id)
 
     # ---- start-up ----------------------------------------------------------------------
+
+    async def resume_stores(self) -> None:
+        """After reconcile: snapshots a previous hatchd left `storing` are stored again from
+        their frozen files when these are intact (all there, from this host boot), and are
+        `failed` otherwise (never restored; their VM resumed or stopped as after any failed
+        store). Frozen files and unshared copies nothing needs any more are removed."""
+        async with self.vms.sessions() as session:
+            storing = await repo.storing_snapshots(session)
+            vms = {vm.id: vm for vm in await repo.list_vms(session)}
+        boot = await asyncio.to_thread(host_boot_id)
+        for snap in storing:
+            vm = vms.get(snap.vm_id)
+            if vm is None:
+                continue
+            files = await asyncio.to_thread(
+                frozen.frozen_files, self._frozen_dir(vm.id, snap.id), ARTIFACT_NAMES, boot
+            )
+            if files is not None:
+                log.info("storing a snapshot again after a restart", snapshot_id=snap.id)
+                self._store_in_background(vm, snap.id)
+                continue
+            reason = "hatchd stopped while storing it, and its captured files are gone"
+            log.error("snapshot failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
+            async with self.vms.sessions() as session, session.begin():
+                await repo.settle_snapshot(
+                    session, snap.id, status=FAILED, status_reason=f"storing failed: {reason}"
+                )
+            await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, snap.id))
+            await self._after_store(vm.user_id, vm.id, snap.id, reason)
+        keep = {snap.id for snap in storing}
+        await asyncio.to_thread(self._sweep_frozen, list(vms), keep)
+
+    def _sweep_frozen(self, vm_ids: list[str], keep: set[str]) -> None:
+        for vm_id in vm_ids:
+            vm_dir = self.vms.vm_dir(vm_id)
+            for name in (MEM_NAME, DISK_NAME):  # an unshare cut short
+                (vm_dir / f"{name}.unshared").unlink(missing_ok=True)
+            storing = vm_dir / frozen.STORING_DIR
+            if storing.is_dir():
+                for entry in list(storing.iterdir()):
+                    if entry.name not in keep:
+                        frozen.forget(entry)  # its folder too, once empty
 
     async def reconcile(self, vm: VM) -> None:
         """Settle a VM the daemon left `snapshotting` or `restoring` when it died, or
@@ -604,6 +797,8 @@ class SnapshotService:
         if vm.state == State.SNAPSHOTTING:
             pending = await asyncio.to_thread(_read, resume / PENDING)
             if pending:
+                # Its row was never written: its frozen links (if made) name nothing.
+                await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, pending))
                 with contextlib.suppress(ArtifactError):
                     await self.store.delete_prefix(self._prefix(vm.id, pending))
             if await vmm.alive(vm.id, vm_dir) is not None:
@@ -633,7 +828,7 @@ class SnapshotService:
             prior = await asyncio.to_thread(self._put_back, vm.id)
             if prior is None:  # a restore of the VM's own files: they are still the snapshot
                 async with self.vms.sessions() as session:
-                    has_snapshots = await repo.count_snapshots(session, vm.id) > 0
+                    has_snapshots = await repo.count_restorable(session, vm.id) > 0
                 prior = State.SNAPSHOTTED if has_snapshots else State.STOPPED
             await self.vms.update(
                 vm.id,

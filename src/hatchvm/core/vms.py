@@ -90,6 +90,8 @@ class VMService:
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
+        # Before a deleted VM's process and files go (stores reading its files stop first).
+        self.teardown_hooks: list[VMHook] = []
         self.create_hooks: list[VMHook] = []  # called with each VM once it runs
         # Called with a VM whose VMM process just started or was reattached (core/liveness).
         self.run_hooks: list[Callable[[VM], None]] = []
@@ -398,6 +400,8 @@ class VMService:
         async with self.locks.hold(vm_id):
             vm = await self.get(user_id, vm_id)
             guard(Op.DELETE, vm.state)
+            for hook in self.teardown_hooks:
+                await hook(vm)
             await self.teardown(vm)
             crashpoint("delete.torn-down")
             for hook in self.delete_hooks:
