@@ -73,18 +73,6 @@ def host_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -245,8 +233,9 @@ class SnapshotService:
             boot = host_boot_id()
             files = self._captured_files(vm.id)
             await asyncio.to_thread(frozen.freeze, files, frozen_dir, boot)
-            # The VM's own files equal the snapshot (its hot copy) from here on.
-            await asyncio.to_thread(_write_synced, resume / LATEST, f"{snap_id} {boot}")
+            # The VM's own files equal the snapshot (its hot copy) from here on. Not fsynced:
+            # it counts only within this host boot (like the RAM file it vouches for).
+            await asyncio.to_thread((resume / LATEST).write_text, f"{snap_id} {boot}")
             # The snapshot row and the VM's new state commit together.
             await self.vms.update(
                 vm.id,
