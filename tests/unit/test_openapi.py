@@ -153,3 +153,14 @@ def test_links_lead_to_real_operations(doc) -> None:
     }
     restore = ops["snapshot_vm"]["responses"]["201"]["links"]["restore_vm"]
     assert restore["requestBody"] == {"snapshot_id": "$response.body#/id"}
+
+
+def test_a_snapshot_says_whether_it_is_stored(doc) -> None:
+    schema = doc["components"]["schemas"]["Snapshot"]
+    status = schema["properties"]["status"]
+    assert status["enum"] == ["storing", "stored", "failed"]
+    assert {"status", "status_reason", "artifacts"} <= set(schema["required"])
+    reason = schema["properties"]["status_reason"]["anyOf"]
+    assert {"type": "null"} in reason  # only a failed snapshot has one
+    artifacts = schema["properties"]["artifacts"]["anyOf"]
+    assert {"type": "null"} in artifacts  # none until stored
