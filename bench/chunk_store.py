@@ -45,7 +45,7 @@ def ten_vms(
             stored(api, api.post(f"/vms/{vm['id']}/snapshot").raise_for_status().json())
             for vm in vms
         ]
-    stored = sum(s["size_bytes"] for s in snaps)
+    together = sum(s["size_bytes"] for s in snaps)
     alone = old = 0
     with tempfile.TemporaryDirectory(dir=daemon.data_dir) as tmp:
         scratch = Path(tmp)
@@ -61,7 +61,7 @@ def ten_vms(
                     old += codec.encode(path, scratch / "old.zst").stored_size
         finally:
             chunks.close()
-    return stored, alone, old
+    return together, alone, old
 
 
 def decode_against_restore(
