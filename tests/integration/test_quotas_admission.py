@@ -69,6 +69,7 @@ def test_snapshot_storage_limit_manual_and_automatic(daemon_factory) -> None:
         # Under the limit the reaper freezes the idle VM (the positive control)...
         wait_for(lambda: alice.get_vm(vm["id"])["state"] == "snapshotted", 120, "idle snapshot")
         [snap] = alice.list_snapshots(vm["id"])
+        snap = alice.wait_stored(snap["id"])  # its size is known once stored
         assert snap["size_bytes"] > 1 << 20
         assert via_proxy(hatch, "sleepy").status_code == 200  # woken
         # ...which takes alice past 1 MiB: no more snapshots, by hand or by the reaper.
