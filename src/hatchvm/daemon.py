@@ -233,6 +233,7 @@ async def serve(settings: Settings) -> None:
     routes = RouteService(settings, vms)
     await routes.load()
     await reconcile(vms, snapshots)
+    await snapshots.resume_stores()  # snapshots a crash left `storing`
     await snapshots.collect_all()  # what a crash left in the chunk store
     await prune_images(settings, sessions)
 
@@ -297,7 +298,7 @@ async def serve(settings: Settings) -> None:
         await liveness.close()
         await consoles.close()
         await agents.close()
-        snapshots.close()
+        await snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 
