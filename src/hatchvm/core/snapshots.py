@@ -318,7 +318,7 @@ class SnapshotService:
             # Pinned from before the first chunk until the row is settled: the collector
             # spares every pack this snapshot may name.
             async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
-                manifest = await self.store_files(vm, snap_id, files, w, stop)
+                manifest, shared = await self.store_files(vm, snap_id, files, w, stop)
                 crashpoint("snapshot.stored")
                 assert manifest.chunks is not None
                 async with self.vms.sessions() as session, session.begin():
@@ -333,6 +333,7 @@ class SnapshotService:
             if settled:
                 seconds = time.monotonic() - started
                 self.metrics.snapshot_stored(automatic, seconds, manifest.chunks.added_bytes)
+                self.metrics.deduplicated(shared)  # pages the store now holds once
         except StoreStopped:
             # Called off by a delete (which removes the row, the files and the chunks), or at
             # shutdown (still `storing`: the next hatchd resumes it).
@@ -399,10 +400,10 @@ class SnapshotService:
         files: dict[str, Path],
         writing: Writing,
         stop: threading.Event | None = None,
-    ) -> SnapshotManifest:
+    ) -> tuple[SnapshotManifest, int]:
         """Store the snapshot's files (mem, disk, state) as chunks, then its listing; returns
-        the manifest for its row. Works from the given paths only (the frozen links), off the
-        VM's lock."""
+        the manifest for its row, and the page bytes not written because the user's store held
+        them already. Works from the given paths only (the frozen links), off the VM's lock."""
         ns = namespace(vm.user_id)
 
         def write_chunks() -> Written:
@@ -411,7 +412,6 @@ class SnapshotService:
             return self.chunks.write_chunks(ns, files, known, writing.pins, stop)
 
         written = await asyncio.to_thread(write_chunks)
-        self.metrics.deduplicated(written.shared_bytes)  # the store holds them once
         crashpoint("snapshot.packed")
         await holdpoint("snapshot.packed", released=stop.is_set if stop else lambda: False)
         if stop is not None and stop.is_set():
@@ -427,7 +427,7 @@ class SnapshotService:
                 if new is not None
                 else writing.committed.packs[pack]
             )
-        return SnapshotManifest(
+        manifest = SnapshotManifest(
             snapshot_id=snap_id,
             vm_id=vm.id,
             mem_mib=vm.mem_mib,
@@ -448,6 +448,7 @@ class SnapshotService:
                 added_bytes=sum(p.size for p in written.new_packs.values()) + listing.size,
             ),
         )
+        return manifest, written.shared_bytes
 
     def _committed(self, user_id: str) -> CommittedFn:
         async def committed() -> Committed:
