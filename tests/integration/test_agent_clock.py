@@ -222,6 +222,11 @@ def test_a_guest_speaking_garbage_on_the_agent_port_cannot_hurt_hatchd(api, hatc
     hostile = api.create_vm(user_data=HOSTILE, mem_mib=256)
     assert wait_http(f"http://{hostile['guest_ip']}:8080/hostile").strip() == "hostile"
     assert hatch.proc is not None
+    # The first store of a VM's pages grows hatchd's heap by about 30 MiB (pack buffers in a
+    # malloc arena of its own; measured on main and on this branch alike), which is not what
+    # is measured here: both VMs are stored once before hatchd's RSS is taken.
+    api.snapshot_vm(good["id"], wait_stored=True)
+    api.restore_vm(good["id"])
     rss_before = 0
 
     for cycle in range(4):
