@@ -188,6 +188,21 @@ class Settings(BaseSettings):
         "just booted or woken to say hello (503 after)",
     )
 
+    templates: bool = Field(
+        default=True,
+        description="warm templates: after the first create of a VM shape (image version, "
+        "vCPUs, memory, networking, boot_args, disk size) hatchd boots and snapshots a template "
+        "of it in the background, and later creates of that shape start from it instead of "
+        "booting (false: every create boots)",
+    )
+    max_templates: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        description="warm templates kept (one per shape): beyond it the least recently used goes, "
+        "and no more builds are queued",
+    )
+
     bridge_name: str = Field(
         default="hatchbr0", pattern=r"^[A-Za-z0-9_.-]{1,15}$", description="the VMs' bridge"
     )

@@ -32,6 +32,7 @@ from hatchvm.core.network import HostNetwork
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.routes import RouteService
 from hatchvm.core.snapshots import SnapshotService
+from hatchvm.core.templates import TemplateService
 from hatchvm.core.vms import VMService
 from hatchvm.core.wake import WakeService
 from hatchvm.db.engine import make_engine, make_sessionmaker
@@ -232,6 +233,8 @@ async def serve(settings: Settings) -> None:
     snapshots = SnapshotService(settings, vms, store, metrics)
     routes = RouteService(settings, vms)
     await routes.load()
+    templates = TemplateService(settings, vms)
+    await templates.recover()  # a template build's VM is no VM reconciliation knows
     await reconcile(vms, snapshots)
     await snapshots.resume_stores()  # snapshots a crash left `storing`
     await snapshots.collect_all()  # what a crash left in the chunk store
@@ -246,6 +249,9 @@ async def serve(settings: Settings) -> None:
         metrics=metrics,
     )
     guest = GuestService(settings, vms, wake, activity)
+    forks = ForkService(settings, vms, snapshots, guest)
+    if settings.templates:
+        await templates.enable(forks)
     verifier = build_verifier(settings, sessions)
     scrape = Scrape(metrics, sessions)
     app = create_app(
@@ -258,7 +264,7 @@ async def serve(settings: Settings) -> None:
             routes,
             ExecService(guest),
             FileService(guest),
-            ForkService(settings, vms, snapshots, guest),
+            forks,
         ),
         None if settings.metrics_host_port else scrape,
     )
@@ -292,6 +298,7 @@ async def serve(settings: Settings) -> None:
         if listener is not None:
             await listener.close()
         await reaper.close()
+        await templates.close()
         await gateway.close()
         await proxy.close()
         await verifier.close()

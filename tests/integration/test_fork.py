@@ -19,7 +19,8 @@ import pytest
 
 from hatchvm.client import HatchAPIError, HatchClient
 from tests.support.daemon import HatchDaemon
-from tests.support.wait import wait_for, wait_http
+from tests.support.ssh import host_key
+from tests.support.wait import wait_http
 
 pytestmark = pytest.mark.vm
 
@@ -69,35 +70,6 @@ def world() -> Iterator[World]:
 def who(ip: str) -> dict[str, str]:
     text = wait_http(f"http://{ip}:8080/cgi-bin/who", timeout=60)
     return dict(line.split("=", 1) for line in text.strip().splitlines())
-
-
-def host_key(port: int, tmp_path: Path) -> str:
-    """The ed25519 host key the SSH server behind the gateway's port shows (OpenSSH records it
-    before it fails to log in without a key)."""
-    known = tmp_path / f"known-{port}"
-
-    def scan() -> str | None:
-        known.unlink(missing_ok=True)
-        subprocess.run(
-            [
-                "ssh",
-                "-p", str(port),
-                "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=accept-new",
-                "-o", f"UserKnownHostsFile={known}",
-                "-o", "HostKeyAlgorithms=ssh-ed25519",
-                "-o", "PubkeyAuthentication=no",
-                "-o", "ConnectTimeout=30",
-                "root@127.0.0.1",
-                "true",
-            ],
-            capture_output=True,
-            timeout=90,
-        )  # fmt: skip
-        text = known.read_text() if known.exists() else ""
-        return text.split(None, 1)[1].strip() if text else None
-
-    return wait_for(scan, 120, f"the host key on port {port}")
 
 
 def status_of(call: Any) -> tuple[int, str]:

@@ -67,6 +67,9 @@ class HatchDaemon:
             "HATCH_QEMU_ACCEL": "auto",
             "HATCH_STOP_TIMEOUT": "30",
             "HATCH_LOG_LEVEL": "info",
+            # Off unless a test turns them on (test_templates.py): a background template build
+            # would boot a VM beside every test that creates two of one shape.
+            "HATCH_TEMPLATES": "false",
             # The VM tests on a real Firecracker: HATCH_TEST_VMM=firecracker (see conftest).
             **({"HATCH_VMM": vmm} if (vmm := os.environ.get("HATCH_TEST_VMM")) else {}),
             **env,

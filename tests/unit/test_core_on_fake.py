@@ -79,6 +79,21 @@ async def test_a_wake_cold_boots_a_vm_that_died(core: Core) -> None:
     assert ("boot", vm.id) in core.host.calls[1:]
 
 
+async def test_a_run_that_takes_the_place_of_an_ending_one_is_watched(core: Core) -> None:
+    """A create whose start from a template fails after its VMM ran boots the VM again under
+    the same lock: the first run's watch, waiting for that lock, goes on with the new run
+    (whose own watch() found it going on), so the new run's death is still seen."""
+    vm = await core.create()
+    async with core.vms.locks.hold(vm.id):
+        await core.vms.vmm.kill(vm.id, core.vms.vm_dir(vm.id))
+        await asyncio.sleep(0.05)  # the watch sees the end, and waits for the lock
+        await core.vms.boot(vm, await core.vms.image_files(vm))
+    await asyncio.sleep(0.05)  # the watch takes the lock, finds the new run alive
+    assert core.host.running(vm.id) is not None
+    core.host.crash(vm.id)
+    await until(lambda: _state_is(core, vm.id, State.STOPPED), 5, "the death to be recorded")
+
+
 async def _state_is(core: Core, vm_id: str, state: State) -> bool:
     return (await core.state(vm_id)).state == state
 

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -56,6 +57,9 @@ from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
+
+# A step of making a child, with its agent ready (see start_child).
+ChildStep = Callable[[VM], Awaitable[None]]
 
 MAX_FORK_COUNT = 16  # children of one call
 PARALLEL = 4  # children restored at once
@@ -240,6 +244,21 @@ class ForkService:
         return started
 
     async def _start(self, child: VM, image: ImageArtifacts, work: Path) -> VM:
+        return await self.start_child(child, image, work)
+
+    async def start_child(
+        self,
+        child: VM,
+        image: ImageArtifacts,
+        work: Path,
+        *,
+        before_link: ChildStep | None = None,
+        after_link: ChildStep | None = None,
+    ) -> VM:
+        """Make child (its row reserved, its lock held) run from the frozen moment in work
+        (mem, disk, state), re-made as itself. before_link runs once it is re-made, its NIC
+        still unplugged; after_link once the NIC is plugged in (a warm template's create
+        seeds the guest and starts its user_data there)."""
         vm_dir = self.vms.vm_dir(child.id)
         took = _Stopwatch()
         await asyncio.to_thread(_prepare_child, vm_dir, work)
@@ -266,8 +285,12 @@ class ForkService:
                 raise outcome
         if synced is not None:  # it would share its parent's RNG state: never let it run
             raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
+        if before_link is not None:
+            await before_link(child)
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
+        if after_link is not None:
+            await after_link(child)
         took.lap("remade")
         crashpoint("fork.child-remade")
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)

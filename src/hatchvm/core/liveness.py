@@ -33,6 +33,9 @@ CONSOLE_TAIL = 16 << 10  # how far back a guest's kernel panic is looked for
 PANIC = b"Kernel panic - not syncing"
 
 
+_REPLACED = object()  # what _record says when another run of the VM took the dead one's place
+
+
 class Liveness:
     def __init__(self, vms: VMService, metrics: Metrics | None = None) -> None:
         self.vms = vms
@@ -66,19 +69,25 @@ class Liveness:
             task.cancel()
 
     async def _watch(self, vm_id: str) -> None:
-        info = await self.vms.vmm.wait_exit(vm_id, self.vms.vm_dir(vm_id))
-        vm = await self._record(vm_id, info)
-        if vm is not None and vm.restart == "on-failure" and not info.clean:
+        while True:
+            info = await self.vms.vmm.wait_exit(vm_id, self.vms.vm_dir(vm_id))
+            vm = await self._record(vm_id, info)
+            if vm is not _REPLACED:
+                break
+            # Another run took its place while this watch waited for the VM's lock (a create
+            # that fell back from its template to a boot): its watch() found this one going on.
+        if isinstance(vm, VM) and vm.restart == "on-failure" and not info.clean:
             self._schedule_restart(vm)
 
-    async def _record(self, vm_id: str, info: ExitInfo) -> VM | None:
-        """Under the VM's lock: if nothing of hatchd's ended it, record the death."""
+    async def _record(self, vm_id: str, info: ExitInfo) -> VM | object | None:
+        """Under the VM's lock: if nothing of hatchd's ended it, record the death; _REPLACED
+        when another run of the VM runs now."""
         async with self.vms.locks.hold(vm_id):
             vm = await self.vms.load(vm_id)
             if vm is None or vm.state != State.RUNNING:
                 return None  # hatchd ended it (stop, snapshot, delete): not a death
             if await self.vms.vmm.alive(vm_id, self.vms.vm_dir(vm_id)) is not None:
-                return None  # another run of the VM already took its place
+                return _REPLACED  # another run of the VM already took its place
             console = Consoles.tail(self.vms.vm_dir(vm_id), CONSOLE_TAIL)
             if info.reason == "guest-reset" and PANIC in console:
                 info = dataclasses.replace(info, reason="guest-panic")  # -no-reboot hid it

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from sqlalchemy.exc import IntegrityError
@@ -77,6 +77,19 @@ class VMConfig:
     restart: str = "no"  # "no" | "on-failure"
 
 
+class WarmStarts(Protocol):
+    """Starting a new VM from a template of its shape instead of booting it."""
+
+    async def start(self, vm: VM, image: ImageArtifacts) -> bool:
+        """Make the reserved VM (its lock held) run from a template; False when there is
+        none or it failed (nothing of the attempt is left: the caller boots it cold)."""
+        ...
+
+    def booted(self, vm: VM) -> None:
+        """A VM of this shape was just booted cold."""
+        ...
+
+
 class VMService:
     def __init__(
         self,
@@ -103,6 +116,7 @@ class VMService:
         # Called with a VM whose VMM process just started or was reattached (core/liveness).
         self.run_hooks: list[Callable[[VM], None]] = []
         self._cache: dict[str, VM] = {}
+        self.warm: WarmStarts | None = None  # warm templates (core/templates.py), if enabled
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -160,10 +174,14 @@ class VMService:
                 vm = await self._insert(vm_id, user_id, cfg, image.version)
             log.info("vm creating", vm_id=vm.id, user=user_id, ip=vm.guest_ip)
             crashpoint("create.inserted")
+            warm = False
             try:
-                await asyncio.to_thread(self._prepare_dir, vm)
-                crashpoint("create.prepared")
-                await self._boot(vm, await self.image_files(vm))
+                image_files = await self.image_files(vm)
+                warm = self.warm is not None and await self.warm.start(vm, image_files)
+                if not warm:
+                    await asyncio.to_thread(self.prepare_dir, vm)
+                    crashpoint("create.prepared")
+                    await self.boot(vm, image_files)
             except Exception as exc:
                 reason = reason_of(exc)
                 log.error("vm create failed", vm_id=vm.id, reason=reason)
@@ -179,6 +197,9 @@ class VMService:
                 )
                 raise InternalError(f"creating {vm.id} failed: {reason}") from exc
             vm = await self.update(vm.id, state=State.RUNNING, state_reason=None)
+            log.info("vm created", vm_id=vm.id, from_template=warm)
+        if not warm and self.warm is not None:
+            self.warm.booted(vm)  # its shape may deserve a template
         for hook in self.create_hooks:
             await hook(vm)
         return vm
@@ -190,6 +211,29 @@ class VMService:
         host's room, for a caller that makes the VM itself (a fork) holding its lock."""
         async with self._user_locks.hold(user_id), self.admission.lock:
             return await self._insert(vm_id, user_id, cfg, image_version)
+
+    async def reserve_unowned(
+        self, owner: str, cfg: VMConfig, image_version: str, vm_id: str
+    ) -> VM:
+        """A row for a VM no user owns (a template's, owner being no user's id): counted by
+        host admission, not by any user's quotas, with addresses but no SSH port."""
+        async with self.admission.lock:
+            for _attempt in range(5):
+                async with self.sessions() as session, session.begin():
+                    space = cfg.mem_mib + self._s.vm_disk_mib
+                    await self.admission.check(session, None, cfg.mem_mib, space)
+                    vm = self._row(vm_id, owner, cfg, image_version)
+                    if cfg.enable_network:
+                        await self._allocate(session, vm)
+                        vm.ssh_port = None
+                    session.add(vm)
+                    try:
+                        await session.flush()
+                    except IntegrityError:
+                        await session.rollback()
+                        continue
+                return vm
+        raise InternalError("could not allocate network addresses, try again")
 
     async def discard(self, vm: VM) -> None:
         """A VM that never became the user's (a fork that failed): everything of it goes,
@@ -238,20 +282,7 @@ class VMService:
                 quotas.check_create(self._s, usage, cfg.vcpu_count, cfg.mem_mib)
                 space = cfg.mem_mib + self._s.vm_disk_mib
                 await self.admission.check(session, None, cfg.mem_mib, space)
-                vm = VM(
-                    id=vm_id,
-                    user_id=user_id,
-                    image_id=cfg.image_id,
-                    image_version=image_version,
-                    state=State.STARTING,
-                    vcpu_count=cfg.vcpu_count,
-                    mem_mib=cfg.mem_mib,
-                    enable_network=cfg.enable_network,
-                    egress=cfg.egress.value,
-                    user_data=cfg.user_data,
-                    boot_args=cfg.boot_args,
-                    restart=cfg.restart,
-                )
+                vm = self._row(vm_id, user_id, cfg, image_version)
                 if cfg.enable_network:
                     await self._allocate(session, vm)
                 session.add(vm)
@@ -263,6 +294,23 @@ class VMService:
                     continue
             return vm
         raise InternalError("could not allocate network addresses, try again")
+
+    @staticmethod
+    def _row(vm_id: str, user_id: str, cfg: VMConfig, image_version: str | None) -> VM:
+        return VM(
+            id=vm_id,
+            user_id=user_id,
+            image_id=cfg.image_id,
+            image_version=image_version,
+            state=State.STARTING,
+            vcpu_count=cfg.vcpu_count,
+            mem_mib=cfg.mem_mib,
+            enable_network=cfg.enable_network,
+            egress=cfg.egress.value,
+            user_data=cfg.user_data,
+            boot_args=cfg.boot_args,
+            restart=cfg.restart,
+        )
 
     async def _allocate(self, session: Any, vm: VM) -> None:
         ips, macs, ports = await repo.used_allocations(session)
@@ -285,7 +333,7 @@ class VMService:
         files = {vm_dir / MEM_NAME: vm.mem_mib, vm_dir / DISK_NAME: self._s.vm_disk_mib}
         return sum(files.values()) if fresh else space_needed_mib(files)
 
-    def _prepare_dir(self, vm: VM) -> None:
+    def prepare_dir(self, vm: VM) -> None:
         vm_dir = self.vm_dir(vm.id)
         vm_dir.mkdir(parents=True, exist_ok=True)
         create_vm_disk(
@@ -324,7 +372,7 @@ class VMService:
             vmlinux=image.vmlinux,
         )
 
-    async def _boot(self, vm: VM, image: ImageArtifacts) -> None:
+    async def boot(self, vm: VM, image: ImageArtifacts) -> None:
         """Cold boot: fresh memory, so no earlier snapshot's RAM can be resumed from here."""
         await asyncio.to_thread(self.drop_memory, vm.id)
         await self.attach_network(vm)
@@ -407,7 +455,7 @@ class VMService:
             await self.update(vm_id, state=State.STARTING, state_reason=None)
         crashpoint("start.begun")
         try:
-            await self._boot(vm, image)
+            await self.boot(vm, image)
         except Exception as exc:
             reason = reason_of(exc)
             log.error("vm start failed", vm_id=vm_id, reason=reason)
