@@ -27,3 +27,16 @@ def first_answer(
                 pass
             time.sleep(poll)
     raise TimeoutError(url)
+
+
+def stored(api: httpx.Client, snapshot: dict, timeout: float = 900) -> dict:
+    """The snapshot once its background store has ended; raises unless it was stored."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snap = api.get(f"/snapshots/{snapshot['id']}").raise_for_status().json()
+        if snap["status"] == "stored":
+            return dict(snap)
+        if snap["status"] == "failed":
+            raise RuntimeError(f"snapshot {snap['id']} failed: {snap['status_reason']}")
+        time.sleep(0.05)
+    raise TimeoutError(f"snapshot {snapshot['id']} still storing after {timeout}s")

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from bench.answers import first_answer
+from bench.answers import first_answer, stored
 from hatchvm.snapshots import codec
 from hatchvm.snapshots.chunks import ChunkStore, StoredListing, listing_key
 from hatchvm.snapshots.local import LocalStore
@@ -41,8 +41,11 @@ def ten_vms(
         ]
         for vm in vms:
             first_answer(f"http://{vm['guest_ip']}:8080/filled", timeout=1800)
-        snaps = [api.post(f"/vms/{vm['id']}/snapshot").raise_for_status().json() for vm in vms]
-    stored = sum(s["size_bytes"] for s in snaps)
+        snaps = [
+            stored(api, api.post(f"/vms/{vm['id']}/snapshot").raise_for_status().json())
+            for vm in vms
+        ]
+    together = sum(s["size_bytes"] for s in snaps)
     alone = old = 0
     with tempfile.TemporaryDirectory(dir=daemon.data_dir) as tmp:
         scratch = Path(tmp)
@@ -58,7 +61,7 @@ def ten_vms(
                     old += codec.encode(path, scratch / "old.zst").stored_size
         finally:
             chunks.close()
-    return stored, alone, old
+    return together, alone, old
 
 
 def decode_against_restore(
@@ -118,7 +121,7 @@ def cold_restores(
             t0 = time.monotonic()
             api.post(f"/vms/{vm['id']}/restore", json={"snapshot_id": which}).raise_for_status()
             times[which].append(first_answer(url, timeout=300) - t0)
-            api.post(f"/vms/{vm['id']}/snapshot").raise_for_status()
+            stored(api, api.post(f"/vms/{vm['id']}/snapshot").raise_for_status().json())
     api.delete(f"/snapshots/{old_id}").raise_for_status()
     return statistics.median(times[old_id]), statistics.median(times[snap_id])
 
@@ -144,17 +147,18 @@ def s3_streaming(workload: str, mem_mib: int, rounds: int = 3) -> tuple[float, f
             vm = vm.raise_for_status().json()
             url = f"http://{vm['guest_ip']}:8080/filled"
             first_answer(url, timeout=900)
-            first = api.post(f"/vms/{vm['id']}/snapshot").raise_for_status().json()
+            snap_url = f"/vms/{vm['id']}/snapshot"
+            first = stored(api, api.post(snap_url).raise_for_status().json())
             for _ in range(rounds):
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm['id']}/restore").raise_for_status()
                 hot.append(first_answer(url, timeout=300) - t0)
-                api.post(f"/vms/{vm['id']}/snapshot").raise_for_status()
+                stored(api, api.post(snap_url).raise_for_status().json())
                 t0 = time.monotonic()
                 body = {"snapshot_id": first["id"]}
                 api.post(f"/vms/{vm['id']}/restore", json=body).raise_for_status()
                 cold.append(first_answer(url, timeout=300) - t0)
-                api.post(f"/vms/{vm['id']}/snapshot").raise_for_status()
+                stored(api, api.post(snap_url).raise_for_status().json())
     finally:
         daemon.cleanup()
         s3.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -178,8 +179,24 @@ class HatchClient:
         except httpx.TransportError as exc:
             raise HatchConnectionError(self.base_url, str(exc) or type(exc).__name__) from None
 
-    def snapshot_vm(self, vm_id: str) -> Any:
-        return self._call("POST", f"/vms/{vm_id}/snapshot")
+    def snapshot_vm(self, vm_id: str, wait_stored: bool = False) -> Any:
+        """The snapshot, as soon as the guest is captured (`storing`); with wait_stored, once
+        it is stored (or failed)."""
+        snap = self._call("POST", f"/vms/{vm_id}/snapshot")
+        return self.wait_stored(snap["id"]) if wait_stored else snap
+
+    def wait_stored(self, snapshot_id: str, timeout: float = 900.0) -> Any:
+        """The snapshot once it is no longer `storing` (stored or failed)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            snap = self.get_snapshot(snapshot_id)
+            if snap["status"] != "storing":
+                return snap
+            if time.monotonic() > deadline:
+                raise HatchAPIError(0, f"snapshot {snapshot_id} still storing after {timeout:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def restore_vm(self, vm_id: str, snapshot_id: str | None = None) -> Any:
         return self._call(*_Routes.restore_vm(vm_id, snapshot_id))

@@ -236,6 +236,7 @@ async def serve(settings: Settings) -> None:
     templates = TemplateService(settings, vms)
     await templates.recover()  # a template build's VM is no VM reconciliation knows
     await reconcile(vms, snapshots)
+    await snapshots.resume_stores()  # snapshots a crash left `storing`
     await snapshots.collect_all()  # what a crash left in the chunk store
     await prune_images(settings, sessions)
 
@@ -304,7 +305,7 @@ async def serve(settings: Settings) -> None:
         await liveness.close()
         await consoles.close()
         await agents.close()
-        snapshots.close()
+        await snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
 

@@ -121,12 +121,13 @@ def test_snapshots_and_routes_through_the_cli(hatch) -> None:
     key = hatch.create_key("grace")
     vm = json.loads(run(hatch, "vm", "create", "--mem", "256", "--json", key=key).stdout)
 
-    snap = json.loads(run(hatch, "vm", "snapshot", vm["id"], "--json", key=key).stdout)
+    snap = json.loads(run(hatch, "vm", "snapshot", vm["id"], "--wait", "--json", key=key).stdout)
     assert snap["id"].startswith("snap_") and snap["vm_id"] == vm["id"]
+    assert snap["status"] == "stored"  # --wait: returned once stored, not once captured
     table = run(hatch, "snapshot", "list", vm["id"], key=key)
     header, *rows = table.stdout.strip().splitlines()
-    assert header.split()[:3] == ["ID", "VM", "SIZE"]
-    assert len(rows) == 1 and rows[0].split()[:2] == [snap["id"], vm["id"]]
+    assert header.split()[:4] == ["ID", "VM", "STATUS", "SIZE"]
+    assert len(rows) == 1 and rows[0].split()[:3] == [snap["id"], vm["id"], "stored"]
     shown = run(hatch, "snapshot", "get", snap["id"], key=key)
     assert "mem (stored/raw)" in shown.stdout and "local:" in shown.stdout
     restored = json.loads(run(hatch, "vm", "restore", vm["id"], "--json", key=key).stdout)

@@ -75,12 +75,12 @@ def world() -> Iterator[World]:
         vm = alice.create_vm(user_data=WEB_SERVER, mem_mib=256)
         route = alice.create_route(vm["id"], target_port=8080, subdomain=SUBDOMAIN)
         wait_for(lambda: serves(hatch, vm["id"]), 180, "alice's VM to serve through its route")
-        snap = alice.snapshot_vm(vm["id"])
+        snap = alice.snapshot_vm(vm["id"], wait_stored=True)
         alice.restore_vm(vm["id"])
         asleep = alice.create_vm(enable_network=False, mem_mib=128)
-        asleep_snap = alice.snapshot_vm(asleep["id"])
+        asleep_snap = alice.snapshot_vm(asleep["id"], wait_stored=True)
         own = bob.create_vm(enable_network=False, mem_mib=128)
-        own_snap = bob.snapshot_vm(own["id"])
+        own_snap = bob.snapshot_vm(own["id"], wait_stored=True)
         ids = {
             "vm": vm["id"],
             "snap": snap["id"],
@@ -196,7 +196,7 @@ def test_alices_things_are_intact_and_working(world: World) -> None:
     assert alice.get_vm(ids["asleep"])["state"] == "snapshotted"
     wait_for(lambda: serves(hatch, ids["vm"]), 60, "the route to still reach alice's VM")
     # Her first snapshot still restores (by id, after a newer one), and the route follows.
-    alice.snapshot_vm(ids["vm"])
+    alice.snapshot_vm(ids["vm"], wait_stored=True)
     assert alice.restore_vm(ids["vm"], ids["snap"])["state"] == "running"
     wait_for(lambda: serves(hatch, ids["vm"]), 120, "alice's VM to serve after the restore")
     assert alice.restore_vm(ids["asleep"], ids["asleep_snap"])["state"] == "running"

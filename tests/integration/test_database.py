@@ -205,7 +205,7 @@ async def test_downgrade_and_upgrade_keep_every_row(engine: AsyncEngine) -> None
                 assert count == 1, (revision, table)
     await migrate.upgrade(engine)
     async with sessions() as s:
-        assert await repo.count_snapshots(s, "vm_a") == 1
+        assert await repo.count_restorable(s, "vm_a") == 1
         assert [r.id for r in await repo.list_routes(s, "vm_a")] == ["rt_a"]
     # Foreign keys are enforced again on the connections the migrations used.
     for _ in range(3):
@@ -362,8 +362,8 @@ async def test_every_repository_query(sessions: async_sessionmaker[Any]) -> None
         assert snap is not None and snap.created_at == at(10, 1) and snap.automatic is True
         assert snap.size_bytes == 5 << 30 and "é ✓" in snap.manifest
         assert await repo.get_snapshot(s, "snap_nope") is None
-        assert await repo.count_snapshots(s, "vm_a1") == 2
-        assert await repo.count_snapshots(s, "vm_b1") == 0
+        assert await repo.count_restorable(s, "vm_a1") == 2
+        assert await repo.count_restorable(s, "vm_b1") == 0
 
         assert [r.id for r in await repo.list_routes(s, "vm_a1")] == ["rt_2", "rt_1"]
         r1 = await repo.get_route(s, "rt_1")
@@ -378,7 +378,7 @@ async def test_every_repository_query(sessions: async_sessionmaker[Any]) -> None
     async with sessions() as s, s.begin():
         await s.execute(text("DELETE FROM vms WHERE id = 'vm_a1'"))
     async with sessions() as s:
-        assert await repo.count_snapshots(s, "vm_a1") == 0
+        assert await repo.count_restorable(s, "vm_a1") == 0
         assert await repo.list_routes(s, "vm_a1") == []
 
 

@@ -54,7 +54,7 @@ def test_vms_and_snapshots_keep_their_image_version(daemon_factory) -> None:
         first = old["image_version"]
         assert first and first == api.get_image("img_default")["version"]
         boot = wait_http(f"http://{old['guest_ip']}:8080/boot_id")
-        api.snapshot_vm(old["id"])
+        api.snapshot_vm(old["id"], wait_stored=True)
 
         second = rebuilt_copy(image_dir, first)
         assert second != first

@@ -28,7 +28,7 @@ busybox httpd -p 8080 -h /srv/www
 """
 SMALL = {"mem_mib": 128, "user_data": WEB}
 SETTLED = {"running", "stopped", "snapshotted"}
-LEFTOVERS = ("snapshot-work", "restore-previous", "resume/pending")
+LEFTOVERS = ("snapshot-work", "restore-previous", "resume/pending", "storing", "mem.unshared")
 
 
 def proxied(hatch: HatchDaemon) -> httpx.Response:
@@ -55,8 +55,13 @@ CASES: list[tuple[str, str | None, Callable[[HatchClient, HatchDaemon, dict], ob
     ("boot.resumed", "stopped", lambda api, h, vm: api.start_vm(vm["id"])),
     ("snapshot.begun", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
     ("snapshot.captured", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
-    ("snapshot.stored", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
     ("snapshot.recorded", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
+    # In the background store, after the call returned: its files are intact, it resumes.
+    ("snapshot.packed", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
+    ("snapshot.stored", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
+    ("snapshot.settled", "running", lambda api, h, vm: api.snapshot_vm(vm["id"])),
+    # A wake while the snapshot is being stored (it resumes on a copy of the files).
+    ("restore.vmm-started", "storing", lambda api, h, vm: proxied(h)),
     ("restore.begun", "snapshotted", lambda api, h, vm: api.restore_vm(vm["id"])),
     ("restore.vmm-started", "snapshotted", lambda api, h, vm: api.restore_vm(vm["id"])),
     ("restore.running", "snapshotted", lambda api, h, vm: api.restore_vm(vm["id"])),
@@ -84,11 +89,14 @@ def bring_to(api: HatchClient, hatch: HatchDaemon, state: str | None) -> dict | 
     if state == "stopped":
         api.stop_vm(vm["id"])
     elif state == "snapshotted":
+        api.snapshot_vm(vm["id"], wait_stored=True)
+    elif state == "storing":  # snapshotted, and its store held until hatchd dies
+        (hatch.data_dir / "hold").touch()
         api.snapshot_vm(vm["id"])
     elif state == "twice-snapshotted":
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         api.restore_vm(vm["id"])
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
     return vm
 
 
@@ -100,6 +108,10 @@ def in_guests_set(hatch: HatchDaemon, tap: str) -> bool:
 
 
 def check_settled_and_usable(api: HatchClient, hatch: HatchDaemon, point: str) -> None:
+    vms = api.list_vms()
+    for vm in vms:  # a store cut short resumes from the captured files, which are intact
+        for snap in api.list_snapshots(vm["id"]):
+            assert api.wait_stored(snap["id"])["status"] == "stored", snap
     vms = api.list_vms()
     for vm in vms:
         state = vm["state"]
@@ -146,7 +158,10 @@ def check_settled_and_usable(api: HatchClient, hatch: HatchDaemon, point: str) -
     ("point", "state", "call"), CASES, ids=[f"{p}-{s or 'new'}" for p, s, _ in CASES]
 )
 def test_hatchd_killed_at(daemon_factory, point, state, call) -> None:
-    hatch = daemon_factory(HATCH_VM_DISK_MIB="64", HATCH_STOP_TIMEOUT="10")
+    hatch = daemon_factory(
+        HATCH_VM_DISK_MIB="64", HATCH_STOP_TIMEOUT="10", HATCH_HOLD_AT="snapshot.storing"
+    )
+    hatch.env["HATCH_HOLD_FILE"] = str(hatch.data_dir / "hold")
     hatch.start()
     key = hatch.create_key("alice")
     with hatch.client(key) as api:
@@ -162,6 +177,7 @@ def test_hatchd_killed_at(daemon_factory, point, state, call) -> None:
         worker.join(180)
     assert f'"point": "{point}"' in hatch.log_tail(20)  # it died where it was meant to
     del hatch.env["HATCH_CRASH_AT"]
+    (hatch.data_dir / "hold").unlink(missing_ok=True)
     hatch.start()
     with hatch.client(key) as api:
         wait_for(lambda: api.list_vms() is not None, 30, "the API")

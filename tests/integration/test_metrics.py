@@ -90,12 +90,17 @@ def test_snapshots_a_wake_and_a_restore_move_the_figures(daemon_factory, where: 
         assert Scraped(url)("hatch_vms", state="running") == 1
         api.create_route(vm["id"], target_port=8080, subdomain="metered")
         first = api.snapshot_vm(vm["id"])
+        manual = {"automatic": "false"}
+        # The call returns once captured: the capture is counted, the store (in the
+        # background) once it has ended.
+        captured = Scraped(url)
+        assert captured("hatch_snapshot_capture_duration_seconds_count", **manual) == 1
+        assert captured("hatch_snapshot_capture_duration_seconds_sum", **manual) > 0
+        first = api.wait_stored(first["id"])
+        assert first["status"] == "stored"
         asleep = Scraped(url)
         assert asleep("hatch_vms", state="snapshotted") == 1
         assert asleep("hatch_vms", state="running") == 0
-        manual = {"automatic": "false"}
-        assert asleep("hatch_snapshot_capture_duration_seconds_count", **manual) == 1
-        assert asleep("hatch_snapshot_capture_duration_seconds_sum", **manual) > 0
         assert asleep("hatch_snapshot_store_duration_seconds_count", **manual) == 1
         assert asleep("hatch_snapshot_store_duration_seconds_sum", **manual) > 0
         assert asleep("hatch_snapshot_stored_bytes_total", **manual) == first["size_bytes"] > 0
@@ -118,7 +123,7 @@ def test_snapshots_a_wake_and_a_restore_move_the_figures(daemon_factory, where: 
         assert awake("hatch_proxy_request_duration_seconds_count", **ok) == 1
         assert awake("hatch_proxy_request_duration_seconds_sum", **ok) > 0
 
-        api.snapshot_vm(vm["id"])
+        assert api.snapshot_vm(vm["id"], wait_stored=True)["status"] == "stored"
         api.restore_vm(vm["id"], first["id"])  # not what its files hold: from the store
         restored = Scraped(url)
         assert restored("hatch_restore_duration_seconds_count", source="store") == 1

@@ -44,7 +44,7 @@ def test_files_are_private_after_create_snapshot_and_restore(daemon_factory) -> 
             vm = api.create_vm(user_data=WEB, mem_mib=256)
             wait_http(f"http://{vm['guest_ip']}:8080/hostname")
             assert loose_entries(hatch.data_dir) == []
-            api.snapshot_vm(vm["id"])
+            api.snapshot_vm(vm["id"], wait_stored=True)
             assert loose_entries(hatch.data_dir) == []
             api.restore_vm(vm["id"])
             wait_http(f"http://{vm['guest_ip']}:8080/hostname")

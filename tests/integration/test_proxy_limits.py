@@ -321,7 +321,7 @@ def test_a_wake_that_keeps_failing_backs_off_then_puts_the_vm_in_error(hatch: Ha
     with hatch.client(hatch.create_key("bob")) as api:
         vm = api.create_vm(user_data="#!/bin/sh\nbusybox httpd -p 8080 -h /\n", mem_mib=256)
         api.create_route(vm["id"], target_port=8080, subdomain="broken")
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         # The snapshot's chunks are gone, and so is the VM's own copy of it.
         shutil.rmtree(hatch.data_dir / "snapshots" / "users" / namespace("bob"))
         shutil.rmtree(hatch.data_dir / "vms" / vm["id"] / "resume")

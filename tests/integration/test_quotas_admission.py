@@ -69,6 +69,7 @@ def test_snapshot_storage_limit_manual_and_automatic(daemon_factory) -> None:
         # Under the limit the reaper freezes the idle VM (the positive control)...
         wait_for(lambda: alice.get_vm(vm["id"])["state"] == "snapshotted", 120, "idle snapshot")
         [snap] = alice.list_snapshots(vm["id"])
+        snap = alice.wait_stored(snap["id"])  # its size is known once stored
         assert snap["size_bytes"] > 1 << 20
         assert via_proxy(hatch, "sleepy").status_code == 200  # woken
         # ...which takes alice past 1 MiB: no more snapshots, by hand or by the reaper.
@@ -83,7 +84,9 @@ def test_snapshot_storage_limit_manual_and_automatic(daemon_factory) -> None:
         assert len(alice.list_snapshots(vm["id"])) == 1
     with hatch.client(hatch.create_key("bob")) as bob:
         other = bob.create_vm(**SMALL)
-        assert bob.snapshot_vm(other["id"])["vm_id"] == other["id"]  # bob's own storage
+        assert (
+            bob.snapshot_vm(other["id"], wait_stored=True)["vm_id"] == other["id"]
+        )  # bob's own storage
 
 
 def restart(hatch, **env: str | None) -> None:
@@ -105,7 +108,7 @@ def test_host_admission_refuses_what_the_host_cannot_hold(daemon_factory) -> Non
         stopped = api.create_vm(**SMALL)
         wait_http(f"http://{asleep['guest_ip']}:8080/")
         api.create_route(asleep["id"], target_port=8080, subdomain="sleepy")
-        api.snapshot_vm(asleep["id"])
+        api.snapshot_vm(asleep["id"], wait_stored=True)
         api.stop_vm(stopped["id"])
 
     # A host that must keep more memory than it has holds no VM: nothing boots.

@@ -43,7 +43,8 @@ def hatch(daemon_factory):
 
 def rows(hatch: Any, user: str) -> list[SnapshotManifest]:
     async def work(session: Any) -> list[str]:
-        return [row.manifest for row in await repo.user_snapshots(session, user)]
+        snaps = await repo.user_snapshots(session, user)
+        return [row.manifest for row in snaps if row.status == "stored"]  # others name nothing
 
     return [SnapshotManifest.parse(text) for text in asyncio.run(_in_db(hatch, work))]
 
@@ -93,10 +94,12 @@ def test_pages_are_shared_within_a_user_and_never_across_users(hatch) -> None:
         two = alice.create_vm(user_data=COUNTER, mem_mib=256)
         wait_count(one, 3)
         wait_count(two, 3)
-        first = alice.snapshot_vm(one["id"])
+        first = alice.snapshot_vm(one["id"], wait_stored=True)
         alice.restore_vm(one["id"])
-        second = alice.snapshot_vm(one["id"])  # the same VM, a moment later
-        other = alice.snapshot_vm(two["id"])  # another VM of the same user and image
+        second = alice.snapshot_vm(one["id"], wait_stored=True)  # the same VM, a moment later
+        other = alice.snapshot_vm(
+            two["id"], wait_stored=True
+        )  # another VM of the same user and image
         # The second snapshot adds its few changed pages and its listing; the other VM shares
         # the kernel's, the image's and the page cache's pages with the first.
         assert second["size_bytes"] <= first["size_bytes"] // 10
@@ -112,7 +115,7 @@ def test_pages_are_shared_within_a_user_and_never_across_users(hatch) -> None:
     with hatch.client(hatch.create_key("bob")) as bob:
         vm = bob.create_vm(user_data=COUNTER, mem_mib=256)
         wait_count(vm, 3)
-        own = bob.snapshot_vm(vm["id"])
+        own = bob.snapshot_vm(vm["id"], wait_stored=True)
     # Bob's snapshot of the same image shares nothing with alice's: it stores it all.
     assert own["size_bytes"] > first["size_bytes"] // 2
     bob_packs = manifest_of(hatch, own["id"]).chunks.packs  # type: ignore[union-attr]
@@ -135,10 +138,10 @@ def test_deletes_collect_what_nothing_names(hatch) -> None:
         boot = boot_id(quiet)
         wait_http(f"http://{noisy['guest_ip']}:8080/noisy")
         wait_count(quiet, 3)
-        first = api.snapshot_vm(noisy["id"])
+        first = api.snapshot_vm(noisy["id"], wait_stored=True)
         api.restore_vm(noisy["id"])
-        second = api.snapshot_vm(noisy["id"])
-        kept = api.snapshot_vm(quiet["id"])
+        second = api.snapshot_vm(noisy["id"], wait_stored=True)
+        kept = api.snapshot_vm(quiet["id"], wait_stored=True)
         assert_store_matches_rows(hatch, "alice")
 
         # The second snapshot goes: its listing and the packs only it named.
@@ -195,25 +198,28 @@ def test_a_daemon_killed_while_storing_or_collecting_leaves_nothing_dangling(hat
         vm = api.create_vm(user_data=COUNTER, mem_mib=256)
         boot = boot_id(vm)
         wait_count(vm, 3)
-        first = api.snapshot_vm(vm["id"])
+        first = api.snapshot_vm(vm["id"], wait_stored=True)
         api.restore_vm(vm["id"])
         if point == "gc.sweeping":
-            second = api.snapshot_vm(vm["id"])
+            second = api.snapshot_vm(vm["id"], wait_stored=True)
             api.restore_vm(vm["id"])
-            api.snapshot_vm(vm["id"])
+            api.snapshot_vm(vm["id"], wait_stored=True)
             _crash(hatch, key, point, lambda api: api.delete_snapshot(second["id"]))
         else:
             wait_count(vm, count_of(vm) + 3)  # a few changed pages: new chunks to write
-            _crash(hatch, key, point, lambda api: api.snapshot_vm(vm["id"]))
+            _crash(hatch, key, point, lambda api: api.snapshot_vm(vm["id"], wait_stored=True))
     with hatch.client(key) as api:
         state = api.get_vm(vm["id"])["state"]
         assert state in ("running", "snapshotted")
+        # A snapshot whose store was cut short is stored again from its intact files.
+        for snap in api.list_snapshots(vm["id"]):
+            assert api.wait_stored(snap["id"])["status"] == "stored"
         # Start-up collected what the dead daemon left; every listed snapshot is whole.
         assert_store_matches_rows(hatch, "alice")
         if state == "snapshotted":
             api.restore_vm(vm["id"])
         assert boot_id(vm) == boot
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         assert api.restore_vm(vm["id"], first["id"])["state"] == "running"  # from the store
         assert boot_id(vm) == boot
         wait_count(vm, 0)
@@ -224,10 +230,10 @@ def test_an_old_format_snapshot_still_restores_and_deletes(hatch) -> None:
         vm = api.create_vm(user_data=COUNTER, mem_mib=256)
         boot = boot_id(vm)
         wait_count(vm, 3)
-        first = api.snapshot_vm(vm["id"])
+        first = api.snapshot_vm(vm["id"], wait_stored=True)
         api.restore_vm(vm["id"])
         high = wait_count(vm, count_of(vm) + 20)
-        second = api.snapshot_vm(vm["id"])
+        second = api.snapshot_vm(vm["id"], wait_stored=True)
         # As an older hatchd stored it: one zstd file per artifact, manifest version 1.
         make_old_format(hatch, first["id"])
         old = api.get_snapshot(first["id"])
@@ -238,7 +244,9 @@ def test_an_old_format_snapshot_still_restores_and_deletes(hatch) -> None:
         assert api.restore_vm(vm["id"], first["id"])["state"] == "running"
         assert boot_id(vm) == boot
         assert count_of(vm) < high  # the older memory came back
-        third = api.snapshot_vm(vm["id"])  # and the VM snapshots into the chunk store again
+        third = api.snapshot_vm(
+            vm["id"], wait_stored=True
+        )  # and the VM snapshots into the chunk store again
         # The quota counts the old one whole and the others' packs and listings once.
         assert quota_bytes(hatch, "alice") == old["size_bytes"] + named_bytes(hatch, "alice")
         assert {s["id"] for s in api.list_snapshots(vm["id"])} == {

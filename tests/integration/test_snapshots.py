@@ -125,7 +125,7 @@ def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
     conn = connect_echo(vm)
     before = count_of(vm)
 
-    snap = api.snapshot_vm(vm["id"])
+    snap = api.snapshot_vm(vm["id"], wait_stored=True)
     assert snap["id"].startswith("snap_") and snap["vm_id"] == vm["id"]
     assert snap["automatic"] is False and snap["size_bytes"] > 0
     assert snap["storage"]["backend"] == "local"
@@ -140,7 +140,7 @@ def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
         assert frozen[field] == vm[field]
     assert qemu_pids(vm["id"]) == []  # no CPU, no memory
     with pytest.raises(HatchAPIError) as err:
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
     assert (err.value.status, err.value.message) == (409, "vm is snapshotted, must be running")
     with pytest.raises(HatchAPIError) as err:
         api.start_vm(vm["id"])
@@ -173,10 +173,10 @@ def test_older_snapshot_by_id_quota_and_delete(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     boot = boot_id(vm)
     wait_count(vm, 3)
-    first = api.snapshot_vm(vm["id"])
+    first = api.snapshot_vm(vm["id"], wait_stored=True)
     api.restore_vm(vm["id"])
     high = wait_count(vm, count_of(vm) + 40)
-    second = api.snapshot_vm(vm["id"])
+    second = api.snapshot_vm(vm["id"], wait_stored=True)
     assert [s["id"] for s in api.list_snapshots(vm["id"])] == [second["id"], first["id"]]
 
     with pytest.raises(HatchAPIError) as err:
@@ -192,7 +192,7 @@ def test_older_snapshot_by_id_quota_and_delete(api, hatch) -> None:
     assert_consecutive(wait_http(f"http://{vm['guest_ip']}:8080/log"))
 
     with pytest.raises(HatchAPIError) as err:
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
     assert (err.value.status, err.value.message) == (403, "snapshot limit reached (2/2)")
     assert api.get_vm(vm["id"])["state"] == "running"
 
@@ -201,16 +201,16 @@ def test_older_snapshot_by_id_quota_and_delete(api, hatch) -> None:
         api.get_snapshot(second["id"])
     assert err.value.status == 404
     assert not Path(second["storage"]["location"]).exists()
-    third = api.snapshot_vm(vm["id"])
+    third = api.snapshot_vm(vm["id"], wait_stored=True)
     assert [s["id"] for s in api.list_snapshots(vm["id"])] == [third["id"], first["id"]]
 
 
 def test_corrupted_or_missing_chunk_is_refused_and_retryable(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     wait_count(vm, 3)
-    first = api.snapshot_vm(vm["id"])
+    first = api.snapshot_vm(vm["id"], wait_stored=True)
     api.restore_vm(vm["id"])
-    second = api.snapshot_vm(vm["id"])
+    second = api.snapshot_vm(vm["id"], wait_stored=True)
 
     # The largest pack of the first snapshot (the second names it too: they share pages).
     chunks = manifest_of(hatch, first["id"]).chunks
@@ -244,12 +244,12 @@ def test_corrupted_or_missing_chunk_is_refused_and_retryable(api, hatch) -> None
 def test_delete_cascade_and_ownership(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     wait_count(vm, 1)
-    first = api.snapshot_vm(vm["id"])
+    first = api.snapshot_vm(vm["id"], wait_stored=True)
     with pytest.raises(HatchAPIError) as err:
         api.delete_snapshot(first["id"])  # the only way back for a snapshotted VM
     assert err.value.status == 409
     api.restore_vm(vm["id"])
-    second = api.snapshot_vm(vm["id"])
+    second = api.snapshot_vm(vm["id"], wait_stored=True)
 
     with hatch.client(hatch.create_key("mallory")) as other:
         for call in (
@@ -257,7 +257,7 @@ def test_delete_cascade_and_ownership(api, hatch) -> None:
             lambda: other.delete_snapshot(first["id"]),
             lambda: other.list_snapshots(vm["id"]),
             lambda: other.restore_vm(vm["id"]),
-            lambda: other.snapshot_vm(vm["id"]),
+            lambda: other.snapshot_vm(vm["id"], wait_stored=True),
         ):
             with pytest.raises(HatchAPIError) as err:
                 call()
@@ -281,7 +281,7 @@ def test_snapshot_daemon_restart_restore(api, hatch) -> None:
     vm = api.create_vm(user_data=COUNTER, mem_mib=256)
     boot = boot_id(vm)
     count = wait_count(vm, 3)
-    snap = api.snapshot_vm(vm["id"])
+    snap = api.snapshot_vm(vm["id"], wait_stored=True)
     hatch.kill()
     hatch.start()
     assert api.get_vm(vm["id"])["state"] == "snapshotted"
@@ -297,13 +297,13 @@ def test_daemon_killed_mid_operation_leaves_a_consistent_vm(api, hatch, phase) -
     boot = boot_id(vm)
     wait_count(vm, 3)
     if phase == "restoring":
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         api.restore_vm(vm["id"])
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         older = api.list_snapshots(vm["id"])[-1]["id"]  # not the hot copy: a slower restore
         call = lambda: api.restore_vm(vm["id"], older)  # noqa: E731
     else:
-        call = lambda: api.snapshot_vm(vm["id"])  # noqa: E731
+        call = lambda: api.snapshot_vm(vm["id"], wait_stored=True)  # noqa: E731
 
     def request() -> None:
         try:
@@ -326,7 +326,9 @@ def test_daemon_killed_mid_operation_leaves_a_consistent_vm(api, hatch, phase) -
     state = api.get_vm(vm["id"])["state"]
     assert state in ("running", "snapshotted")
     snapshots = api.list_snapshots(vm["id"])
-    for snap in snapshots:  # every listed snapshot is complete: all its chunks are there
+    for snap in snapshots:  # every listed snapshot is, or becomes, complete
+        # Its captured files were intact: its store resumed after the restart.
+        assert api.wait_stored(snap["id"])["status"] == "stored"
         rebuild_files(hatch, snap["id"], hatch.data_dir / "check" / snap["id"])
     if state == "snapshotted":
         assert snapshots

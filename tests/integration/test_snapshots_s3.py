@@ -33,7 +33,7 @@ def test_s3_round_trip(daemon_factory, s3) -> None:
         vm = api.create_vm(user_data=COUNTER, mem_mib=256)
         boot = boot_id(vm)
         wait_count(vm, 3)
-        first = api.snapshot_vm(vm["id"])
+        first = api.snapshot_vm(vm["id"], wait_stored=True)
         user = f"snapshots/users/{namespace('alice')}/"
         listing = f"{user}manifests/{vm['id']}/{first['id']}.listing"
         assert first["storage"] == {"backend": "s3", "location": f"s3://{s3.bucket}/{listing}"}
@@ -47,7 +47,7 @@ def test_s3_round_trip(daemon_factory, s3) -> None:
 
         api.restore_vm(vm["id"])
         high = wait_count(vm, count_of(vm) + 40)
-        api.snapshot_vm(vm["id"])
+        api.snapshot_vm(vm["id"], wait_stored=True)
         # Not the VM's own copy: this restore fetches chunks from S3 in parallel ranged reads,
         # verifies each and writes it into the sparse memory and disk files.
         assert api.restore_vm(vm["id"], first["id"])["state"] == "running"

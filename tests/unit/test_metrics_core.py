@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from hatchvm.core.states import State
+from hatchvm.db.models import STORED, Snapshot
 from hatchvm.errors import HatchError
 from hatchvm.metrics import Metrics
 from hatchvm.snapshots.formats import PAGE
@@ -38,11 +39,14 @@ def text(metrics: Metrics) -> str:
 async def test_snapshots_restores_and_wakes_are_measured(core: Core, metrics: Metrics) -> None:
     vm = await core.create()
     first = await core.snapshots.snapshot(USER, vm.id)
+    # The call returns once captured, the store is measured in the background when it ends.
     now = text(metrics)
     assert value(now, "hatch_snapshot_capture_duration_seconds_count", automatic="false") == 1
+    first = await stored(core, first.id)
+    now = text(metrics)
     assert value(now, "hatch_snapshot_store_duration_seconds_count", automatic="false") == 1
-    stored = value(now, "hatch_snapshot_stored_bytes_total", automatic="false")
-    assert stored == first.size_bytes > 0
+    stored_bytes = value(now, "hatch_snapshot_stored_bytes_total", automatic="false")
+    assert stored_bytes == first.size_bytes > 0
     shared_before = value(now, "hatch_snapshot_bytes_deduplicated_total")
 
     woken = await core.wake.ensure_running(await core.state(vm.id))  # the API's callers
@@ -52,7 +56,11 @@ async def test_snapshots_restores_and_wakes_are_measured(core: Core, metrics: Me
     assert value(now, "hatch_wake_duration_seconds_count", **api) == 1
     assert value(now, "hatch_restore_duration_seconds_count", source="hot") == 1
 
-    await core.snapshots.snapshot_if_idle(USER, vm.id, datetime.now(UTC) + timedelta(days=1))
+    second = await core.snapshots.snapshot_if_idle(
+        USER, vm.id, datetime.now(UTC) + timedelta(days=1)
+    )
+    assert second is not None
+    await stored(core, second.id)
     # Nothing wrote to the disk in between: the second snapshot stores none of its pages again.
     disk = nonzero_page_bytes(core.vms.vm_dir(vm.id) / "disk.ext4")
     shared = value(text(metrics), "hatch_snapshot_bytes_deduplicated_total") - shared_before
@@ -90,6 +98,13 @@ async def test_failed_wakes_and_restores_are_counted(core: Core, metrics: Metric
     assert value(now, "hatch_snapshot_failures_total", step="restore") == 1
     restore = {"stage": "wake", "how": "restore", "trigger": "proxy"}
     assert value(now, "hatch_wake_duration_seconds_count", **restore) == 0
+
+
+async def stored(core: Core, snapshot_id: str) -> Snapshot:
+    await core.snapshots.storing.wait(snapshot_id)
+    snap = await core.snapshots.get(USER, snapshot_id)
+    assert snap.status == STORED, snap.status_reason
+    return snap
 
 
 def nonzero_page_bytes(path: Path) -> int:

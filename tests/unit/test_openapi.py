@@ -210,3 +210,14 @@ def test_streamed_operations_are_never_linked(doc) -> None:
         for link in response.get("links", {}).values()
     }
     assert not targets & {"exec_vm_stream", "download_file", "upload_file", "get_console"}
+
+
+def test_a_snapshot_says_whether_it_is_stored(doc) -> None:
+    schema = doc["components"]["schemas"]["Snapshot"]
+    status = schema["properties"]["status"]
+    assert status["enum"] == ["storing", "stored", "failed"]
+    assert {"status", "status_reason", "artifacts"} <= set(schema["required"])
+    reason = schema["properties"]["status_reason"]["anyOf"]
+    assert {"type": "null"} in reason  # only a failed snapshot has one
+    artifacts = schema["properties"]["artifacts"]["anyOf"]
+    assert {"type": "null"} in artifacts  # none until stored

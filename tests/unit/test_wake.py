@@ -78,7 +78,7 @@ class Clock:
 @pytest.fixture
 def setup(monkeypatch: pytest.MonkeyPatch) -> tuple[WakeService, StubVMs, StubSnapshots, Clock]:
     async def one_snapshot(_session: object, _vm_id: str) -> list[object]:
-        return [type("Snap", (), {"id": "snap_1"})()]
+        return [type("Snap", (), {"id": "snap_1", "status": "stored"})()]
 
     monkeypatch.setattr(wake_module.repo, "list_snapshots", one_snapshot)
     vms = StubVMs()

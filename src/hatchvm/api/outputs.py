@@ -81,10 +81,13 @@ class SnapshotStorage(Output):
 class Snapshot(Output):
     id: str
     vm_id: str
-    size_bytes: int  # bytes it added to the store: its new chunks and its listing
+    # Captured, its files being stored in the background; stored; or failed (never restored).
+    status: Literal["storing", "stored", "failed"]
+    status_reason: str | None  # why it failed
+    size_bytes: int  # bytes it added to the store: its new chunks and its listing (0 until stored)
     automatic: bool
     storage: SnapshotStorage
-    artifacts: SnapshotArtifacts
+    artifacts: SnapshotArtifacts | None  # once stored
     created_at: Timestamp
 
 
@@ -228,18 +231,24 @@ def render_image(image: db.Image) -> Image:
 
 
 def render_snapshot(snap: db.Snapshot) -> Snapshot:
-    records = SnapshotManifest.parse(snap.manifest).artifacts
-    artifacts = {
-        name: Artifact(size_bytes=a.stored_size, raw_bytes=a.raw_size, sha256=a.sha256)
-        for name, a in records.items()
-    }
+    artifacts = None
+    if snap.status == db.STORED:  # the others' manifests name no chunks yet (or ever)
+        records = SnapshotManifest.parse(snap.manifest).artifacts
+        artifacts = SnapshotArtifacts(
+            **{
+                name: Artifact(size_bytes=a.stored_size, raw_bytes=a.raw_size, sha256=a.sha256)
+                for name, a in records.items()
+            }
+        )
     return Snapshot(
         id=snap.id,
         vm_id=snap.vm_id,
+        status=snap.status,  # type: ignore[arg-type]
+        status_reason=snap.status_reason,
         size_bytes=snap.size_bytes,
         automatic=snap.automatic,
         storage=SnapshotStorage(backend=snap.storage, location=snap.location),  # type: ignore[arg-type]
-        artifacts=SnapshotArtifacts(**artifacts),
+        artifacts=artifacts,
         created_at=rfc3339(snap.created_at),
     )
 

@@ -15,6 +15,7 @@ app = typer.Typer(help="List, show and delete snapshots.", no_args_is_help=True)
 SNAPSHOT_COLUMNS = [
     ("ID", "id"),
     ("VM", "vm_id"),
+    ("STATUS", "status"),
     ("SIZE", "size"),
     ("AUTO", "automatic"),
     ("STORED IN", "where"),
@@ -35,6 +36,8 @@ def readable(snap: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": snap.get("id"),
         "vm_id": snap.get("vm_id"),
+        "status": snap.get("status"),
+        **({"status_reason": snap["status_reason"]} if snap.get("status_reason") else {}),
         "size": _mib(int(snap.get("size_bytes") or 0)),
         "automatic": snap.get("automatic"),
         "where": f"{storage.get('backend')}: {storage.get('location')}",

@@ -124,10 +124,18 @@ def start(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
 
 @app.command("snapshot")
 @reports_errors
-def snapshot(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
-    """Freeze a running VM into a new snapshot; it stops using CPU and memory."""
+def snapshot(
+    ctx: typer.Context,
+    vm_id: VmId,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return once stored, not once captured.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Freeze a running VM into a new snapshot; it stops using CPU and memory. The snapshot is
+    `storing` until its files are stored (in the background)."""
     with connection(ctx).client() as api:
-        show_snapshot(api.snapshot_vm(vm_id), as_json)
+        show_snapshot(api.snapshot_vm(vm_id, wait_stored=wait), as_json)
 
 
 @app.command("restore")

@@ -34,7 +34,7 @@ from hatchvm.agent.exec import Command, Execution
 from hatchvm.agent.identity import Address, set_identity
 from hatchvm.config import Settings
 from hatchvm.core.guest import STALL_S, GuestService, translated
-from hatchvm.core.snapshots import STATE_NAME, SnapshotService
+from hatchvm.core.snapshots import STATE_NAME, SnapshotService, latest_restorable
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.vms import (
     DISK_NAME,
@@ -118,10 +118,10 @@ class ForkService:
                     resync = asyncio.create_task(self._resync(parent))
                 else:
                     async with self.vms.sessions() as session:
-                        snaps = await repo.list_snapshots(session, vm_id)
-                    if not snaps:
+                        snap = latest_restorable(await repo.list_snapshots(session, vm_id))
+                    if snap is None:
                         raise Conflict(f"vm {vm_id} has no snapshot to fork from")
-                    await self.snapshots.materialize(parent, snaps[0], work)
+                    await self.snapshots.materialize(parent, snap, work)
             try:
                 return await self._children(user_id, parent, work, count)
             finally:
@@ -129,7 +129,8 @@ class ForkService:
                     await resync
 
     async def fork_snapshot(self, user_id: str, snapshot_id: str, count: int) -> list[VM]:
-        """count children of a stored snapshot, whatever its VM does now."""
+        """count children of a snapshot, whatever its VM does now (one still being stored:
+        once stored, unless the VM's own files are it; a failed one never)."""
         snap: Snapshot = await self.snapshots.get(user_id, snapshot_id)
         parent = await self._check(user_id, snap.vm_id, count)
         with self._work() as work:

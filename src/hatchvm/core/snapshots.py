@@ -21,25 +21,28 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
 from hatchvm.config import Settings
 from hatchvm.core import quotas
 from hatchvm.core.states import Op, State, guard
+from hatchvm.core.storing import StoreTasks, Then
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
-from hatchvm.crashpoints import crashpoint
+from hatchvm.crashpoints import crashpoint, holdpoint
 from hatchvm.db import repo
-from hatchvm.db.models import VM, Snapshot
+from hatchvm.db.models import FAILED, STORED, STORING, VM, Snapshot
 from hatchvm.errors import Conflict, InternalError, NotFound, QuotaExceeded
 from hatchvm.ids import new_id
 from hatchvm.metrics import Metrics
-from hatchvm.snapshots import codec
+from hatchvm.snapshots import codec, frozen
 from hatchvm.snapshots.chunks import ChunkStore, StoredListing, Written, listing_key, namespace
-from hatchvm.snapshots.errors import ArtifactError
+from hatchvm.snapshots.errors import ArtifactError, ArtifactMissing, StoreStopped
 from hatchvm.snapshots.gc import Collector, Committed, CommittedFn, Writing
 from hatchvm.snapshots.manifest import (
     ARTIFACT_NAMES,
@@ -73,18 +76,6 @@ def host_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -99,6 +90,15 @@ def _old_format(snap: Snapshot) -> bool:
         return SnapshotManifest.parse(snap.manifest).chunks is None
     except ArtifactError:
         return True
+
+
+def latest_restorable(snaps: list[Snapshot]) -> Snapshot | None:
+    """The newest snapshot that did not fail to store (snaps: newest first)."""
+    return next((s for s in snaps if s.status != FAILED), None)
+
+
+Use = Literal["restore", "fork"]
+_USED: dict[Use, str] = {"restore": "restored", "fork": "forked"}
 
 
 def _reset_dir(path: Path) -> None:
@@ -121,10 +121,13 @@ class SnapshotService:
         io_workers = 8 if store.backend == "s3" else 3
         self.chunks = ChunkStore(store, settings.snapshot_zstd_level, io_workers)
         self.collector = Collector(store)
+        self.storing = StoreTasks()
+        vms.teardown_hooks.append(self._call_off_stores)
         vms.delete_hooks.append(self._forget_vm)
         self.metrics = metrics or Metrics()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.storing.close()
         self.chunks.close()
 
     # ---- reads -------------------------------------------------------------------------
@@ -191,26 +194,35 @@ class SnapshotService:
         autos = [s for s in snaps if s.automatic]
         if len(snaps) >= limit and not (automatic and autos and limit > 0):
             raise QuotaExceeded(f"snapshot limit reached ({len(snaps)}/{limit})")
-        snap = await self._take(vm, automatic)
-        # Room is made only now: a capture that fails must not have cost an older snapshot.
-        while len(snaps) + 1 > limit and autos:
+        # Room is made once the new one is stored (_after_store): a capture or a store that
+        # fails must not have cost an older snapshot.
+        return await self._take(vm, automatic)
+
+    async def _make_room(self, vm: VM) -> None:
+        """Over the per-VM limit (an automatic snapshot was let in at it): the oldest
+        automatic snapshots go."""
+        limit = self._s.max_snapshots_per_vm
+        async with self.vms.sessions() as session:
+            snaps = await repo.list_snapshots(session, vm.id)  # newest first
+        autos = [s for s in snaps if s.automatic and s.status != STORING]
+        while len(snaps) > limit and autos:
             oldest = autos.pop()
             await self._delete(vm, oldest)
             snaps.remove(oldest)
-        return snap
 
     async def _take(self, vm: VM, automatic: bool) -> Snapshot:
+        """Capture the guest and return: the snapshot is listed `storing` while its files are
+        stored in the background (_store), off the VM's lock."""
         snap_id = new_id("snap")
-        vm_dir = self.vms.vm_dir(vm.id)
         resume = self._resume_dir(vm.id)
+        began = time.monotonic()
         await self.vms.update(vm.id, state=State.SNAPSHOTTING)
         await asyncio.to_thread(_reset_dir, resume)
         # Written first: a daemon that dies from here on finds which snapshot was under way.
         await asyncio.to_thread((resume / PENDING).write_text, snap_id)
         crashpoint("snapshot.begun")
-        began = time.monotonic()
         try:
-            await self.vms.vmm.snapshot(vm.id, vm_dir, resume / STATE_NAME)
+            await self.vms.vmm.snapshot(vm.id, self.vms.vm_dir(vm.id), resume / STATE_NAME)
         except Exception as exc:
             reason = reason_of(exc)
             self.metrics.snapshot_failed("capture")
@@ -219,62 +231,162 @@ class SnapshotService:
             raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
         crashpoint("snapshot.captured")
         captured = time.monotonic()
+        self.metrics.snapshot_captured(automatic, captured - began)
         await self.vms.detach_network(vm)
+        frozen_dir = self._frozen_dir(vm.id, snap_id)
         ns = namespace(vm.user_id)
+        snap = Snapshot(
+            id=snap_id,
+            vm_id=vm.id,
+            user_id=vm.user_id,
+            size_bytes=0,
+            storage=self.store.backend,
+            location=self.store.location(listing_key(ns, vm.id, snap_id)),
+            manifest="{}",  # its chunks are named once they are all stored
+            automatic=automatic,
+            status=STORING,
+            created_at=datetime.now(UTC),
+        )
         try:
-            # Pinned from before the first chunk until the row is committed: the collector
-            # spares every pack this snapshot may name.
-            async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
-                files = {
-                    "mem": vm_dir / MEM_NAME,
-                    "disk": vm_dir / DISK_NAME,
-                    "state": resume / STATE_NAME,
-                }
-                manifest = await self.store_files(vm, snap_id, files, w)
-                crashpoint("snapshot.stored")
-                assert manifest.chunks is not None
-                snap = Snapshot(
-                    id=snap_id,
-                    vm_id=vm.id,
-                    user_id=vm.user_id,
-                    size_bytes=manifest.chunks.added_bytes,
-                    storage=self.store.backend,
-                    location=self.store.location(manifest.chunks.listing_key),
-                    manifest=manifest.model_dump_json(),
-                    automatic=automatic,
-                    created_at=datetime.now(UTC),
-                )
-                # The snapshot row and the VM's new state commit together.
-                await self.vms.update(
-                    vm.id,
-                    state=State.SNAPSHOTTED,
-                    state_reason=None,
-                    touch=not automatic,
-                    add=[snap],
-                )
+            boot = host_boot_id()
+            files = self._captured_files(vm.id)
+            await asyncio.to_thread(frozen.freeze, files, frozen_dir, boot)
+            # The VM's own files equal the snapshot (its hot copy) from here on. Not fsynced:
+            # it counts only within this host boot (like the RAM file it vouches for).
+            await asyncio.to_thread((resume / LATEST).write_text, f"{snap_id} {boot}")
+            # The snapshot row and the VM's new state commit together.
+            await self.vms.update(
+                vm.id,
+                state=State.SNAPSHOTTED,
+                state_reason=None,
+                touch=not automatic,
+                add=[snap],
+            )
         except Exception as exc:
             reason = reason_of(exc)
             self.metrics.snapshot_failed("store")
-            log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
-            await self._collect(vm.user_id)  # what it wrote is named by nothing now
-            state = await self.resume_local(vm, f"storing snapshot {snap_id} failed: {reason}")
-            raise InternalError(
-                f"storing snapshot of {vm.id} failed: {reason} (vm is {state})"
-            ) from exc
+            log.error("snapshot not kept", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
+            await asyncio.to_thread(frozen.forget, frozen_dir)
+            state = await self.resume_local(vm, f"keeping snapshot {snap_id} failed: {reason}")
+            raise InternalError(f"snapshot of {vm.id} failed: {reason} (vm is {state})") from exc
+        await asyncio.to_thread((resume / PENDING).unlink, True)
         crashpoint("snapshot.recorded")
-        await asyncio.to_thread(self._mark_latest, vm.id, snap_id)
-        stored = time.monotonic()
-        self.metrics.snapshot_taken(automatic, captured - began, stored - captured, snap.size_bytes)
-        log.info("vm snapshotted", vm_id=vm.id, snapshot_id=snap_id, bytes=snap.size_bytes)
+        self._store_in_background(vm, snap_id, automatic)
+        now = time.monotonic()
+        log.info(
+            "vm snapshotted",
+            vm_id=vm.id,
+            snapshot_id=snap_id,
+            status=STORING,
+            capture_s=round(captured - began, 3),  # state saved, VMM ended
+            keep_s=round(now - captured, 3),  # network detached, files frozen, row written
+        )
         return snap
 
-    def _mark_latest(self, vm_id: str, snap_id: str) -> None:
-        """The VM's own files equal snap_id, as long as this host has not rebooted: the RAM
-        file was never flushed to disk (that would cost a second per GiB on every snapshot),
-        so after a power loss it may hold stale pages, and a restore then reads the store."""
+    def _captured_files(self, vm_id: str) -> dict[str, Path]:
+        vm_dir = self.vms.vm_dir(vm_id)
         resume = self._resume_dir(vm_id)
-        _write_synced(resume / LATEST, f"{snap_id} {host_boot_id()}")
-        (resume / PENDING).unlink(missing_ok=True)
+        return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "state": resume / STATE_NAME}
+
+    def _frozen_dir(self, vm_id: str, snap_id: str) -> Path:
+        return self.vms.vm_dir(vm_id) / frozen.STORING_DIR / snap_id
+
+    def _store_in_background(self, vm: VM, snap_id: str, automatic: bool) -> None:
+        async def run(stop: threading.Event) -> Then | None:
+            return await self._store(vm, snap_id, automatic, stop)
+
+        self.storing.start(snap_id, vm.id, run)
+
+    async def _store(
+        self, vm: VM, snap_id: str, automatic: bool, stop: threading.Event
+    ) -> Then | None:
+        """Store the frozen files, then settle the row: `stored` with its manifest (chunks,
+        then the listing, then the row: a row never names a missing chunk), or `failed`.
+        Returns what must follow under the VM's lock."""
+        frozen_dir = self._frozen_dir(vm.id, snap_id)
+        ns = namespace(vm.user_id)
+        started = time.monotonic()
+        try:
+            await holdpoint("snapshot.storing", released=stop.is_set)
+            if stop.is_set():
+                raise StoreStopped("its store was called off")
+            files = await asyncio.to_thread(
+                frozen.frozen_files, frozen_dir, ARTIFACT_NAMES, host_boot_id()
+            )
+            if files is None:
+                raise ArtifactMissing("its captured files are gone")
+            # Pinned from before the first chunk until the row is settled: the collector
+            # spares every pack this snapshot may name.
+            async with self.collector.writing(ns, snap_id, self._committed(vm.user_id)) as w:
+                manifest, shared = await self.store_files(vm, snap_id, files, w, stop)
+                crashpoint("snapshot.stored")
+                assert manifest.chunks is not None
+                async with self.vms.sessions() as session, session.begin():
+                    settled = await repo.settle_snapshot(
+                        session,
+                        snap_id,
+                        status=STORED,
+                        size_bytes=manifest.chunks.added_bytes,
+                        manifest=manifest.model_dump_json(),
+                    )
+            ok, reason = True, ""
+            if settled:
+                seconds = time.monotonic() - started
+                self.metrics.snapshot_stored(automatic, seconds, manifest.chunks.added_bytes)
+                self.metrics.deduplicated(shared)  # pages the store now holds once
+        except StoreStopped:
+            # Called off by a delete (which removes the row, the files and the chunks), or at
+            # shutdown (still `storing`: the next hatchd resumes it).
+            return None
+        except Exception as exc:
+            ok, reason = False, reason_of(exc)
+            self.metrics.snapshot_failed("store")
+            log.error("snapshot store failed", vm_id=vm.id, snapshot_id=snap_id, reason=reason)
+            async with self.vms.sessions() as session, session.begin():
+                settled = await repo.settle_snapshot(
+                    session, snap_id, status=FAILED, status_reason=f"storing failed: {reason}"
+                )
+            await self._collect(vm.user_id)  # what it wrote is named by nothing
+        crashpoint("snapshot.settled")
+        await asyncio.to_thread(frozen.forget, frozen_dir)
+        if not settled:
+            await self._collect(vm.user_id)  # deleted meanwhile: its chunks too
+            return None
+        seconds = round(time.monotonic() - started, 3)
+        log.info("snapshot stored" if ok else "snapshot failed", snapshot_id=snap_id, s=seconds)
+
+        async def then() -> None:
+            await self._after_store(vm.user_id, vm.id, snap_id, reason if not ok else None)
+
+        return then
+
+    async def _after_store(
+        self, user_id: str, vm_id: str, snap_id: str, failure: str | None
+    ) -> None:
+        """Under the VM's lock, once a store settled: make room for a stored snapshot, or,
+        for one that failed while the VM still sleeps on its files, resume the VM from them
+        (as any snapshot that cannot be stored), or stop it if nothing can resume it."""
+        async with self.vms.locks.hold(vm_id):
+            try:
+                vm = await self.vms.get(user_id, vm_id)
+            except NotFound:
+                return  # deleted meanwhile
+            if failure is None:
+                await self._make_room(vm)
+                return
+            if vm.state != State.SNAPSHOTTED:
+                return  # woken meanwhile: it runs on its own copy
+            why = f"storing snapshot {snap_id} failed: {failure}"
+            if await asyncio.to_thread(self._latest, vm.id) == snap_id:
+                await self.resume_local(vm, why)
+                return
+            async with self.vms.sessions() as session:
+                restorable = await repo.count_restorable(session, vm.id)
+            if restorable == 0:
+                await asyncio.to_thread(self.vms.drop_memory, vm.id)
+                await self.vms.update(
+                    vm.id, state=State.STOPPED, state_reason=f"{why}; the guest's memory is lost"
+                )
 
     def _latest(self, vm_id: str) -> str | None:
         """The snapshot the VM's own files equal, if they can be trusted (same host boot)."""
@@ -282,24 +394,31 @@ class SnapshotService:
         return snap_id if snap_id and boot == host_boot_id() else None
 
     async def store_files(
-        self, vm: VM, snap_id: str, files: dict[str, Path], writing: Writing
-    ) -> SnapshotManifest:
+        self,
+        vm: VM,
+        snap_id: str,
+        files: dict[str, Path],
+        writing: Writing,
+        stop: threading.Event | None = None,
+    ) -> tuple[SnapshotManifest, int]:
         """Store the snapshot's files (mem, disk, state) as chunks, then its listing; returns
-        the manifest for its row. Works from the given paths only, so it could run off the
-        VM's lock on copies of them."""
+        the manifest for its row, and the page bytes not written because the user's store held
+        them already. Works from the given paths only (the frozen links), off the VM's lock."""
         ns = namespace(vm.user_id)
 
         def write_chunks() -> Written:
             committed = writing.committed.packs
             known = self.chunks.known(ns, {p: r.index_sha256 for p, r in committed.items()})
-            return self.chunks.write_chunks(ns, files, known, writing.pins)
+            return self.chunks.write_chunks(ns, files, known, writing.pins, stop)
 
         written = await asyncio.to_thread(write_chunks)
         crashpoint("snapshot.packed")
+        await holdpoint("snapshot.packed", released=stop.is_set if stop else lambda: False)
+        if stop is not None and stop.is_set():
+            raise StoreStopped("its store was called off")
         listing = await asyncio.to_thread(
             self.chunks.write_listing, listing_key(ns, vm.id, snap_id), written
         )
-        self.metrics.deduplicated(written.shared_bytes)  # the store holds them once
         packs: dict[str, PackRecord] = {}
         for pack in written.packs:
             new = written.new_packs.get(pack)
@@ -308,7 +427,7 @@ class SnapshotService:
                 if new is not None
                 else writing.committed.packs[pack]
             )
-        return SnapshotManifest(
+        manifest = SnapshotManifest(
             snapshot_id=snap_id,
             vm_id=vm.id,
             mem_mib=vm.mem_mib,
@@ -329,6 +448,7 @@ class SnapshotService:
                 added_bytes=sum(p.size for p in written.new_packs.values()) + listing.size,
             ),
         )
+        return manifest, written.shared_bytes
 
     def _committed(self, user_id: str) -> CommittedFn:
         async def committed() -> Committed:
@@ -400,6 +520,7 @@ class SnapshotService:
         snapshot that could not be stored. Returns the state the VM ends in."""
         state_file = self._resume_dir(vm.id) / STATE_NAME
         try:
+            await self._unshare(vm.id)
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             await self.vms.vmm.restore(self.vms.boot_spec(vm, image), state_file)
@@ -430,27 +551,31 @@ class SnapshotService:
             vm = await self.vms.get(user_id, vm_id)
             async with self.vms.sessions() as session:
                 snaps = await repo.list_snapshots(session, vm_id)
-            if not (vm.state == State.STOPPED and snaps):
+            if not (vm.state == State.STOPPED and latest_restorable(snaps)):
                 guard(Op.RESTORE, vm.state)
             if snapshot_id is not None:
                 snap = next((s for s in snaps if s.id == snapshot_id), None)
                 if snap is None:
                     raise NotFound(f"vm {vm_id} has no snapshot {snapshot_id}")
-            elif snaps:
-                snap = snaps[0]
             else:
-                raise Conflict(f"vm {vm_id} has no snapshot to restore")
+                snap = latest_restorable(snaps)
+                if snap is None:
+                    raise Conflict(f"vm {vm_id} has no snapshot to restore")
             return await self.restore_locked(vm, snap)
 
     async def restore_locked(self, vm: VM, snap: Snapshot) -> VM:
         """Resume vm from snap; the caller holds the VM's lock (the API, or a wake).
 
         A restore that fails, or a daemon killed during one, leaves the VM's files exactly as
-        they were: a restore from the store puts them aside (PREVIOUS_DIR) and back."""
+        they were: a restore from the store puts them aside (PREVIOUS_DIR) and back.
+
+        A snapshot still being stored resumes at once from the VM's own files when they are
+        it (a wake right after a snapshot); any other waits until it is stored."""
         began = time.monotonic()
         prior = vm.state
         resume = self._resume_dir(vm.id)
         hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
+        snap = await self._usable(vm, snap, hot, "restore")
         async with self.vms.admission.lock:
             space = await asyncio.to_thread(self.vms.space_needed_mib, vm, not hot)
             await self.vms.admission.admit(vm.id, vm.mem_mib, space)
@@ -467,8 +592,8 @@ class SnapshotService:
         crashpoint("restore.files-ready")
         # From here on the guest changes its RAM file: it no longer equals any snapshot.
         await asyncio.to_thread((resume / LATEST).unlink, True)
-        await asyncio.to_thread(self.vms.own_memory, vm.id)  # forks may share it
         try:
+            await self._unshare(vm.id)
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
             pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
@@ -488,6 +613,35 @@ class SnapshotService:
         self.metrics.restored(hot, time.monotonic() - began)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
+
+    async def _usable(self, vm: VM, snap: Snapshot, hot: bool, use: Use) -> Snapshot:
+        """snap as it may be used (restored, forked): a snapshot still being stored waits for
+        its store unless the VM's own files are it (hot); a failed one never (409)."""
+        if snap.status == STORING and not hot:
+            log.info(f"{use} waits for its snapshot to be stored", vm_id=vm.id, snapshot_id=snap.id)
+            await self.storing.wait(snap.id)  # stores never take the VM's lock
+            async with self.vms.sessions() as session:
+                row = await repo.get_snapshot(session, snap.id)
+            if row is None:
+                raise NotFound(f"snapshot {snap.id} was deleted while it was being stored")
+            snap = row
+            if snap.status == STORING:
+                raise Conflict(f"snapshot {snap.id} is still being stored; try again shortly")
+        if snap.status == FAILED:
+            raise Conflict(
+                f"snapshot {snap.id} cannot be {_USED[use]}: {snap.status_reason or 'it failed'}"
+            )
+        return snap
+
+    async def _unshare(self, vm_id: str) -> None:
+        """The guest is about to write into its RAM file and disk: whoever else links them (a
+        store still reading them, forks' frozen memory) keeps the captured bytes (frozen.py)."""
+        started = time.monotonic()
+        copied = await asyncio.to_thread(frozen.unshare, self.vms.written_files(vm_id))
+        if copied:
+            seconds = round(time.monotonic() - started, 3)
+            names = [path.name for path in copied]
+            log.info("resuming on copies of linked files", vm_id=vm_id, files=names, s=seconds)
 
     async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
         """Fetch, verify and write out every artifact; only then put the VM's files aside and
@@ -526,14 +680,17 @@ class SnapshotService:
 
     async def materialize(self, vm: VM, snap: Snapshot, dest: Path) -> None:
         """The snapshot's files (mem, disk, state) as new files in dest, the VM's own files
-        left as they are: copied from them when they still equal it, else fetched, checked and
-        unpacked from the store. The caller holds the VM's lock."""
+        left as they are: copied from them when they still equal it (even while it is being
+        stored: they are its captured state until the VM runs again), else fetched, checked
+        and unpacked from the store once it is stored. The caller holds the VM's lock."""
         resume = self._resume_dir(vm.id)
-        hot = vm.state == State.SNAPSHOTTED and await asyncio.to_thread(self._latest, vm.id)
-        if hot == snap.id:
+        latest = vm.state == State.SNAPSHOTTED and await asyncio.to_thread(self._latest, vm.id)
+        hot = latest == snap.id
+        snap = await self._usable(vm, snap, hot, "fork")
+        if hot:
             vm_dir = self.vms.vm_dir(vm.id)
-            # The memory file is shared (a hard link): nobody writes it until the VM is
-            # restored, which first gives the VM a copy of its own (VMService.own_memory).
+            # The memory file is shared (a hard link): nobody writes it until the VM runs
+            # again, which first gives the VM a copy of its own (frozen.unshare).
             await asyncio.to_thread(os.link, vm_dir / MEM_NAME, dest / "mem")
             for name, source in (("disk", vm_dir / DISK_NAME), ("state", resume / STATE_NAME)):
                 await asyncio.to_thread(copy_sparse, source, dest / name)
@@ -595,8 +752,8 @@ class SnapshotService:
             snap = await self.get(user_id, snapshot_id)
             vm = await self.vms.get(user_id, snap.vm_id)
             async with self.vms.sessions() as session:
-                count = await repo.count_snapshots(session, vm.id)
-            if vm.state == State.SNAPSHOTTED and count == 1:
+                count = await repo.count_restorable(session, vm.id)
+            if vm.state == State.SNAPSHOTTED and count == 1 and snap.status != FAILED:
                 raise Conflict(
                     f"snapshot {snapshot_id} is the only one {vm.id} can resume from; "
                     "restore or delete the vm first"
@@ -604,7 +761,9 @@ class SnapshotService:
             await self._delete(vm, snap)
 
     async def _delete(self, vm: VM, snap: Snapshot) -> None:
-        """Row first (it is never listed again), then the artifacts."""
+        """Its store stops first (if under way), then the row goes (it is never listed
+        again), then its frozen files and its artifacts."""
+        await self.storing.call_off(snap.id)
         async with self.vms.sessions() as session, session.begin():
             row = await repo.get_snapshot(session, snap.id)
             if row is not None:
@@ -612,13 +771,18 @@ class SnapshotService:
         latest = self._resume_dir(vm.id) / LATEST
         if (await asyncio.to_thread(_read, latest) or "").split(" ")[0] == snap.id:
             await asyncio.to_thread(latest.unlink, True)
-        if _old_format(snap):
+        await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, snap.id))
+        if snap.status == STORED and _old_format(snap):
             try:
                 await self.store.delete_prefix(self._prefix(vm.id, snap.id))
             except ArtifactError as exc:
                 log.warning("snapshot artifacts left behind", snapshot_id=snap.id, reason=str(exc))
         await self._collect(vm.user_id)
         log.info("snapshot deleted", vm_id=vm.id, snapshot_id=snap.id)
+
+    async def _call_off_stores(self, vm: VM) -> None:
+        """Teardown hook of VMService: stores reading the VM's files stop before they go."""
+        await self.storing.call_off_vm(vm.id)
 
     async def _forget_vm(self, vm: VM) -> None:
         """Delete hook of VMService: the VM's snapshots go with it."""
@@ -632,6 +796,48 @@ class SnapshotService:
         await self._collect(vm.user_id)
 
     # ---- start-up ----------------------------------------------------------------------
+
+    async def resume_stores(self) -> None:
+        """After reconcile: snapshots a previous hatchd left `storing` are stored again from
+        their frozen files when these are intact (all there, from this host boot), and are
+        `failed` otherwise (never restored; their VM resumed or stopped as after any failed
+        store). Frozen files and unshared copies nothing needs any more are removed."""
+        async with self.vms.sessions() as session:
+            storing = await repo.storing_snapshots(session)
+            vms = {vm.id: vm for vm in await repo.list_vms(session)}
+        boot = await asyncio.to_thread(host_boot_id)
+        for snap in storing:
+            vm = vms.get(snap.vm_id)
+            if vm is None:
+                continue
+            files = await asyncio.to_thread(
+                frozen.frozen_files, self._frozen_dir(vm.id, snap.id), ARTIFACT_NAMES, boot
+            )
+            if files is not None:
+                log.info("storing a snapshot again after a restart", snapshot_id=snap.id)
+                self._store_in_background(vm, snap.id, snap.automatic)
+                continue
+            reason = "hatchd stopped while storing it, and its captured files are gone"
+            log.error("snapshot failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
+            async with self.vms.sessions() as session, session.begin():
+                await repo.settle_snapshot(
+                    session, snap.id, status=FAILED, status_reason=f"storing failed: {reason}"
+                )
+            await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, snap.id))
+            await self._after_store(vm.user_id, vm.id, snap.id, reason)
+        keep = {snap.id for snap in storing}
+        await asyncio.to_thread(self._sweep_frozen, list(vms), keep)
+
+    def _sweep_frozen(self, vm_ids: list[str], keep: set[str]) -> None:
+        for vm_id in vm_ids:
+            vm_dir = self.vms.vm_dir(vm_id)
+            for name in (MEM_NAME, DISK_NAME):  # an unshare cut short
+                (vm_dir / f"{name}.unshared").unlink(missing_ok=True)
+            storing = vm_dir / frozen.STORING_DIR
+            if storing.is_dir():
+                for entry in list(storing.iterdir()):
+                    if entry.name not in keep:
+                        frozen.forget(entry)  # its folder too, once empty
 
     async def reconcile(self, vm: VM) -> None:
         """Settle a VM the daemon left `snapshotting` or `restoring` when it died, or
@@ -647,6 +853,8 @@ class SnapshotService:
         if vm.state == State.SNAPSHOTTING:
             pending = await asyncio.to_thread(_read, resume / PENDING)
             if pending:
+                # Its row was never written: its frozen links (if made) name nothing.
+                await asyncio.to_thread(frozen.forget, self._frozen_dir(vm.id, pending))
                 with contextlib.suppress(ArtifactError):
                     await self.store.delete_prefix(self._prefix(vm.id, pending))
             if await vmm.alive(vm.id, vm_dir) is not None:
@@ -676,7 +884,7 @@ class SnapshotService:
             prior = await asyncio.to_thread(self._put_back, vm.id)
             if prior is None:  # a restore of the VM's own files: they are still the snapshot
                 async with self.vms.sessions() as session:
-                    has_snapshots = await repo.count_snapshots(session, vm.id) > 0
+                    has_snapshots = await repo.count_restorable(session, vm.id) > 0
                 prior = State.SNAPSHOTTED if has_snapshots else State.STOPPED
             await self.vms.update(
                 vm.id,

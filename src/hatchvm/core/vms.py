@@ -8,7 +8,6 @@ then records the outcome, so a daemon killed half-way leaves a row that reconcil
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,7 +45,6 @@ from hatchvm.images.disk import create_vm_disk, parse_user_data
 from hatchvm.metrics import Metrics
 from hatchvm.net import alloc
 from hatchvm.net.egress import Egress
-from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import VMM, BootSpec, Feature, VMMUnsupported
 
 log = structlog.get_logger("hatchvm.core")
@@ -116,6 +114,8 @@ class VMService:
         self.locks = KeyedLocks()
         self._user_locks = KeyedLocks()
         self.delete_hooks: list[VMHook] = []
+        # Before a deleted VM's process and files go (stores reading its files stop first).
+        self.teardown_hooks: list[VMHook] = []
         self.create_hooks: list[VMHook] = []  # called with each VM once it runs
         # Called with a VM whose VMM process just started or was reattached (core/liveness).
         self.run_hooks: list[Callable[[VM], None]] = []
@@ -429,20 +429,13 @@ class VMService:
             return f"clock not synced, RNG not reseeded: the {driver} driver has no guest agent"
         return await self.agents.after_resume(vm.id)
 
-    def own_memory(self, vm_id: str) -> None:
-        """Before the VM maps its memory file shared again: if forks hard-linked it (their
-        frozen image), the VM gets a copy of its own, and theirs stays as it is."""
-        mem = self.vm_dir(vm_id) / MEM_NAME
-        if (self.vm_dir(vm_id) / MEM_PRIVATE).exists():
-            return  # mapped privately: never written, it stays shared
-        try:
-            if mem.stat().st_nlink < 2:
-                return
-        except FileNotFoundError:
-            return
-        mine = mem.with_name(MEM_NAME + ".own")
-        copy_sparse(mem, mine)
-        os.replace(mine, mem)
+    def written_files(self, vm_id: str) -> list[Path]:
+        """The files a VMM run of the VM writes into: its disk, and its memory file unless
+        that is a fork's frozen image mapped privately (never written, it stays shared)."""
+        vm_dir = self.vm_dir(vm_id)
+        if (vm_dir / MEM_PRIVATE).exists():
+            return [vm_dir / DISK_NAME]
+        return [vm_dir / MEM_NAME, vm_dir / DISK_NAME]
 
     def drop_memory(self, vm_id: str) -> None:
         """Forget the VM's RAM file and resume state (after a stop, before a cold boot)."""
@@ -504,6 +497,8 @@ class VMService:
         async with self.locks.hold(vm_id):
             vm = await self.get(user_id, vm_id)
             guard(Op.DELETE, vm.state)
+            for hook in self.teardown_hooks:
+                await hook(vm)
             await self.teardown(vm)
             crashpoint("delete.torn-down")
             for hook in self.delete_hooks:

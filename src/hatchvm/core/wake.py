@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import structlog
 
-from hatchvm.core.snapshots import SnapshotService
+from hatchvm.core.snapshots import SnapshotService, latest_restorable
 from hatchvm.core.states import State
 from hatchvm.core.vms import VMService, reason_of
 from hatchvm.db import repo
@@ -131,9 +131,10 @@ class WakeService:
         if vm.state == State.SNAPSHOTTED:
             async with self.vms.sessions() as session:
                 snaps = await repo.list_snapshots(session, vm_id)
-            if snaps:
-                log.info("waking vm from its latest snapshot", vm_id=vm_id, snapshot=snaps[0].id)
-                return Woken(await self.snapshots.restore_locked(vm, snaps[0]), "restore")
+            snap = latest_restorable(snaps)
+            if snap is not None:
+                log.info("waking vm from its latest snapshot", vm_id=vm_id, snapshot=snap.id)
+                return Woken(await self.snapshots.restore_locked(vm, snap), "restore")
         if vm.state == State.STOPPED:
             log.info("waking stopped vm (cold boot)", vm_id=vm_id)
             return Woken(await self.vms.start_locked(vm), "cold_boot")

@@ -99,8 +99,16 @@ class VM(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+# Snapshot.status
+STORING = "storing"
+STORED = "stored"
+FAILED = "failed"
+
+
 class Snapshot(Base):
-    """A complete snapshot: the row is written only once every artifact is stored."""
+    """A captured snapshot. Its row is written once the guest's state is captured (status
+    "storing"); its manifest names chunks only once every one of them is stored ("stored").
+    A snapshot that could not be stored is "failed" and never restored."""
 
     __tablename__ = "snapshots"
 
@@ -112,6 +120,8 @@ class Snapshot(Base):
     location: Mapped[str] = mapped_column(Text)
     manifest: Mapped[str] = mapped_column(Text)  # SnapshotManifest JSON
     automatic: Mapped[bool] = mapped_column(Boolean, default=False)  # taken by the idle reaper
+    status: Mapped[str] = mapped_column(String(16), default="stored", server_default="stored")
+    status_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it failed
     # Microseconds kept: snapshots are listed newest first and may come in quick succession.
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=lambda: datetime.now(UTC))
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hatchvm.db.models import VM, ApiKey, Image, Route, Snapshot
+from hatchvm.db.models import FAILED, STORING, VM, ApiKey, Image, Route, Snapshot
 from hatchvm.snapshots.manifest import unique_bytes
 
 
@@ -102,9 +102,26 @@ async def get_snapshot(session: AsyncSession, snapshot_id: str) -> Snapshot | No
     return await session.get(Snapshot, snapshot_id) if _storable(snapshot_id) else None
 
 
-async def count_snapshots(session: AsyncSession, vm_id: str) -> int:
-    query = select(func.count()).where(Snapshot.vm_id == vm_id)
+async def count_restorable(session: AsyncSession, vm_id: str) -> int:
+    """Snapshots the VM can resume from: every one but those that failed to store."""
+    query = select(func.count()).where(Snapshot.vm_id == vm_id, Snapshot.status != FAILED)
     return int(await session.scalar(query) or 0)
+
+
+async def storing_snapshots(session: AsyncSession) -> list[Snapshot]:
+    query = select(Snapshot).where(Snapshot.status == STORING).order_by(Snapshot.created_at)
+    return list((await session.scalars(query)).all())
+
+
+async def settle_snapshot(session: AsyncSession, snapshot_id: str, **values: object) -> bool:
+    """Turn a snapshot still `storing` into stored or failed; False if it is not (any more)
+    storing (deleted meanwhile). Conditional, so a late writer never revives a row."""
+    result = await session.execute(
+        update(Snapshot)
+        .where(Snapshot.id == snapshot_id, Snapshot.status == STORING)
+        .values(**values)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def list_routes(session: AsyncSession, vm_id: str) -> list[Route]:

@@ -85,7 +85,8 @@ class Metrics:
         )
         self._store = Histogram(
             "hatch_snapshot_store_duration_seconds",
-            "Storing a captured snapshot (compressing and writing its artifacts, recording it)",
+            "Storing a captured snapshot in the background (compressing and writing its chunks, "
+            "recording it stored)",
             ["automatic"],
             buckets=SNAPSHOT_BUCKETS,
             registry=r,
@@ -206,12 +207,14 @@ class Metrics:
 
     # ---- snapshots -----------------------------------------------------------------------
 
-    def snapshot_taken(
-        self, automatic: bool, capture_s: float, store_s: float, stored_bytes: int
-    ) -> None:
+    def snapshot_captured(self, automatic: bool, seconds: float) -> None:
+        """The guest's state is saved and its VMM ended (the snapshot call returns soon)."""
+        self._capture.labels(_flag(automatic)).observe(seconds)
+
+    def snapshot_stored(self, automatic: bool, seconds: float, stored_bytes: int) -> None:
+        """A captured snapshot's background store ended with its row `stored`."""
         flag = _flag(automatic)
-        self._capture.labels(flag).observe(capture_s)
-        self._store.labels(flag).observe(store_s)
+        self._store.labels(flag).observe(seconds)
         self._stored_bytes.labels(flag).inc(stored_bytes)
 
     def deduplicated(self, saved_bytes: int) -> None:

@@ -35,7 +35,12 @@ import structlog
 import zstandard
 
 from hatchvm.snapshots.codec import data_extents
-from hatchvm.snapshots.errors import ArtifactCorrupt, ArtifactError, ArtifactMissing
+from hatchvm.snapshots.errors import (
+    ArtifactCorrupt,
+    ArtifactError,
+    ArtifactMissing,
+    StoreStopped,
+)
 from hatchvm.snapshots.formats import (
     BLOCK_CHUNKS,
     BLOCK_WINDOW_LOG,
@@ -314,10 +319,17 @@ class ChunkStore:
     # ---- writing -----------------------------------------------------------------------
 
     def write_chunks(
-        self, ns: str, files: dict[str, Path], known: Known, pins: set[str]
+        self,
+        ns: str,
+        files: dict[str, Path],
+        known: Known,
+        pins: set[str],
+        stop: threading.Event | None = None,
     ) -> Written:
-        """Store every chunk of files the user does not hold yet; durable on return."""
+        """Store every chunk of files the user does not hold yet; durable on return. Raises
+        StoreStopped soon after stop is set (the snapshot or its VM is being deleted)."""
         writer = _PackWriter(self, ns, pins)
+        seen = 0
         numbers: dict[str, int] = {}  # pack -> its number in the listing
         listings: dict[str, Listing] = {}
         used: dict[str, set[tuple[str, int]]] = {}
@@ -328,6 +340,9 @@ class ChunkStore:
                 last = (-2, 0, -1, -1, -1)  # the run being extended
                 blocks: set[tuple[str, int]] = set()
                 for number, page in _pages(path):
+                    seen += 1
+                    if stop is not None and seen % 1024 == 0 and stop.is_set():
+                        raise StoreStopped("its store was called off")
                     name = chunk_name(page)
                     where = known.where.get(name) or writer.where.get(name)
                     if where is None:

@@ -13,3 +13,7 @@ class ArtifactMissing(ArtifactError):
 
 class ArtifactCorrupt(ArtifactError):
     pass
+
+
+class StoreStopped(ArtifactError):
+    """A store called off before it finished (its snapshot or VM is being deleted)."""
