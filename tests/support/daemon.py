@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import itertools
 import os
 import shutil
@@ -19,12 +21,22 @@ import httpx
 
 from hatchvm import admin
 from hatchvm.client import HatchClient
-from hatchvm.config import load_settings
+from hatchvm.config import Settings, load_settings
+from hatchvm.vmm.accel import detect_accel
 from tests.support.cgroups import host_cgroups, remove_parent
 from tests.support.image import install_image
 
 _counter = itertools.count(1)
 LOG_DIR = Path(tempfile.gettempdir()) / "hatchvm-test-logs"
+
+
+@functools.cache
+def host_accel() -> str:
+    """The accelerator hatchd's `auto` would choose on this host (in a thread of its own: the
+    caller may be inside a running event loop)."""
+    qemu_bin = Settings.model_fields["qemu_bin"].default
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, detect_accel(qemu_bin, "auto")).result()
 
 
 def free_port() -> int:
@@ -64,7 +76,9 @@ class HatchDaemon:
             "HATCH_TAP_PREFIX": self.tap_prefix,
             "HATCH_NFT_TABLE": self.table,
             "HATCH_CGROUP_PARENT": self.cgroup_parent,
-            "HATCH_QEMU_ACCEL": "auto",
+            # Probed once per test run, not at each of the suite's ~150 daemon starts (a
+            # probe waits up to 3 s where KVM is unusable); test_readme_flow keeps "auto".
+            "HATCH_QEMU_ACCEL": host_accel(),
             "HATCH_STOP_TIMEOUT": "30",
             "HATCH_LOG_LEVEL": "info",
             # Off unless a test turns them on (test_templates.py): a background template build
