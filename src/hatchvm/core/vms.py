@@ -225,22 +225,7 @@ class VMService:
         """A row for a VM no user owns (a template's, owner being no user's id): counted by
         host admission, not by any user's quotas, with addresses but no SSH port."""
         async with self.admission.lock:
-            for _attempt in range(5):
-                async with self.sessions() as session, session.begin():
-                    space = cfg.mem_mib + self._s.vm_disk_mib
-                    await self.admission.check(session, None, cfg.mem_mib, space)
-                    vm = self._row(vm_id, owner, cfg, image_version)
-                    if cfg.enable_network:
-                        await self._allocate(session, vm)
-                        vm.ssh_port = None
-                    session.add(vm)
-                    try:
-                        await session.flush()
-                    except IntegrityError:
-                        await session.rollback()
-                        continue
-                return vm
-        raise InternalError("could not allocate network addresses, try again")
+            return await self._insert(vm_id, owner, cfg, image_version, owned=False)
 
     async def discard(self, vm: VM) -> None:
         """A VM that never became the user's (a fork that failed): everything of it goes,
@@ -279,19 +264,29 @@ class VMService:
         return files
 
     async def _insert(
-        self, vm_id: str, user_id: str, cfg: VMConfig, image_version: str | None
+        self,
+        vm_id: str,
+        user_id: str,
+        cfg: VMConfig,
+        image_version: str | None,
+        *,
+        owned: bool = True,
     ) -> VM:
         """Check the quotas and the host's room, and persist the row with its allocations
-        (retrying on a race). The caller holds the admission lock."""
+        (retrying on a race). The caller holds the admission lock. A VM no user owns
+        (owned=False) answers to no quota and gets no SSH port."""
         for _attempt in range(5):
             async with self.sessions() as session, session.begin():
-                usage = quotas.Usage(*await repo.user_totals(session, user_id))
-                quotas.check_create(self._s, usage, cfg.vcpu_count, cfg.mem_mib)
+                if owned:
+                    usage = quotas.Usage(*await repo.user_totals(session, user_id))
+                    quotas.check_create(self._s, usage, cfg.vcpu_count, cfg.mem_mib)
                 space = cfg.mem_mib + self._s.vm_disk_mib
                 await self.admission.check(session, None, cfg.mem_mib, space)
                 vm = self._row(vm_id, user_id, cfg, image_version)
                 if cfg.enable_network:
                     await self._allocate(session, vm)
+                    if not owned:
+                        vm.ssh_port = None
                 session.add(vm)
                 try:
                     await session.flush()
