@@ -29,9 +29,10 @@ from pathlib import Path
 
 import structlog
 
-from hatchvm.agent.errors import AgentError
+from hatchvm.agent.errors import AgentError, AgentRefused
 from hatchvm.agent.exec import Command, Execution
 from hatchvm.agent.identity import Address, set_identity
+from hatchvm.agent.protocol import ErrorCode
 from hatchvm.config import Settings
 from hatchvm.core.guest import STALL_S, GuestService, translated
 from hatchvm.core.snapshots import STATE_NAME, SnapshotService, latest_restorable
@@ -271,27 +272,36 @@ class ForkService:
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, False)
         await self.vms.adopt(child, restored=True)
-        await self.vms.vmm.resume(child.id, vm_dir)
-        crashpoint("fork.child-resumed")  # still its parent's identity: never let it run on
-        took.lap("restore")
         # Its clock is set and its RNG reseeded while its agent re-makes it: nothing that
         # does needs the new randomness (the machine id comes from the host; dropbear makes
-        # the SSH keys at the first connection, once the NIC is plugged in).
-        synced, readdressed = await asyncio.gather(
+        # the SSH keys at the first connection, once the NIC is plugged in). Both requests
+        # are sent while it is still paused (the first things its agent reads when it runs,
+        # as a wake's sync is), so the guest does all of it in one go.
+        remade = asyncio.gather(
             self.vms.after_resume(child), self._readdress(child), return_exceptions=True
         )
+        try:
+            await self.vms.vmm.resume(child.id, vm_dir)
+        except BaseException:
+            remade.cancel()
+            await asyncio.gather(remade, return_exceptions=True)
+            raise
+        crashpoint("fork.child-resumed")  # still its parent's identity: never let it run on
+        took.lap("restore")
+        synced, readdressed = await remade
         for outcome in (synced, readdressed):
             if isinstance(outcome, BaseException):
                 raise outcome
         if synced is not None:  # it would share its parent's RNG state: never let it run
             raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
+        took.lap("remade")
         if before_link is not None:
             await before_link(child)
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, True)
         if after_link is not None:
             await after_link(child)
-        took.lap("remade")
+        took.lap("linked")
         crashpoint("fork.child-remade")
         await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
         await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
@@ -299,8 +309,9 @@ class ForkService:
         return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
 
     async def _readdress(self, child: VM) -> None:
-        """Its agent makes it its own: in one message when it can ("identity", agent 3),
-        else by a shell script (an image built before)."""
+        """Its agent makes it its own: in one message when it can ("identity", agent 3:
+        sent at once, with no hello first), else by a shell script (an image built before,
+        whose agent answers that message UNSUPPORTED)."""
         name, machine_id = child.id.replace("_", "-"), secrets.token_hex(16)
         address = None
         if child.guest_ip and child.guest_mac and self.vms.net is not None:
@@ -308,10 +319,14 @@ class ForkService:
             address = Address(mac=child.guest_mac, cidr=cidr, gateway=self.vms.net.gateway)
         try:
             with translated(child.id):
-                channel, hello = await self.vms.agents.ready(child.id, STALL_S)
-                if "identity" in hello.capabilities:
+                channel = self.vms.agents.channel(child.id)
+                try:
                     await set_identity(channel, name, machine_id, address, STALL_S)
                     return
+                except AgentRefused as exc:
+                    if exc.code != ErrorCode.UNSUPPORTED:
+                        raise
+                channel, _ = await self.vms.agents.ready(child.id, STALL_S)
                 env = {"NAME": name, "MACHINE_ID": machine_id, "ADDR": "", "MAC": "", "GW": ""}
                 if address is not None:
                     env.update(ADDR=address.cidr, MAC=address.mac, GW=address.gateway)
