@@ -2,11 +2,13 @@
 
 In one run, on one parent (256 MiB, a web server, a tmpfs filled with 100 MiB; about 220 MiB
 of its memory touched in all, page cache included):
-  one child of the running parent (which pauses it to copy its memory), one child of the parent
+  one child of the running parent (paused while its memory is copied), one child of the parent
   asleep and one hot restore of the parent (snapshotted and restored from its own files), each
   until it answers HTTP, interleaved over --rounds rounds (medians): the goal is one child of
-  the running parent within 1.5x a hot restore; the steps of both (parent paused, child
-  started) from hatchd's log;
+  the running parent within 1.5x a hot restore; the steps of both from hatchd's log (the
+  parent paused, its memory and disk copied meanwhile; the child's files, network, its VMM
+  started, waiting for the parent's capture to end ("frozen"), its state loaded and resumed
+  ("restore"), re-made by its agent, its NIC plugged in);
   time until N = 1, 4 and 8 children of the running parent all answer HTTP (POST
   /vms/{id}/fork, then each child's port 8080), against N VMs created at once (cold boots)
   until they all answer;

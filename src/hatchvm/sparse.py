@@ -14,21 +14,26 @@ _FICLONE = 0x40049409  # ioctl: share the whole file's extents (btrfs, XFS)
 _NO_REFLINK = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY)
 
 
-def copy_sparse(src: Path, dst: Path) -> int:
+def copy_sparse(src: Path, dst: Path, *, into: bool = False) -> int:
     """dst (made new, mode 0600): the same size and bytes as src, holes kept; the bytes
-    copied (0 when reflinked)."""
+    copied (0 when reflinked). into: dst is an empty file of src's size already (all holes)
+    that others may hold open or mapped: it is written into, never truncated or replaced."""
     copied = 0
     with src.open("rb") as fin:
         size = os.fstat(fin.fileno()).st_size
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY if into else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = os.open(dst, flags, 0o600)
         try:
+            if into and os.fstat(fd).st_size != size:
+                raise ValueError(f"{dst} is not {size} bytes long like {src}")
             try:
                 fcntl.ioctl(fd, _FICLONE, fin.fileno())
                 return 0
             except OSError as exc:
                 if exc.errno not in _NO_REFLINK:
                     raise
-            os.ftruncate(fd, size)
+            if not into:
+                os.ftruncate(fd, size)
             offset = 0
             while offset < size:
                 try:
@@ -46,3 +51,12 @@ def copy_sparse(src: Path, dst: Path) -> int:
         finally:
             os.close(fd)
     return copied
+
+
+def make_holes(path: Path, size: int) -> None:
+    """path (made new, mode 0600): size bytes, all holes, for copy_sparse(into=True)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

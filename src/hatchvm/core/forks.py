@@ -1,10 +1,12 @@
 """Forks: new VMs of the caller's running from one VM's memory and disk at one moment.
 
-The moment is frozen first, into a work directory of this call: a running parent is paused
-only while its device state is written and its memory and disk are copied (sparse), then runs
-on (its clock resynced); a snapshotted one, or any stored snapshot, gives its files (copied
-from the VM's own when they still equal it, else unpacked from the store). The parent's files
-are never touched, so the children never see what it writes later.
+The moment is frozen into a work directory of this call: a running parent is paused only
+while its device state is written and its memory and disk are copied (sparse), then runs on
+(its clock resynced); a snapshotted one, or any stored snapshot, gives its files (copied from
+the VM's own when they still equal it, else unpacked from the store). The parent's files are
+never touched, so the children never see what it writes later. While a running parent is
+captured, its children are already reserved, plugged in and their VMMs started, waiting for
+the state (their memory file is the frozen one, filled in place as it is copied).
 
 Every child hard-links the frozen memory file and maps it privately (copy-on-write: N children
 share the pages they only read), gets its own sparse copy of the disk and of the device state,
@@ -54,7 +56,7 @@ from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError
 from hatchvm.ids import new_id
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.net.egress import Egress
-from hatchvm.sparse import copy_sparse
+from hatchvm.sparse import copy_sparse, make_holes
 from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
@@ -111,23 +113,32 @@ class ForkService:
             async with self.vms.locks.hold(vm_id):
                 parent = await self.vms.get(user_id, vm_id)
                 guard(Op.FORK, parent.state)
-                resync = None
                 if parent.state == State.RUNNING:
-                    await self._capture(parent, work)
-                    # It stood paused: its clock is resynced (as a restored guest's) while
-                    # the children start.
-                    resync = asyncio.create_task(self._resync(parent))
-                else:
-                    async with self.vms.sessions() as session:
-                        snap = latest_restorable(await repo.list_snapshots(session, vm_id))
-                    if snap is None:
-                        raise Conflict(f"vm {vm_id} has no snapshot to fork from")
-                    await self.snapshots.materialize(parent, snap, work)
-            try:
-                return await self._children(user_id, parent, work, count)
-            finally:
-                if resync is not None:
-                    await resync
+                    return await self._fork_running(user_id, parent, work, count)
+                async with self.vms.sessions() as session:
+                    snap = latest_restorable(await repo.list_snapshots(session, vm_id))
+                if snap is None:
+                    raise Conflict(f"vm {vm_id} has no snapshot to fork from")
+                await self.snapshots.materialize(parent, snap, work)
+            return await self._children(user_id, parent, work, count)
+
+    async def _fork_running(self, user_id: str, parent: VM, work: Path, count: int) -> list[VM]:
+        """The parent (its lock held) is captured while its children start."""
+        await asyncio.to_thread(_make_frozen_files, self.vms.vm_dir(parent.id), work)
+        resync: asyncio.Task[None] | None = None
+
+        async def freeze() -> None:
+            nonlocal resync
+            await self._capture(parent, work)
+            # It stood paused: its clock is resynced (as a restored guest's) while the
+            # children start.
+            resync = asyncio.create_task(self._resync(parent))
+
+        try:
+            return await self._children(user_id, parent, work, count, freeze)
+        finally:
+            if resync is not None:
+                await resync
 
     async def fork_snapshot(self, user_id: str, snapshot_id: str, count: int) -> list[VM]:
         """count children of a snapshot, whatever its VM does now (one still being stored:
@@ -159,18 +170,20 @@ class ForkService:
     # ---- the frozen moment -------------------------------------------------------------
 
     async def _capture(self, vm: VM, work: Path) -> None:
-        """Pause, write the device state, copy memory and disk, let it run on."""
+        """Pause, write the device state while memory and disk are copied, let it run on."""
         vm_dir = self.vms.vm_dir(vm.id)
-        vmm = self.vms.vmm
         took = _Stopwatch()
+        copied = _Stopwatch()
+
+        async def copy_files() -> None:  # into the files its children already map
+            await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem", into=True)
+            copied.lap("memory")
+            await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk", into=True)
+            copied.lap("disk")
+
         try:
-            await vmm.capture(vm.id, vm_dir, work / "state")
+            await self.vms.vmm.capture(vm.id, vm_dir, work / "state", copy_files)
             crashpoint("fork.paused")  # the parent stands paused: start-up lets it run on
-            took.lap("state")
-            await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem")
-            took.lap("memory")
-            await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk")
-            took.lap("disk")
         except Exception as exc:
             await self._run_on(vm)
             await self._resync(vm)
@@ -178,7 +191,7 @@ class ForkService:
                 raise
             raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
         await self._run_on(vm)
-        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **took.ms)
+        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **copied.ms)
 
     async def _run_on(self, vm: VM) -> None:
         vm_dir = self.vms.vm_dir(vm.id)
@@ -195,7 +208,16 @@ class ForkService:
 
     # ---- the children ------------------------------------------------------------------
 
-    async def _children(self, user_id: str, parent: VM, work: Path, count: int) -> list[VM]:
+    async def _children(
+        self,
+        user_id: str,
+        parent: VM,
+        work: Path,
+        count: int,
+        freeze: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[VM]:
+        """count children from work's files; freeze, if given, writes them (the children
+        reserved and their VMMs starting meanwhile)."""
         image = await self.vms.image_files(parent)
         cfg = VMConfig(
             image_id=parent.image_id,
@@ -209,6 +231,7 @@ class ForkService:
         )
         async with AsyncExitStack() as locks:
             children: list[VM] = []
+            frozen: asyncio.Task[None] | None = None
             try:
                 for _ in range(count):
                     child_id = new_id("vm")
@@ -217,19 +240,25 @@ class ForkService:
                         await self.vms.reserve(user_id, cfg, parent.image_version, child_id)
                     )
                 crashpoint("fork.reserved")
+                if freeze is not None:
+                    frozen = asyncio.create_task(freeze())
                 gate = asyncio.Semaphore(PARALLEL)
 
                 async def start(child: VM) -> VM:
                     async with gate:
-                        return await self._start(child, image, work)
+                        return await self.start_child(child, image, work, frozen=frozen)
 
                 results = await asyncio.gather(
                     *(start(c) for c in children), return_exceptions=True
                 )
+                if frozen is not None:  # failed too if no child got as far as waiting for it
+                    results += await asyncio.gather(frozen, return_exceptions=True)
                 failures = [r for r in results if isinstance(r, BaseException)]
                 if failures:
                     raise failures[0]
             except BaseException as exc:
+                if frozen is not None and not frozen.done():  # the parent must run on first
+                    await asyncio.gather(frozen, return_exceptions=True)
                 for child in children:
                     await self.vms.discard(child)
                 if isinstance(exc, HatchError):
@@ -244,31 +273,36 @@ class ForkService:
                 await hook(child)
         return started
 
-    async def _start(self, child: VM, image: ImageArtifacts, work: Path) -> VM:
-        return await self.start_child(child, image, work)
-
     async def start_child(
         self,
         child: VM,
         image: ImageArtifacts,
         work: Path,
         *,
+        frozen: asyncio.Future[None] | None = None,
         before_link: ChildStep | None = None,
         after_link: ChildStep | None = None,
     ) -> VM:
         """Make child (its row reserved, its lock held) run from the frozen moment in work
-        (mem, disk, state), re-made as itself. before_link runs once it is re-made, its NIC
-        still unplugged; after_link once the NIC is plugged in (a warm template's create
-        seeds the guest and starts its user_data there)."""
+        (mem, disk, state), re-made as itself. If frozen is given, work's files are being
+        written until it is done (mem and disk already at their sizes): the child's VMM is
+        started meanwhile. before_link runs once it is re-made, its NIC still unplugged;
+        after_link once the NIC is plugged in (a warm template's create seeds the guest and
+        starts its user_data there)."""
         vm_dir = self.vms.vm_dir(child.id)
         took = _Stopwatch()
         await asyncio.to_thread(_prepare_child, vm_dir, work)
         took.lap("files")
         await self.vms.attach_network(child)
         took.lap("network")
-        await self.vms.vmm.restore(
-            self.vms.boot_spec(child, image), vm_dir / RESUME_DIR / STATE_NAME
-        )
+        spec = self.vms.boot_spec(child, image)
+        await self.vms.vmm.start_incoming(spec)
+        took.lap("started")
+        if frozen is not None:
+            await asyncio.shield(frozen)  # shared by the siblings: one's cancel is not theirs
+            took.lap("frozen")
+        await asyncio.to_thread(_fill_child, vm_dir, work)
+        await self.vms.vmm.restore(spec, vm_dir / RESUME_DIR / STATE_NAME)
         if child.tap_name:
             await self.vms.vmm.set_link(child.id, vm_dir, False)
         await self.vms.adopt(child, restored=True)
@@ -372,11 +406,23 @@ class _Frozen(tempfile.TemporaryDirectory):  # type: ignore[type-arg]
         return Path(self.name)
 
 
+def _make_frozen_files(parent_dir: Path, work: Path) -> None:
+    """The frozen memory and disk at the parent's sizes, holes until it is captured."""
+    for name, frozen in ((MEM_NAME, "mem"), (DISK_NAME, "disk")):
+        make_holes(work / frozen, (parent_dir / name).stat().st_size)
+
+
 def _prepare_child(vm_dir: Path, work: Path) -> None:
+    """What the child's VMM opens as it starts: the frozen memory (shared by the siblings,
+    never written: mapped privately) and its disk at its size (filled by _fill_child)."""
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / FORK_PENDING).touch()
     (vm_dir / MEM_PRIVATE).touch()
-    os.link(work / "mem", vm_dir / MEM_NAME)  # shared by the siblings, never written
-    copy_sparse(work / "disk", vm_dir / DISK_NAME)
+    os.link(work / "mem", vm_dir / MEM_NAME)
+    make_holes(vm_dir / DISK_NAME, (work / "disk").stat().st_size)
     (vm_dir / RESUME_DIR).mkdir(exist_ok=True)
+
+
+def _fill_child(vm_dir: Path, work: Path) -> None:
+    copy_sparse(work / "disk", vm_dir / DISK_NAME, into=True)
     copy_sparse(work / "state", vm_dir / RESUME_DIR / STATE_NAME)

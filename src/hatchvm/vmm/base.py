@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -226,14 +227,31 @@ class VMM(Protocol):
         writes it); its disks are consistent with it. Called only with SNAPSHOTS."""
         ...
 
-    async def restore(self, spec: BootSpec, state_file: Path) -> int:
-        """Start the VM from spec.mem_file and state_file, paused where it was; its pid."""
+    async def start_incoming(self, spec: BootSpec) -> None:
+        """A head start for a restore whose files are still being written (a fork's child,
+        started while its parent is captured): the VMM is started and waits for its state;
+        restore() then only loads it. spec's mem_file and disk exist at their full sizes,
+        and are only written into until restore(), never replaced. A driver that cannot
+        start before its files are complete does nothing here."""
         ...
 
-    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+    async def restore(self, spec: BootSpec, state_file: Path) -> int:
+        """Start the VM from spec.mem_file and state_file (or load the state into the VMM
+        start_incoming() started), paused where it was; its pid."""
+        ...
+
+    async def capture(
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        state_file: Path,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Pause the VM and write its device state to state_file, leaving it paused and its
         process alive (resume_if_paused() lets it run on): meanwhile its memory file and disk
-        are quiet and consistent with the state, to be copied. Called only with FORK."""
+        are quiet and consistent with the state, to be copied. meanwhile(), if given, is run
+        as soon as the guest is paused, while its state is written (it copies them); capture
+        returns once both are done. Called only with FORK."""
         ...
 
     async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,13 +184,24 @@ class FakeVMM:
         state_file.write_text(json.dumps(state))
         await self.kill(vm_id, vm_dir)
 
-    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+    async def capture(
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        state_file: Path,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._check("capture", vm_id)
         self._proc(vm_id, "capture").state = "paused"
         state_file.write_text(json.dumps({"magic": STATE_MAGIC, "vm_id": vm_id}))
+        if meanwhile is not None:
+            await meanwhile()
 
     async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
         self._check("set_link", vm_id)
+
+    async def start_incoming(self, spec: BootSpec) -> None:
+        """Nothing to start ahead: restore() does it all."""
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         self._check("restore", spec.vm_id)

@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -535,7 +536,13 @@ class FirecrackerVMM:
 
     # ---- snapshot / restore ------------------------------------------------------------
 
-    async def capture(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
+    async def capture(
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        state_file: Path,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         raise VMMUnsupported("the firecracker driver does not support fork yet", vm_id=vm_id)
 
     async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
@@ -593,6 +600,10 @@ class FirecrackerVMM:
             except JailError as exc:
                 state_file.unlink(missing_ok=True)
                 raise VMMFilesMissing(str(exc), vm_id=vm_id, op="snapshot") from None
+
+    async def start_incoming(self, spec: BootSpec) -> None:
+        """Nothing ahead: Firecracker loads its files as it starts (the jail gets them
+        then), so restore() does it all once they are complete."""
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         """A fresh Firecracker loads the snapshot (its memory file mapped privately, so it

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -118,6 +119,8 @@ class QemuVMM:
         self.cgroups = cgroups
         # The QMP connection of a restore, from loading the state until resume lets it run.
         self._restoring: dict[str, QMPSession] = {}
+        # QEMUs start_incoming() started, waiting for their state: pid by VM id.
+        self._incoming: dict[str, int] = {}
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -382,6 +385,7 @@ class QemuVMM:
 
     async def _forget(self, vm_id: str, vm_dir: Path) -> None:
         await self._end_restore(vm_id)
+        self._incoming.pop(vm_id, None)
         (vm_dir / PID_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
         if self.cgroups is not None:
@@ -420,18 +424,34 @@ class QemuVMM:
         await self.kill(vm_id, vm_dir)
 
     async def capture(
-        self, vm_id: str, vm_dir: Path, state_file: Path, op: str = "capture"
+        self,
+        vm_id: str,
+        vm_dir: Path,
+        state_file: Path,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+        op: str = "capture",
     ) -> None:
         if await self.alive(vm_id, vm_dir) is None:
             raise VMMNotRunning(f"no running qemu to {op}", vm_id=vm_id, op=op)
         state_file.unlink(missing_ok=True)
         await self._end_restore(vm_id)
         async with qmp_session(self.sockets(vm_dir) / QMP_SOCKET) as qmp:
+            # `stop` returns with the vCPUs stopped and the disks drained and flushed, and a
+            # stopped VM's devices neither receive nor write guest memory: the files are quiet
+            # from here on, and may be copied while the device state is written.
             await qmp.execute("stop")
-            await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-            target = shlex.quote(str(state_file))
-            await qmp.execute("migrate", {"uri": f"exec:umask 077 && cat > {target}"})
-            await qmp.wait_migration(MIGRATION_TIMEOUT)
+            copying = asyncio.create_task(meanwhile()) if meanwhile is not None else None
+            try:
+                await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
+                target = shlex.quote(str(state_file))
+                await qmp.execute("migrate", {"uri": f"exec:umask 077 && cat > {target}"})
+                await qmp.wait_migration(MIGRATION_TIMEOUT)
+            except BaseException:
+                if copying is not None:
+                    await asyncio.gather(copying, return_exceptions=True)
+                raise
+            if copying is not None:
+                await copying
 
     async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
         # The netdev's link: QEMU carries it to the NIC (the guest's carrier) and drops
@@ -445,15 +465,29 @@ class QemuVMM:
         else:
             await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "set_link", args)
 
+    async def start_incoming(self, spec: BootSpec) -> None:
+        """QEMU -incoming touches no guest RAM before the state is loaded (its ROMs are not
+        copied in while it waits), so the memory file may be filled after it mapped it."""
+        if spec.mem_file is None or not spec.mem_file.exists() or not spec.disk.exists():
+            raise VMMFilesMissing("memory file or disk is missing", vm_id=spec.vm_id, op="restore")
+        pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
+        self._restoring[spec.vm_id] = qmp
+        self._incoming[spec.vm_id] = pid
+
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         if spec.mem_file is None or not spec.mem_file.exists() or not state_file.exists():
+            if spec.vm_id in self._incoming:  # started ahead by start_incoming()
+                await self.kill(spec.vm_id, spec.vm_dir)
             raise VMMFilesMissing(
                 "memory or device state file is missing", vm_id=spec.vm_id, op="restore"
             )
         # One QMP connection from here until resume: the state is loaded as soon as QEMU is up
         # (migrate-incoming refuses a QEMU not waiting for one), and `cont` needs no new one.
-        pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
-        self._restoring[spec.vm_id] = qmp
+        pid = self._incoming.pop(spec.vm_id, None)
+        qmp = self._restoring.get(spec.vm_id)
+        if pid is None or qmp is None:
+            pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
+            self._restoring[spec.vm_id] = qmp
         try:
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
             uri = f"exec:cat {shlex.quote(str(state_file))}"
