@@ -131,6 +131,7 @@ def main() -> None:
         HATCH_MAX_VCPUS_PER_USER=str(2 * most + 2),
         HATCH_MAX_MEM_MIB_PER_USER=str((2 * most + 2) * MEM_MIB),
         HATCH_MAX_DISK_MIB_PER_USER=str((2 * most + 2) * 1024),
+        HATCH_MAX_SNAPSHOTS_PER_VM=str(2 * args.rounds + 1),  # two per round are kept
     )
     daemon.start()
     key = daemon.create_key("bench")
