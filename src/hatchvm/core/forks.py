@@ -173,13 +173,15 @@ class ForkService:
         """Pause, write the device state while memory and disk are copied, let it run on."""
         vm_dir = self.vms.vm_dir(vm.id)
         took = _Stopwatch()
-        copied = _Stopwatch()
+        copied: dict[str, float] = {}
 
         async def copy_files() -> None:  # into the files its children already map
+            copying = _Stopwatch()  # from the pause on, not from the call that makes it
             await asyncio.to_thread(copy_sparse, vm_dir / MEM_NAME, work / "mem", into=True)
-            copied.lap("memory")
+            copying.lap("memory")
             await asyncio.to_thread(copy_sparse, vm_dir / DISK_NAME, work / "disk", into=True)
-            copied.lap("disk")
+            copying.lap("disk")
+            copied.update(copying.ms)
 
         try:
             await self.vms.vmm.capture(vm.id, vm_dir, work / "state", copy_files)
@@ -191,7 +193,7 @@ class ForkService:
                 raise
             raise InternalError(f"capturing {vm.id} for a fork failed: {reason_of(exc)}") from exc
         await self._run_on(vm)
-        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **copied.ms)
+        log.info("vm captured for a fork", vm_id=vm.id, paused_ms=took.total_ms, **copied)
 
     async def _run_on(self, vm: VM) -> None:
         vm_dir = self.vms.vm_dir(vm.id)
