@@ -91,7 +91,7 @@ def test_a_call_right_after_create_waits_for_the_agent(world: World) -> None:
     result = world.alice.exec(vm["id"], ["cat", "/proc/uptime"])
     assert result["exit_code"] == 0 and float(result["stdout"].split()[0]) > 0
     log = world.hatch.log_path.read_text()
-    assert f'"vm_id": "{vm["id"]}", "agent": "hatch-agent 3"' in log
+    assert f'"vm_id": "{vm["id"]}", "agent": "hatch-agent 4"' in log
     world.alice.delete_vm(vm["id"])
 
 
@@ -116,6 +116,13 @@ def test_argv_and_shell_forms_with_env_cwd_and_stdin(world: World) -> None:
     assert result["stdout"] == "hello from /tmp as 0\nSHOUTED\n"
     assert result["stderr"] == "to stderr\n" and result["exit_code"] == 3
     assert world.alice.exec(vm, "pwd; echo $PATH")["stdout"].startswith("/root\n/usr/local/")
+
+
+def test_commands_run_at_the_default_priority_though_the_agent_does_not(world: World) -> None:
+    # Field 19 of /proc/<pid>/stat is the nice value: the shell's parent is the agent.
+    nice = "cut -d' ' -f19 /proc/$PPID/stat /proc/self/stat"
+    result = world.alice.exec(world.vm["id"], nice)
+    assert result["stdout"].split() == ["-20", "0"], result
 
 
 def test_a_command_that_cannot_run_is_400_naming_the_field(world: World) -> None:

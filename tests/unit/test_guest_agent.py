@@ -93,7 +93,7 @@ def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: 
 
 def test_version(agent: Path) -> None:
     out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hatch-agent 3 (protocol 1)\n"
+    assert out.stdout == "hatch-agent 4 (protocol 1)\n"
 
 
 def test_hello_and_ping(agent: Path) -> None:
