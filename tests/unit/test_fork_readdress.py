@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from hatchvm.agent.messages import Hello
+from hatchvm.agent.messages import Hello, check_reply
 from hatchvm.agent.protocol import (
     REPLY,
     ErrorCode,
@@ -81,10 +81,18 @@ def service(channel: FakeChannel) -> tuple[ForkService, FakeAgents]:
 CHILD: Any = SimpleNamespace(id="vm_child", guest_ip=None, guest_mac=None)
 
 
+async def one_part_identity(
+    channel: FakeChannel, name: str, machine_id: str, address: object, timeout: float
+) -> None:
+    """set_identity as an agent that answers once (set_identity itself: test_agent_identity)."""
+    check_reply(MsgType.IDENTITY, await channel.request(MsgType.IDENTITY, (), timeout))
+
+
 @pytest.fixture(autouse=True)
 def fake_exec(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeExecution.commands = []
     monkeypatch.setattr(forks, "Execution", FakeExecution)
+    monkeypatch.setattr(forks, "set_identity", one_part_identity)
 
 
 async def test_an_agent_that_knows_identity_gets_it_with_no_hello_first() -> None:

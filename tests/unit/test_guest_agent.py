@@ -93,7 +93,7 @@ def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: 
 
 def test_version(agent: Path) -> None:
     out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hatch-agent 4 (protocol 1)\n"
+    assert out.stdout == "hatch-agent 5 (protocol 1)\n"
 
 
 def test_hello_and_ping(agent: Path) -> None:
@@ -202,3 +202,43 @@ def test_random_input_never_crashes_it(agent: Path) -> None:
     assert answers  # it talked back, every frame well-formed (talk checks)
     for answer in answers:
         assert answer.version == VERSION and answer.flags == END
+
+
+# As root, in namespaces of its own (hostname, mounts, pids) over a /etc of its own: the agent
+# really makes a child its own there, and nothing of the host's is touched.
+IN_NAMESPACES = ["unshare", "--uts", "--pid", "--fork", "--mount-proc"]
+OWN_ETC = """set -e
+mount -t tmpfs tmpfs /etc
+mkdir /etc/dropbear
+echo parent > /etc/hostname
+: > /etc/dropbear/dropbear_ed25519_host_key
+"$0" --stdio
+echo "$(hostname) $(cat /etc/hostname) $(cat /etc/machine-id) keys:$(ls /etc/dropbear)" >&2
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
+@pytest.mark.parametrize("window", [1, None])
+def test_identity_answers_early_when_asked_and_writes_the_files(
+    agent: Path, window: int | None
+) -> None:
+    fields = identity_fields("vm-child", "ab" * 16, None)
+    if window is not None:  # hatchd from agent 5 on
+        fields = (*fields, int_field(Tag.WINDOW, window))
+    done = subprocess.run(
+        [*IN_NAMESPACES, "sh", "-c", OWN_ETC, str(agent)],
+        input=encode(Frame(MsgType.IDENTITY, 9, fields)),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    frames, out = [], done.stdout
+    while out:
+        result = decode(out)
+        assert result is not None
+        frames.append(result[0])
+        out = out[result[1] :]
+    answers = [(f.type, f.id, f.flags) for f in frames[1:]]  # after the unasked hello
+    first = [(MsgType.IDENTITY | REPLY, 9, 0)] if window is not None else []
+    assert answers == [*first, (MsgType.IDENTITY | REPLY, 9, END)]
+    assert done.stderr.decode().splitlines()[-1] == f"vm-child vm-child {'ab' * 16} keys:"

@@ -52,7 +52,7 @@ from hatchvm.core.vms import (
 from hatchvm.crashpoints import crashpoint
 from hatchvm.db import repo
 from hatchvm.db.models import VM, Snapshot
-from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError
+from hatchvm.errors import BadRequest, Conflict, HatchError, InternalError, NotFound
 from hatchvm.ids import new_id
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.net.egress import Egress
@@ -102,6 +102,7 @@ class ForkService:
         self.vms = vms
         self.snapshots = snapshots
         self.guest = guest
+        self._watching: set[asyncio.Task[None]] = set()  # see _watch_files
         # Made at start-up, before any fork can run: what a daemon killed mid-fork left.
         shutil.rmtree(settings.data_dir / WORK_DIR, ignore_errors=True)
 
@@ -325,29 +326,64 @@ class ForkService:
         crashpoint("fork.child-resumed")  # still its parent's identity: never let it run on
         took.lap("restore")
         synced, readdressed = await remade
-        for outcome in (synced, readdressed):
-            if isinstance(outcome, BaseException):
-                raise outcome
-        if synced is not None:  # it would share its parent's RNG state: never let it run
-            raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
-        took.lap("remade")
-        if before_link is not None:
-            await before_link(child)
-        if child.tap_name:
-            await self.vms.vmm.set_link(child.id, vm_dir, True)
-        if after_link is not None:
-            await after_link(child)
-        took.lap("linked")
-        crashpoint("fork.child-remade")
-        await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
-        await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
-        log.info("fork child running", vm_id=child.id, **took.ms)
-        return await self.vms.update(child.id, state=State.RUNNING, state_reason=None, touch=True)
+        # An agent 5 is still writing the child's files: its first answer said the network
+        # and SSH are the child's own.
+        files = readdressed if isinstance(readdressed, asyncio.Task) else None
+        try:
+            for outcome in (synced, readdressed):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if synced is not None:  # it would share its parent's RNG state: never let it run
+                raise InternalError(f"the fork {child.id} could not be resynced: {synced}")
+            took.lap("remade")
+            if before_link is not None:
+                await before_link(child)
+            if child.tap_name:
+                await self.vms.vmm.set_link(child.id, vm_dir, True)
+            if after_link is not None:
+                await after_link(child)
+            took.lap("linked")
+            crashpoint("fork.child-remade")
+            await asyncio.to_thread(shutil.rmtree, vm_dir / RESUME_DIR, True)
+            await asyncio.to_thread((vm_dir / FORK_PENDING).unlink)
+            log.info("fork child running", vm_id=child.id, **took.ms)
+            running = await self.vms.update(
+                child.id, state=State.RUNNING, state_reason=None, touch=True
+            )
+        except BaseException:
+            if files is not None:
+                files.cancel()
+                await asyncio.gather(files, return_exceptions=True)
+            raise
+        if files is not None:
+            self._watch_files(child.id, files)
+        return running
 
-    async def _readdress(self, child: VM) -> None:
+    def _watch_files(self, vm_id: str, files: asyncio.Task[None]) -> None:
+        """A child's agent writes its /etc/hostname, /etc/hosts and /etc/machine-id after
+        it was plugged in (and before it runs anything hatchd asks next): a failure there
+        is logged and shown in the child's state_reason."""
+
+        async def watch() -> None:
+            try:
+                await files
+            except AgentError as exc:
+                reason = f"its /etc/hostname, /etc/hosts or /etc/machine-id: {exc}"
+                try:
+                    await self.vms.update(vm_id, state_reason=reason)
+                except NotFound:
+                    return  # deleted meanwhile: its agent went with it
+                log.warning("fork child's files not written", vm_id=vm_id, reason=str(exc))
+
+        task = asyncio.create_task(watch(), name=f"fork-files-{vm_id}")
+        self._watching.add(task)
+        task.add_done_callback(self._watching.discard)
+
+    async def _readdress(self, child: VM) -> asyncio.Task[None] | None:
         """Its agent makes it its own: in one message when it can ("identity", agent 3:
         sent at once, with no hello first), else by a shell script (an image built before,
-        whose agent answers that message UNSUPPORTED)."""
+        whose agent answers that message UNSUPPORTED). From agent 5 on, the task that ends
+        when its files are written too (see set_identity)."""
         name, machine_id = child.id.replace("_", "-"), secrets.token_hex(16)
         address = None
         if child.guest_ip and child.guest_mac and self.vms.net is not None:
@@ -357,8 +393,7 @@ class ForkService:
             with translated(child.id):
                 channel = self.vms.agents.channel(child.id)
                 try:
-                    await set_identity(channel, name, machine_id, address, STALL_S)
-                    return
+                    return await set_identity(channel, name, machine_id, address, STALL_S)
                 except AgentRefused as exc:
                     if exc.code != ErrorCode.UNSUPPORTED:
                         raise
@@ -379,6 +414,7 @@ class ForkService:
         if result.exit.exit_code != 0:
             why = result.stderr.decode(errors="replace").strip()[-300:] or "no message"
             raise InternalError(f"the fork {child.id} could not be re-addressed: {why}")
+        return None
 
 
 class _Stopwatch:

@@ -27,7 +27,7 @@ from pathlib import Path
 from hatchvm import private
 from hatchvm.images.errors import ImageError
 
-BUILDER_VERSION = 8
+BUILDER_VERSION = 9
 KERNEL_META = "linux-image-cloud-amd64"
 # What the root filesystem is made of; their Depends/Pre-Depends (libc6, libcrypt1,
 # libtomcrypt1, libtommath1, libgmp10, zlib1g, ...) are added from `apt-cache depends`.
@@ -56,7 +56,7 @@ BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet tsc=reliable"
 AGENT_SOURCE = ("agent", "hatch-agent.c")
 AGENT_PATH = "usr/sbin/hatch-agent"
 AGENT_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra"]
-AGENT_NAME = "hatch-agent 4"  # what the image's manifest records (and the agent's hello says)
+AGENT_NAME = "hatch-agent 5"  # what the image's manifest records (and the agent's hello says)
 MANIFEST = "manifest.json"
 CURRENT = "current"  # in an image's directory: the version new VMs get
 ARTIFACT_NAMES = {

@@ -59,7 +59,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_NAME "hatch-agent 4"
+#define AGENT_NAME "hatch-agent 5"
 #define PORT_NAME "org.hatchvm.agent.0"
 #define PORTS_DIR "/sys/class/virtio-ports"
 #define VERSION 1
@@ -164,6 +164,7 @@ static unsigned char outq[OUTQ];
 static size_t oq_head, oq_tail, oq_left; /* oq_left: bytes of the head frame not yet written */
 static unsigned char scratch[CHUNK];     /* output read past a command's limit, dropped */
 static int port_in = -1, port_out = -1, stdio_mode, connected, sigfd = -1;
+static int agent_nice; /* -20 once raise_priority() took */
 extern char **environ;
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -1613,6 +1614,35 @@ static void reset_ssh(void)
 		closedir(d);
 }
 
+/* The files that name the machine; why says which failed. */
+static int write_identity_files(const char *name, const char *machine, char *why, size_t size)
+{
+	char text[400];
+	const char *path = "/etc/hostname";
+	snprintf(text, sizeof(text), "%s\n", name);
+	if (put_file(path, text) < 0)
+		goto failed;
+	path = "/etc/hosts";
+	snprintf(text, sizeof(text), "127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n", name);
+	if (put_file(path, text) < 0)
+		goto failed;
+	path = "/etc/machine-id";
+	snprintf(text, sizeof(text), "%s\n", machine);
+	if (put_file(path, text) < 0)
+		goto failed;
+	return 0;
+failed:;
+	int err = errno;
+	snprintf(why, size, "%s: %s", path, strerror(err));
+	errno = err;
+	return -1;
+}
+
+/* The hostname, the network and SSH first, then the files. A request with WINDOW (hatchd
+ * from agent 5 on) is answered twice: a first frame once nothing of the old identity can
+ * reach the network any more (hatchd plugs the NIC in then), and the END once the files are
+ * written too (the first write to the disk's file system costs a freshly restored guest some
+ * 30 ms, which the child's first answers need not wait for). */
 static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 {
 	int bad = 0;
@@ -1621,7 +1651,9 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 	char *addr = get_text(p, len, TAG_ADDR, &bad);
 	char *mac = get_text(p, len, TAG_MAC, &bad);
 	char *gw = get_text(p, len, TAG_GATEWAY, &bad);
-	char why[160] = "", text[400];
+	int64_t window = 0;
+	int early = get_int(p, len, TAG_WINDOW, &window) == 1 && window >= 1;
+	char why[160] = "";
 	if (bad || name == NULL || machine == NULL || strlen(name) > 63 || strlen(machine) > 64 ||
 	    strchr(name, '\n') || strchr(machine, '\n') ||
 	    (addr != NULL && (mac == NULL || gw == NULL))) {
@@ -1634,21 +1666,6 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 		err = errno;
 		snprintf(why, sizeof(why), "sethostname: %s", strerror(err));
 	}
-	snprintf(text, sizeof(text), "%s\n", name);
-	if (!err && put_file("/etc/hostname", text) < 0) {
-		err = errno;
-		snprintf(why, sizeof(why), "/etc/hostname: %s", strerror(err));
-	}
-	snprintf(text, sizeof(text), "127.0.0.1 localhost\n127.0.1.1 %s\n::1 localhost\n", name);
-	if (!err && put_file("/etc/hosts", text) < 0) {
-		err = errno;
-		snprintf(why, sizeof(why), "/etc/hosts: %s", strerror(err));
-	}
-	snprintf(text, sizeof(text), "%s\n", machine);
-	if (!err && put_file("/etc/machine-id", text) < 0) {
-		err = errno;
-		snprintf(why, sizeof(why), "/etc/machine-id: %s", strerror(err));
-	}
 	if (!err && addr != NULL && set_address(mac, addr, gw, why, sizeof(why)) < 0)
 		err = errno;
 	if (err) {
@@ -1656,8 +1673,20 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 		goto done;
 	}
 	reset_ssh();
-	begin(T_IDENTITY | T_REPLY, id, 1);
-	queue_frame();
+	if (early) {
+		begin(T_IDENTITY | T_REPLY, id, 0);
+		queue_frame();
+		flush_out();
+		setpriority(PRIO_PROCESS, 0, 0); /* the guest's own first answers go first */
+	}
+	if (write_identity_files(name, machine, why, sizeof(why)) < 0) {
+		fail(id, E_FAILED, errno, "%s", why);
+	} else {
+		begin(T_IDENTITY | T_REPLY, id, 1);
+		queue_frame();
+	}
+	if (early)
+		setpriority(PRIO_PROCESS, 0, agent_nice);
 done:
 	free(name);
 	free(machine);
@@ -2068,6 +2097,8 @@ static void raise_priority(void)
 	if (setpriority(PRIO_PROCESS, 0, -20) < 0 ||
 	    sched_setscheduler(0, SCHED_OTHER | SCHED_RESET_ON_FORK, &param) < 0)
 		fprintf(stderr, "hatch-agent: priority: %s\n", strerror(errno));
+	else
+		agent_nice = -20;
 }
 
 int main(int argc, char **argv)
