@@ -164,7 +164,6 @@ static unsigned char outq[OUTQ];
 static size_t oq_head, oq_tail, oq_left; /* oq_left: bytes of the head frame not yet written */
 static unsigned char scratch[CHUNK];     /* output read past a command's limit, dropped */
 static int port_in = -1, port_out = -1, stdio_mode, connected, sigfd = -1;
-static int agent_nice; /* -20 once raise_priority() took */
 extern char **environ;
 
 /* ---- small helpers -------------------------------------------------------------------- */
@@ -1641,8 +1640,10 @@ failed:;
 /* The hostname, the network and SSH first, then the files. A request with WINDOW (hatchd
  * from agent 5 on) is answered twice: a first frame once nothing of the old identity can
  * reach the network any more (hatchd plugs the NIC in then), and the END once the files are
- * written too (the first write to the disk's file system costs a freshly restored guest some
- * 30 ms, which the child's first answers need not wait for). */
+ * written too. The first write to the disk's file system costs a freshly restored guest some
+ * 30 ms: that much of hatchd's plugging in and answering, and of the first request reaching
+ * the guest, happens meanwhile. The agent keeps its priority, so the guest's own processes
+ * (which may read these files) run only once they are written. */
 static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 {
 	int bad = 0;
@@ -1677,7 +1678,6 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 		begin(T_IDENTITY | T_REPLY, id, 0);
 		queue_frame();
 		flush_out();
-		setpriority(PRIO_PROCESS, 0, 0); /* the guest's own first answers go first */
 	}
 	if (write_identity_files(name, machine, why, sizeof(why)) < 0) {
 		fail(id, E_FAILED, errno, "%s", why);
@@ -1685,8 +1685,6 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 		begin(T_IDENTITY | T_REPLY, id, 1);
 		queue_frame();
 	}
-	if (early)
-		setpriority(PRIO_PROCESS, 0, agent_nice);
 done:
 	free(name);
 	free(machine);
@@ -2097,8 +2095,6 @@ static void raise_priority(void)
 	if (setpriority(PRIO_PROCESS, 0, -20) < 0 ||
 	    sched_setscheduler(0, SCHED_OTHER | SCHED_RESET_ON_FORK, &param) < 0)
 		fprintf(stderr, "hatch-agent: priority: %s\n", strerror(errno));
-	else
-		agent_nice = -20;
 }
 
 int main(int argc, char **argv)
