@@ -1575,10 +1575,12 @@ static int is_dropbear(pid_t pid)
 	return yes;
 }
 
-/* The SSH host keys go, and dropbear is ended (init starts it again; with -R it makes new
+/* The SSH host keys go, and dropbear is killed (init starts it again; with -R it makes new
  * keys, from the reseeded RNG, at its first connection). Its pid file names the listener
  * (no walk of /proc, which costs a freshly restored guest tens of milliseconds); without
- * one, every dropbear found in /proc is ended. */
+ * one, every dropbear found in /proc is killed. SIGKILL, not SIGTERM: a dropbear frozen
+ * while it was still starting (a template made right after boot) notes a SIGTERM and goes
+ * on into its loop, where the next connection makes it exit, resetting that connection. */
 static void reset_ssh(void)
 {
 	DIR *d = opendir("/etc/dropbear");
@@ -1600,14 +1602,14 @@ static void reset_ssh(void)
 		fclose(f);
 	}
 	if (pid > 1 && is_dropbear(pid)) {
-		kill(pid, SIGTERM);
+		kill(pid, SIGKILL);
 		return;
 	}
 	d = opendir("/proc");
 	while (d != NULL && (e = readdir(d)) != NULL) {
 		pid = atoi(e->d_name);
 		if (pid > 1 && is_dropbear(pid))
-			kill(pid, SIGTERM);
+			kill(pid, SIGKILL);
 	}
 	if (d != NULL)
 		closedir(d);
