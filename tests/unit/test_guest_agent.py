@@ -75,7 +75,12 @@ def talk(agent: Path, data: bytes) -> list[Frame]:
         [*UNPRIVILEGED, str(agent), "--stdio"], input=data, capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    frames, out = [], done.stdout
+    return answers(done.stdout)
+
+
+def answers(out: bytes) -> list[Frame]:
+    """The frames in what the agent wrote (all must parse), after its unasked hello."""
+    frames = []
     while out:
         result = decode(out)
         assert result is not None, f"a truncated frame from the agent: {out[:40]!r}"
@@ -232,13 +237,9 @@ def test_identity_answers_early_when_asked_and_writes_the_files(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    frames, out = [], done.stdout
-    while out:
-        result = decode(out)
-        assert result is not None
-        frames.append(result[0])
-        out = out[result[1] :]
-    answers = [(f.type, f.id, f.flags) for f in frames[1:]]  # after the unasked hello
     first = [(MsgType.IDENTITY | REPLY, 9, 0)] if window is not None else []
-    assert answers == [*first, (MsgType.IDENTITY | REPLY, 9, END)]
+    assert [(f.type, f.id, f.flags) for f in answers(done.stdout)] == [
+        *first,
+        (MsgType.IDENTITY | REPLY, 9, END),
+    ]
     assert done.stderr.decode().splitlines()[-1] == f"vm-child vm-child {'ab' * 16} keys:"
