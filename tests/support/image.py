@@ -19,17 +19,19 @@ from hatchvm.images.builder import (
     ImageArtifacts,
     build_default_image,
     current_artifacts,
+    guest_sources_hash,
     install_version,
     load_artifacts,
     prune_versions,
 )
 from hatchvm.images.registry import register
 
-# One cache per builder version: branches (worktrees) with different builders on one machine
-# would otherwise rebuild the same cache over each other.
+# One cache per builder version and guest sources: branches (worktrees) with different
+# builders or agents on one machine would otherwise rebuild the same cache over each other.
 TEST_IMAGE_DIR = Path(
     os.environ.get(
-        "HATCH_TEST_IMAGE_DIR", str(Path.home() / f".cache/hatchvm/test-image-v{BUILDER_VERSION}")
+        "HATCH_TEST_IMAGE_DIR",
+        str(Path.home() / f".cache/hatchvm/test-image-v{BUILDER_VERSION}-{guest_sources_hash()}"),
     )
 )
 DEB_CACHE = Path.home() / ".cache/hatchvm/debs"

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from hatchvm import private
@@ -89,10 +90,15 @@ class ImageArtifacts:
     # The guest agent the image runs: its name; None when the manifest says it has none;
     # UNKNOWN_AGENT when the manifest does not say (built before images recorded it).
     agent: str | None = None
+    guest_sources: str | None = None  # guest_sources_hash() when built; None before it was kept
 
     @property
     def up_to_date(self) -> bool:
-        return self.builder_version == BUILDER_VERSION
+        """Built by this builder from these guest sources: an agent or init script changed
+        without a BUILDER_VERSION bump is rebuilt too, never silently run in its old form."""
+        return (
+            self.builder_version == BUILDER_VERSION and self.guest_sources == guest_sources_hash()
+        )
 
 
 def _run(cmd: list[str], step: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
@@ -104,6 +110,24 @@ def _run(cmd: list[str], step: str, **kwargs: object) -> subprocess.CompletedPro
 
 def _guest_file(*name: str) -> bytes:
     return resources.files("hatchvm.images").joinpath("guest", *name).read_bytes()
+
+
+def guest_sources_hash(root: Traversable | None = None) -> str:
+    """A hash of everything under images/guest/ (the agent's source, init's scripts): what
+    goes into an image besides the packages. root: another such folder (tests)."""
+    digest = hashlib.sha256()
+    pending = [(root or resources.files("hatchvm.images").joinpath("guest"), "")]
+    while pending:
+        folder, prefix = pending.pop()
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            name = f"{prefix}{entry.name}"
+            if entry.is_dir():
+                if entry.name != "__pycache__":
+                    pending.append((entry, f"{name}/"))
+            else:
+                data = entry.read_bytes()
+                digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()[:16]
 
 
 # ---- downloading ----------------------------------------------------------------------
@@ -524,6 +548,7 @@ def _build_into(
         "modules": modules,
         "boot_args": BOOT_ARGS,
         "agent": AGENT_NAME,
+        "guest_sources": guest_sources_hash(),
         "files": files,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -620,6 +645,7 @@ def load_artifacts(out_dir: Path) -> ImageArtifacts | None:
             version=content_version(manifest),
             builder_version=int(manifest["builder_version"]),
             agent=_agent_of(manifest),
+            guest_sources=manifest.get("guest_sources"),
         )
     except (OSError, KeyError, ValueError, TypeError):
         return None
