@@ -21,7 +21,7 @@ import pytest
 
 from hatchvm.snapshots.chunks import namespace
 from tests.support.daemon import HatchDaemon
-from tests.support.wait import wait_http
+from tests.support.wait import wait_for, wait_http
 
 pytestmark = pytest.mark.vm
 
@@ -302,6 +302,15 @@ def test_a_guest_that_stalls_mid_response_is_cut_off(hatch: HatchDaemon, guest: 
     print(f"/stall: cut off after {time.monotonic() - began:.2f}s (upstream timeout 5 s)")
 
 
+def proxied_text(hatch: HatchDaemon, subdomain: str, path: str) -> str | None:
+    response = httpx.get(
+        f"http://127.0.0.1:{hatch.proxy_port}{path}",
+        headers={"Host": f"{subdomain}.hatch.local"},
+        timeout=10,
+    )
+    return response.text if response.status_code == 200 else None
+
+
 def attempts_of(hatch: HatchDaemon, vm_id: str) -> int:
     count = 0
     for line in hatch.log_path.read_text().splitlines():
@@ -354,3 +363,11 @@ def test_a_wake_that_keeps_failing_backs_off_then_puts_the_vm_in_error(hatch: Ha
         status, message = proxied()
         assert (status, message) == (503, f"vm {vm['id']} is in error: {state['state_reason']}")
         assert attempts_of(hatch, vm["id"]) == 3  # in error: not tried again
+
+        # The way out keeps the VM: a cold boot from its disk, and its route answers again.
+        started = api.start_vm(vm["id"])
+        assert (started["state"], started["state_reason"]) == ("running", None)
+        hostname = wait_for(
+            lambda: proxied_text(hatch, "broken", "/etc/hostname"), 120, "the route to answer again"
+        )
+        assert hostname.strip() == vm["id"].replace("_", "-")

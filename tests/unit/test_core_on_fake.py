@@ -16,8 +16,9 @@ from hatchvm.core.guest import GuestService
 from hatchvm.core.reconcile import reconcile
 from hatchvm.core.snapshots import PENDING, STATE_NAME
 from hatchvm.core.states import State
-from hatchvm.core.vms import FORK_PENDING, MEM_NAME, RESUME_DIR
+from hatchvm.core.vms import DISK_NAME, FORK_PENDING, MEM_NAME, RESUME_DIR
 from hatchvm.db import repo
+from hatchvm.db.models import VM
 from hatchvm.errors import HatchError, NotFound, NotSupported
 from hatchvm.reaper import IdleReaper
 from hatchvm.vmm.base import Feature, VMMRequestFailed
@@ -77,6 +78,64 @@ async def test_a_wake_cold_boots_a_vm_that_died(core: Core) -> None:
     woken = await core.wake.ensure_running(stopped)
     assert woken.state == State.RUNNING
     assert ("boot", vm.id) in core.host.calls[1:]
+
+
+async def _failed_wakes_to_error(core: Core, vm_id: str) -> VM:
+    """The VM's snapshot cannot be restored: three failed wakes put it in error."""
+    core.host.fail("restore", VMMRequestFailed("firecracker refused it (400): bad snapshot"))
+    for _ in range(3):
+        with pytest.raises(HatchError):
+            await core.wake.ensure_running(await core.state(vm_id))
+        core.clock.now += 600
+    in_error = await core.state(vm_id)
+    assert in_error.state == State.ERROR
+    core.host.fail("restore", None)
+    return in_error
+
+
+async def test_a_vm_in_error_with_its_disk_can_be_started_again(core: Core) -> None:
+    vm = await core.create()
+    await core.snapshots.snapshot(USER, vm.id)
+    await _failed_wakes_to_error(core, vm.id)
+    disk = core.vms.vm_dir(vm.id) / DISK_NAME
+    disk.write_bytes(b"the user's work")  # what a cold boot must keep
+
+    started = await core.vms.start(USER, vm.id)
+    assert started.state == State.RUNNING and started.state_reason is None
+    assert ("boot", vm.id) in core.host.calls[1:]
+    assert disk.read_bytes() == b"the user's work"
+    with pytest.raises(HatchError) as err:  # running now: the usual rules again
+        await core.vms.start(USER, vm.id)
+    assert (err.value.status, err.value.message) == (409, "vm is running, must be stopped")
+
+
+async def test_a_vm_in_error_can_be_restored_from_a_snapshot(core: Core) -> None:
+    vm = await core.create()
+    snap = await core.snapshots.snapshot(USER, vm.id)
+    await _failed_wakes_to_error(core, vm.id)
+    restored = await core.snapshots.restore(USER, vm.id, snap.id)
+    assert restored.state == State.RUNNING
+    assert core.host.running(vm.id) is not None
+
+
+async def test_a_vm_in_error_without_a_disk_cannot_be_started_or_restored(core: Core) -> None:
+    vm = await core.create()
+    snap = await core.snapshots.snapshot(USER, vm.id)
+    in_error = await _failed_wakes_to_error(core, vm.id)
+    (core.vms.vm_dir(vm.id) / DISK_NAME).unlink()
+    for attempt in (
+        core.vms.start(USER, vm.id),
+        core.snapshots.restore(USER, vm.id, snap.id),
+    ):
+        with pytest.raises(HatchError) as err:
+            await attempt
+        assert err.value.status == 409
+        assert err.value.message == (
+            f"vm {vm.id} is in error ({in_error.state_reason}) and has no disk left; delete it"
+        )
+    after = await core.state(vm.id)
+    assert (after.state, after.state_reason) == (State.ERROR, in_error.state_reason)
+    assert core.host.running(vm.id) is None
 
 
 async def test_a_run_that_takes_the_place_of_an_ending_one_is_watched(core: Core) -> None:

@@ -553,6 +553,7 @@ class SnapshotService:
                 snaps = await repo.list_snapshots(session, vm_id)
             if not (vm.state == State.STOPPED and latest_restorable(snaps)):
                 guard(Op.RESTORE, vm.state)
+            self.vms.require_disk_if_error(vm)
             if snapshot_id is not None:
                 snap = next((s for s in snaps if s.id == snapshot_id), None)
                 if snap is None:

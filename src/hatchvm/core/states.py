@@ -30,15 +30,18 @@ class Op(StrEnum):
 # Operations run under the VM's lock, so transitional states (starting, stopping, ...) are only
 # seen here after a daemon crash; reconciliation resolves them before the API opens.
 ALLOWED: dict[Op, frozenset[State]] = {
-    Op.START: frozenset({State.STOPPED}),
+    # From error too: a VM whose wakes kept failing still has its disk (and snapshots), and
+    # its owner may boot it afresh or pick a snapshot rather than lose it (VMService.start).
+    Op.START: frozenset({State.STOPPED, State.ERROR}),
     Op.STOP: frozenset({State.RUNNING}),
     Op.DELETE: frozenset(State),
     Op.SNAPSHOT: frozenset({State.RUNNING}),
-    Op.RESTORE: frozenset({State.SNAPSHOTTED}),
+    Op.RESTORE: frozenset({State.SNAPSHOTTED, State.ERROR}),
     Op.FORK: frozenset({State.RUNNING, State.SNAPSHOTTED}),
 }
 
-# The state to name in the 409 message ("vm is stopped, must be running").
+# The state to name in the 409 message ("vm is stopped, must be running"); the way out of
+# error is not named there (the error's own state_reason says what happened).
 _EXPECTED: dict[Op, str] = {
     Op.START: "stopped",
     Op.STOP: "running",

@@ -33,6 +33,7 @@ from hatchvm.db.models import VM, Image, utcnow
 from hatchvm.errors import (
     BackendUnavailable,
     BadRequest,
+    Conflict,
     InternalError,
     NotFound,
     NotSupported,
@@ -444,9 +445,11 @@ class VMService:
             return await self.start_locked(await self.get(user_id, vm_id))
 
     async def start_locked(self, vm: VM) -> VM:
-        """Cold-boot a stopped VM; the caller holds its lock (the API, or a wake)."""
+        """Cold-boot a stopped VM, or one in error that still has its disk; the caller holds
+        its lock (the API, or a wake)."""
         vm_id = vm.id
         guard(Op.START, vm.state)
+        self.require_disk_if_error(vm)
         if not (self.vm_dir(vm_id) / DISK_NAME).exists():
             await self.update(vm_id, state=State.ERROR, state_reason="disk is missing")
             raise InternalError(f"cannot start {vm_id}: its disk is missing")
@@ -465,6 +468,13 @@ class VMService:
             await self.update(vm_id, state=State.STOPPED, state_reason=reason)
             raise InternalError(f"starting {vm_id} failed: {reason}") from exc
         return await self.update(vm_id, state=State.RUNNING, touch=True)
+
+    def require_disk_if_error(self, vm: VM) -> None:
+        """A VM in error may be started or restored only while it has its disk (and with it
+        its addresses): one torn down after a failed create or fork has nothing left."""
+        if vm.state == State.ERROR and not (self.vm_dir(vm.id) / DISK_NAME).exists():
+            why = f" ({vm.state_reason})" if vm.state_reason else ""
+            raise Conflict(f"vm {vm.id} is in error{why} and has no disk left; delete it")
 
     # ---- stop / delete -----------------------------------------------------------------
 

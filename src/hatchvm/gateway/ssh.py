@@ -110,7 +110,8 @@ class SSHGateway:
             await self._close(vm_id)
 
     async def follow(self, vm: VM) -> None:
-        if vm.ssh_port is None or vm.id in self._servers or vm.state == State.ERROR:
+        # A VM in error keeps its port while it keeps its disk: it may be started again.
+        if vm.ssh_port is None or vm.id in self._servers:
             return
         try:
             server = await asyncio.start_server(
