@@ -79,6 +79,7 @@ class Rig:
     wake: StubWake
     guest: GuestSSHD
     gateway: SSHGateway
+    guest_port: int
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         guest_port=server.sockets[0].getsockname()[1],
     )
     await gateway.follow(vm)  # type: ignore[arg-type]
-    yield Rig(vm.ssh_port, vm, wake, guest, gateway)
+    yield Rig(vm.ssh_port, vm, wake, guest, gateway, server.sockets[0].getsockname()[1])
     await gateway.close()
     server.close()
 
@@ -182,3 +183,27 @@ def test_token_bucket() -> None:
     assert not buckets.take("a", now=1.0)  # half a token back
     assert buckets.take("a", now=2.1)
     assert not buckets.take("a", now=2.2)
+
+
+async def test_a_vm_in_error_keeps_its_listener_for_when_it_is_started_again(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """A daemon started while a VM is in error (its wakes kept failing; it has its disk and
+    port) listens for it too: once its owner starts it, SSH reaches the guest again."""
+    vm = StubVM(ssh_port=free_port(), id="vm_broken", state=State.ERROR.value)
+    settings = Settings(data_dir=tmp_path, ssh_host="127.0.0.1", ssh_allowed_cidr="127.0.0.0/8")
+    vms = StubVMs(vm)
+    gateway = SSHGateway(
+        settings,
+        vms,  # type: ignore[arg-type]
+        rig.wake,  # type: ignore[arg-type]
+        Activity(vms),  # type: ignore[arg-type]
+        guest_port=rig.guest_port,
+    )
+    await gateway.follow(vm)  # type: ignore[arg-type]
+    try:
+        vm.state = State.RUNNING.value  # POST /vms/{id}/start
+        answer = await session(vm.ssh_port, HELLO)
+        assert answer == b"SSH-2.0-dropbear_2022.83\r\n"
+    finally:
+        await gateway.close()
