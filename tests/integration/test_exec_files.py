@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from hatchvm.client import HatchAPIError, HatchClient
+from hatchvm.images.builder import AGENT_NAME
 from tests.support.daemon import HatchDaemon
 from tests.support.image import install_image_without_agent
 from tests.support.wait import wait_for, wait_http
@@ -91,7 +92,7 @@ def test_a_call_right_after_create_waits_for_the_agent(world: World) -> None:
     result = world.alice.exec(vm["id"], ["cat", "/proc/uptime"])
     assert result["exit_code"] == 0 and float(result["stdout"].split()[0]) > 0
     log = world.hatch.log_path.read_text()
-    assert f'"vm_id": "{vm["id"]}", "agent": "hatch-agent 5"' in log
+    assert f'"vm_id": "{vm["id"]}", "agent": "{AGENT_NAME}"' in log
     world.alice.delete_vm(vm["id"])
 
 

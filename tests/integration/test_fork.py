@@ -85,6 +85,8 @@ def test_two_forks_of_a_running_vm_side_by_side(world: World, tmp_path: Path) ->
     api.exec(parent["id"], "echo before-fork > /tmp/in-memory; echo on-disk > /root/on-disk; sync")
     before = who(parent["guest_ip"])
     parent_key = host_key(parent["ssh_port"], tmp_path)
+    carrier = ["cat", "/sys/class/net/eth0/carrier_changes"]
+    parent_carrier = api.exec(parent["id"], carrier)["stdout"]
 
     children = api.fork_vm(parent["id"], count=2)
 
@@ -99,6 +101,10 @@ def test_two_forks_of_a_running_vm_side_by_side(world: World, tmp_path: Path) ->
         assert answer["addr"] == f"{child['guest_ip']}/24"
         # The parent's exact memory and disk at the fork.
         assert (answer["memory"], answer["disk"]) == ("before-fork", "on-disk")
+    # Unplugged on the host's side only: the guest never saw its link go down and up (its
+    # kernel would have dropped what it sent until it noticed, such as a first answer).
+    for child in children:
+        assert api.exec(child["id"], carrier)["stdout"] == parent_carrier
     # Reseeded: no two share random numbers, or a machine id.
     assert len({a["random"] for a in [*seen, before]}) == 3
     assert len({a["machine"] for a in [*seen, before]}) == 3

@@ -4,6 +4,7 @@ against the real kernel (inside the suite's namespace)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -123,3 +124,31 @@ def test_nft_scripts_run_in_process_and_fail_with_nfts_message(net: HostNetwork)
         TABLE
         not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     )
+
+
+def link_info(name: str) -> dict:
+    """`ip -j link show`: this namespace's view (/sys/class/net is the initial one's)."""
+    out = subprocess.run(
+        ["ip", "-j", "link", "show", "dev", name], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)[0]
+
+
+def admin_up(name: str) -> bool:
+    return "UP" in link_info(name)["flags"]
+
+
+def test_a_fork_childs_tap_stays_down_until_it_is_plugged(net: HostNetwork) -> None:
+    """A child is attached unplugged: its TAP is on the bridge, its addresses allowed and
+    pinned, but down (nothing it sends leaves) until plug(); the guest's own link is never
+    touched. The gateway MAC a child is told is the bridge's."""
+    child = GuestLink(f"{PREFIX}c", "02:11:22:33:44:77", "172.31.250.4", internet=False)
+    asyncio.run(net.attach(child, plugged=False))
+    assert link_exists(child.tap) and not admin_up(child.tap)
+    assert link_info(child.tap)["master"] == BRIDGE
+    assert child.mac in guests_set() and pinned_addresses(BRIDGE) == {child.ip}
+    asyncio.run(net.plug(child))
+    assert admin_up(child.tap)
+    assert net.gateway_mac == bridge_mac()
+    asyncio.run(net.detach(child))
+    assert not link_exists(child.tap)

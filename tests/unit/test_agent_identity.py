@@ -13,7 +13,7 @@ import pytest
 
 from hatchvm.agent.channel import AgentChannel
 from hatchvm.agent.errors import AgentRefused, AgentUnavailable
-from hatchvm.agent.identity import Address, set_identity
+from hatchvm.agent.identity import Address, identity_fields, set_identity
 from hatchvm.agent.protocol import (
     REPLY,
     ErrorCode,
@@ -29,7 +29,7 @@ from hatchvm.core.forks import ForkService
 from hatchvm.errors import NotFound
 from tests.unit.test_agent_channel import fake_agent
 
-ADDRESS = Address(mac="02:00:00:00:00:07", cidr="10.0.0.7/24", gateway="10.0.0.1")
+ADDRESS = Address("02:00:00:00:00:07", "10.0.0.7/24", "10.0.0.1", gateway_mac="02:00:0a:00:00:01")
 IDENTITY_REPLY = MsgType.IDENTITY | REPLY
 
 
@@ -67,6 +67,13 @@ async def test_an_agent_5_answers_first_when_the_network_is_its_own(tmp_path: Pa
     [request] = requests
     assert request.get_int(Tag.WINDOW) == 1  # what says hatchd takes the early answer
     assert request.get_text(Tag.ADDR) == "10.0.0.7/24"
+    assert request.get_text(Tag.GATEWAY_MAC) == "02:00:0a:00:00:01"
+
+
+def test_the_gateway_mac_is_sent_only_when_known() -> None:
+    without = Address("02:00:00:00:00:07", "10.0.0.7/24", "10.0.0.1")
+    tags = [tag for tag, _ in identity_fields("vm-t", "ab" * 16, without)]
+    assert Tag.GATEWAY_MAC not in tags and Tag.GATEWAY in tags
 
 
 async def test_an_older_agent_answers_once_and_nothing_is_left_pending(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from hatchvm.agent.protocol import (
     int_field,
     text_field,
 )
-from hatchvm.images.builder import AGENT_CFLAGS, AGENT_SOURCE
+from hatchvm.images.builder import AGENT_CFLAGS, AGENT_NAME, AGENT_SOURCE
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -98,7 +98,7 @@ def request(kind_fields: tuple[int, tuple[tuple[int, bytes], ...]], request_id: 
 
 def test_version(agent: Path) -> None:
     out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout == "hatch-agent 5 (protocol 1)\n"
+    assert out.stdout == f"{AGENT_NAME} (protocol 1)\n"  # the name the image's manifest says
 
 
 def test_hello_and_ping(agent: Path) -> None:
@@ -243,3 +243,49 @@ def test_identity_answers_early_when_asked_and_writes_the_files(
         (MsgType.IDENTITY | REPLY, 9, END),
     ]
     assert done.stderr.decode().splitlines()[-1] == f"vm-child vm-child {'ab' * 16} keys:"
+
+
+# In a network namespace of its own too, with a veth pair's end as its eth0: the agent gives
+# it the child's MAC, address and route, and (agent 6) the gateway's neighbour entry.
+OWN_NET = """set -e
+mount -t tmpfs tmpfs /etc
+mkdir /etc/dropbear
+ip link add eth0 type veth peer name eth1
+ip link set eth1 up
+"$0" --stdio
+ip -o link show eth0 >&2
+ip -o -4 addr show eth0 >&2
+ip -4 route show default >&2
+cat /proc/net/arp >&2
+"""
+GATEWAY_MAC = "02:00:0a:00:00:01"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root")
+@pytest.mark.parametrize("gateway_mac", [GATEWAY_MAC, None])
+def test_identity_readdresses_eth0_and_resolves_the_gateway_when_told_its_mac(
+    agent: Path, gateway_mac: str | None
+) -> None:
+    """Told the gateway's MAC, the agent leaves a resolved neighbour entry for it, so the
+    child's first answer needs no ARP; not told (hatchd before agent 6), there is none."""
+    address = Address("02:00:0a:00:00:07", "10.0.0.7/24", "10.0.0.1", gateway_mac)
+    fields = identity_fields("vm-child", "cd" * 16, address)
+    done = subprocess.run(
+        [*IN_NAMESPACES, "--net", "sh", "-c", OWN_NET, str(agent)],
+        input=encode(Frame(MsgType.IDENTITY, 3, fields)),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [(f.type, f.flags) for f in answers(done.stdout)] == [(MsgType.IDENTITY | REPLY, END)]
+    report = done.stderr.decode()
+    assert "link/ether 02:00:0a:00:00:07 " in report  # the probe sees what the agent set
+    assert "inet 10.0.0.7/24 " in report
+    assert "default via 10.0.0.1 dev eth0" in report
+    arp = {line.split()[0]: line.split() for line in report.splitlines() if "eth0" in line}
+    if gateway_mac is None:
+        assert "10.0.0.1" not in arp
+    else:
+        _ip, _hw_type, flags, mac, _mask, device = arp["10.0.0.1"]
+        assert (mac, device) == (gateway_mac, "eth0")
+        assert int(flags, 16) & 0x2  # ATF_COM: resolved

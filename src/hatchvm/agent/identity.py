@@ -1,5 +1,6 @@
 """A fork's child made its own by its agent (capability "identity"), in one request: hostname,
-machine id, and for a networked VM its MAC, address and default route; the agent also removes
+machine id, and for a networked VM its MAC, address, default route and (agent 6) the gateway's
+neighbour entry; the agent also removes
 the SSH host keys and restarts dropbear, which makes new ones at its next connection.
 
 The answer comes in two parts from agent 5 on (the request carries WINDOW 1 to say hatchd takes
@@ -23,6 +24,9 @@ class Address:
     mac: str  # aa:bb:cc:dd:ee:ff
     cidr: str  # a.b.c.d/n
     gateway: str
+    # The bridge's MAC: the child's first answer then needs no ARP round trip (its new MAC
+    # emptied its neighbour table). An agent before 6 ignores it.
+    gateway_mac: str | None = None
 
 
 def identity_fields(name: str, machine_id: str, address: Address | None) -> Fields:
@@ -33,6 +37,8 @@ def identity_fields(name: str, machine_id: str, address: Address | None) -> Fiel
             text_field(Tag.ADDR, address.cidr),
             text_field(Tag.GATEWAY, address.gateway),
         ]
+        if address.gateway_mac is not None:
+            fields.append(text_field(Tag.GATEWAY_MAC, address.gateway_mac))
     return tuple(fields)
 
 

@@ -109,6 +109,7 @@ class Tag(IntEnum):
     ADDR = 43  # text: an IPv4 address and prefix length, a.b.c.d/n
     MAC = 44  # text: aa:bb:cc:dd:ee:ff
     GATEWAY = 45  # text: the default route's IPv4 gateway
+    GATEWAY_MAC = 46  # text: the gateway's MAC, set as its neighbour entry (agent 6)
 
 
 class ErrorCode(IntEnum):

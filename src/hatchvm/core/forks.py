@@ -5,13 +5,16 @@ while its device state is written and its memory and disk are copied (sparse), t
 (its clock resynced); a snapshotted one, or any stored snapshot, gives its files (copied from
 the VM's own when they still equal it, else unpacked from the store). The parent's files are
 never touched, so the children never see what it writes later. While a running parent is
-captured, its children are already reserved, plugged in and their VMMs started, waiting for
+captured, its children are already reserved, their TAPs made and their VMMs started, waiting for
 the state (their memory file is the frozen one, filled in place as it is copied).
 
 Every child hard-links the frozen memory file and maps it privately (copy-on-write: N children
 share the pages they only read), gets its own sparse copy of the disk and of the device state,
-and is restored with its NIC unplugged. Its agent then sets its clock and reseeds its RNG (the
-restore's SYNC), and, before the NIC is plugged in, gives it its own address, MAC, hostname,
+and is restored with its NIC unplugged: its TAP is down on the host's side (the guest's own
+link stays up, as its parent had it: a carrier going off and on again would make the guest's
+kernel drop what it sends until it has noticed, and the first answer it gives would wait a
+second for TCP to send it again). Its agent then sets its clock and reseeds its RNG (the
+restore's SYNC), and, before the TAP comes up, gives it its own address, MAC, hostname,
 SSH host keys and machine id: nothing leaves it under its parent's identity, and the bridge
 lets its TAP send only from its own addresses anyway. A child whose guest cannot be re-made so
 is discarded, and the whole fork fails: no two VMs share keys or RNG state.
@@ -296,7 +299,7 @@ class ForkService:
         took = _Stopwatch()
         await asyncio.to_thread(_prepare_child, vm_dir, work)
         took.lap("files")
-        await self.vms.attach_network(child)
+        await self.vms.attach_network(child, plugged=False)  # its parent's identity stays in
         took.lap("network")
         spec = self.vms.boot_spec(child, image)
         await self.vms.vmm.start_incoming(spec)
@@ -306,8 +309,6 @@ class ForkService:
             took.lap("frozen")
         await asyncio.to_thread(_fill_child, vm_dir, work)
         await self.vms.vmm.restore(spec, vm_dir / RESUME_DIR / STATE_NAME)
-        if child.tap_name:
-            await self.vms.vmm.set_link(child.id, vm_dir, False)
         await self.vms.adopt(child, restored=True)
         # Its clock is set and its RNG reseeded while its agent re-makes it: nothing that
         # does needs the new randomness (the machine id comes from the host; dropbear makes
@@ -338,8 +339,7 @@ class ForkService:
             took.lap("remade")
             if before_link is not None:
                 await before_link(child)
-            if child.tap_name:
-                await self.vms.vmm.set_link(child.id, vm_dir, True)
+            await self.vms.plug_network(child)
             if after_link is not None:
                 await after_link(child)
             took.lap("linked")
@@ -388,7 +388,8 @@ class ForkService:
         address = None
         if child.guest_ip and child.guest_mac and self.vms.net is not None:
             cidr = f"{child.guest_ip}/{self.vms.net.prefixlen}"
-            address = Address(mac=child.guest_mac, cidr=cidr, gateway=self.vms.net.gateway)
+            net = self.vms.net
+            address = Address(child.guest_mac, cidr, net.gateway, net.gateway_mac)
         try:
             with translated(child.id):
                 channel = self.vms.agents.channel(child.id)

@@ -42,6 +42,11 @@ class HostNetwork:
         return str(self._s.bridge_interface.ip)
 
     @property
+    def gateway_mac(self) -> str:
+        """The bridge's MAC: fixed by its address (links.bridge_mac), so guests may be told it."""
+        return links.bridge_mac(self._s.bridge_interface.ip)
+
+    @property
     def prefixlen(self) -> int:
         return self._s.bridge_interface.network.prefixlen
 
@@ -67,14 +72,20 @@ class HostNetwork:
             egress_deny=s.egress_deny_cidrs,
         )
 
-    async def attach(self, link: GuestLink) -> None:
+    async def attach(self, link: GuestLink, plugged: bool = True) -> None:
         """The guest's TAP on the bridge, the only MAC and address it may send from, its egress,
-        and the host's permanent neighbour entry for it. Idempotent."""
-        await asyncio.to_thread(self._attach, link)  # one thread hop: it is on the wake path
+        and the host's permanent neighbour entry for it. Idempotent. Unplugged, the TAP is
+        down until plug(): nothing the guest sends leaves, while the guest itself sees no
+        change of its link (a carrier going off and on again would make its kernel drop what it
+        sends until it has noticed, such as the answer to a first connection)."""
+        await asyncio.to_thread(self._attach, link, plugged)  # one hop: it is on the wake path
 
-    def _attach(self, link: GuestLink) -> None:
+    async def plug(self, link: GuestLink) -> None:
+        await asyncio.to_thread(links.plug_tap, link.tap)
+
+    def _attach(self, link: GuestLink, plugged: bool) -> None:
         s = self._s
-        links.ensure_tap(link.tap, s.bridge_name)
+        links.ensure_tap(link.tap, s.bridge_name, up=plugged)
         firewall.allow_guest(s.nft_table, link.tap, link.mac, link.ip, link.internet)
         links.pin_neighbour(s.bridge_name, link.ip, link.mac)
 

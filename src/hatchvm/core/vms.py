@@ -530,10 +530,16 @@ class VMService:
         await self.vmm.kill(vm.id, self.vm_dir(vm.id))
         await self.detach_network(vm)
 
-    async def attach_network(self, vm: VM) -> None:
+    async def attach_network(self, vm: VM, plugged: bool = True) -> None:
         link = GuestLink.of(vm)
         if link is not None and self.net is not None:
-            await self.net.attach(link)
+            await self.net.attach(link, plugged)
+
+    async def plug_network(self, vm: VM) -> None:
+        """A VM attached unplugged (a fork's child): its frames reach the bridge from now on."""
+        link = GuestLink.of(vm)
+        if link is not None and self.net is not None:
+            await self.net.plug(link)
 
     async def detach_network(self, vm: VM) -> None:
         link = GuestLink.of(vm)

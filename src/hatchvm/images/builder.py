@@ -57,7 +57,7 @@ BOOT_ARGS = "console=ttyS0 reboot=k panic=1 quiet tsc=reliable"
 AGENT_SOURCE = ("agent", "hatch-agent.c")
 AGENT_PATH = "usr/sbin/hatch-agent"
 AGENT_CFLAGS = ["-static", "-Os", "-s", "-Wall", "-Wextra"]
-AGENT_NAME = "hatch-agent 5"  # what the image's manifest records (and the agent's hello says)
+AGENT_NAME = "hatch-agent 6"  # what the image's manifest records (and the agent's hello says)
 MANIFEST = "manifest.json"
 CURRENT = "current"  # in an image's directory: the version new VMs get
 ARTIFACT_NAMES = {

@@ -57,8 +57,9 @@ def ensure_bridge(name: str, cidr: str) -> None:
         raise NetworkError(f"cannot set up bridge {name} ({cidr}): {exc.args[-1]}") from None
 
 
-def ensure_tap(tap: str, bridge: str) -> None:
-    """A persistent TAP enslaved to the bridge and up; QEMU opens it by name."""
+def ensure_tap(tap: str, bridge: str, up: bool = True) -> None:
+    """A persistent TAP enslaved to the bridge, up unless asked otherwise; QEMU opens it by
+    name. A TAP that is down drops whatever its guest sends (plug_tap brings it up)."""
     try:
         with IPRoute() as ipr:
             br = _bridge_index(ipr, bridge)
@@ -67,9 +68,21 @@ def ensure_tap(tap: str, bridge: str) -> None:
                 ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
                 idx = _index(ipr, tap)
             assert idx is not None
-            ipr.link("set", index=idx, master=br, state="up")
+            ipr.link("set", index=idx, master=br, state="up" if up else "down")
     except NetlinkError as exc:
         raise NetworkError(f"cannot set up TAP {tap} on {bridge}: {exc.args[-1]}") from None
+
+
+def plug_tap(tap: str) -> None:
+    """Bring a TAP made down (ensure_tap up=False) up: its guest's frames reach the bridge."""
+    try:
+        with IPRoute() as ipr:
+            idx = _index(ipr, tap)
+            if idx is None:
+                raise NetworkError(f"TAP {tap} does not exist")
+            ipr.link("set", index=idx, state="up")
+    except NetlinkError as exc:
+        raise NetworkError(f"cannot bring TAP {tap} up: {exc.args[-1]}") from None
 
 
 def delete_link(name: str) -> None:

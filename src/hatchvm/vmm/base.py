@@ -141,7 +141,7 @@ class Feature(enum.Flag):
     CONSOLE = enum.auto()  # console_socket() streams the guest's console
     AGENT = enum.auto()  # a host-guest channel for the guest agent (virtio-serial or vsock)
     TEMPLATES = enum.auto()  # warm templates: many VMs restored from one shared memory image
-    FORK = enum.auto()  # capture() a running VM, restore with private memory, set_link()
+    FORK = enum.auto()  # capture() a running VM, restore with private memory
 
 
 FEATURE_NAMES = {
@@ -252,11 +252,6 @@ class VMM(Protocol):
         are quiet and consistent with the state, to be copied. meanwhile(), if given, is run
         as soon as the guest is paused, while its state is written (it copies them); capture
         returns once both are done. Called only with FORK."""
-        ...
-
-    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
-        """Plug or unplug the VM's NIC (the guest sees its carrier go); nothing it sends
-        leaves while unplugged. Called only with FORK."""
         ...
 
     async def resume_if_paused(self, vm_id: str, vm_dir: Path) -> bool:

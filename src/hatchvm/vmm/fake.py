@@ -197,9 +197,6 @@ class FakeVMM:
         if meanwhile is not None:
             await meanwhile()
 
-    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
-        self._check("set_link", vm_id)
-
     async def start_incoming(self, spec: BootSpec) -> None:
         """Nothing to start ahead: restore() does it all."""
 

@@ -545,9 +545,6 @@ class FirecrackerVMM:
     ) -> None:
         raise VMMUnsupported("the firecracker driver does not support fork yet", vm_id=vm_id)
 
-    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
-        raise VMMUnsupported("the firecracker driver does not support fork yet", vm_id=vm_id)
-
     async def snapshot(self, vm_id: str, vm_dir: Path, state_file: Path) -> None:
         """A full snapshot: guest RAM into the memory file, device state into state_file; then
         the process ends. RAM is written beside the memory file and renamed over it once the

@@ -453,18 +453,6 @@ class QemuVMM:
             if copying is not None:
                 await copying
 
-    async def set_link(self, vm_id: str, vm_dir: Path, up: bool) -> None:
-        # The netdev's link: QEMU carries it to the NIC (the guest's carrier) and drops
-        # whatever the NIC sends while it is down.
-        args = {"name": "net0", "up": up}
-        # Between a restore and its resume the restore's connection is still open, and QEMU's
-        # monitor serves one client at a time: a second connection would wait for good.
-        held = self._restoring.get(vm_id)
-        if held is not None:
-            await held.execute("set_link", args)
-        else:
-            await qmp_execute(self.sockets(vm_dir) / QMP_SOCKET, "set_link", args)
-
     async def start_incoming(self, spec: BootSpec) -> None:
         """QEMU -incoming touches no guest RAM before the state is loaded (its ROMs are not
         copied in while it waits), so the memory file may be filled after it mapped it."""

@@ -12,8 +12,9 @@
  *           or starts it in the background; PROC_* list, read, signal and forget those;
  *   FILE_*  reads, writes, stats, lists and deletes files, streamed in chunks;
  *   IDENTITY gives a fork's child its own hostname, machine id, MAC, address and default
- *           route, and removes the SSH host keys and restarts dropbear (new keys at the next
- *           connection): all in this process, no command started.
+ *           route (and the gateway's MAC, agent 6), and removes the SSH host keys and
+ *           restarts dropbear (new keys at the next connection): all in this process, no
+ *           command started.
  *
  * One thread, one poll loop. Nothing waits on the host: the port is non-blocking, answers go
  * to a bounded queue, and a request whose answer is long (output, a file) is a session that
@@ -59,7 +60,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_NAME "hatch-agent 5"
+#define AGENT_NAME "hatch-agent 6"
 #define PORT_NAME "org.hatchvm.agent.0"
 #define PORTS_DIR "/sys/class/virtio-ports"
 #define VERSION 1
@@ -145,6 +146,7 @@ enum {
 	TAG_ADDR = 43,
 	TAG_MAC = 44,
 	TAG_GATEWAY = 45,
+	TAG_GATEWAY_MAC = 46,
 };
 enum {
 	E_BAD_FRAME = 1,
@@ -1497,18 +1499,38 @@ static void set_in(struct sockaddr *sa, struct in_addr a)
 	memcpy(sa, &sin, sizeof(sin));
 }
 
-/* eth0 gets mac, addr/prefix and a default route via gw; why says what failed. */
-static int set_address(const char *mac_text, const char *addr_text, const char *gw_text,
-		       char *why, size_t size)
+/* The gateway's neighbour entry on eth0, resolved (ATF_COM: the kernel keeps it as a
+ * stale entry it will confirm later). A new MAC empties eth0's neighbour table: the child's
+ * first answer would wait for an ARP round trip, and an ARP request sent before its TAP is
+ * up is lost, leaving the entry to wait a second for its next probe (and every packet queued
+ * behind it). Set here, the first answer needs no ARP, and a pending resolution ends at once
+ * with its packets sent. */
+static int set_gateway_neighbour(int s, struct in_addr gw, const unsigned char mac[6])
 {
-	unsigned char mac[6];
+	struct arpreq req;
+	memset(&req, 0, sizeof(req));
+	set_in(&req.arp_pa, gw);
+	req.arp_ha.sa_family = ARPHRD_ETHER;
+	memcpy(req.arp_ha.sa_data, mac, 6);
+	req.arp_flags = ATF_COM;
+	snprintf(req.arp_dev, sizeof(req.arp_dev), "eth0");
+	return ioctl(s, SIOCSARP, &req);
+}
+
+/* eth0 gets mac, addr/prefix, a default route via gw and, when gw_mac is given, gw's
+ * neighbour entry (best effort); why says what failed. */
+static int set_address(const char *mac_text, const char *addr_text, const char *gw_text,
+		       const char *gw_mac_text, char *why, size_t size)
+{
+	unsigned char mac[6], gw_mac[6];
 	char ip[64];
 	int prefix = -1;
 	struct in_addr addr, gw, mask;
 	if (parse_mac(mac_text, mac) < 0 || sscanf(addr_text, "%63[0-9.]/%d", ip, &prefix) != 2 ||
 	    prefix < 1 || prefix > 32 || inet_pton(AF_INET, ip, &addr) != 1 ||
-	    inet_pton(AF_INET, gw_text, &gw) != 1) {
-		snprintf(why, size, "MAC, ADDR (a.b.c.d/n) or GATEWAY malformed");
+	    inet_pton(AF_INET, gw_text, &gw) != 1 ||
+	    (gw_mac_text != NULL && parse_mac(gw_mac_text, gw_mac) < 0)) {
+		snprintf(why, size, "MAC, ADDR (a.b.c.d/n), GATEWAY or GATEWAY_MAC malformed");
 		errno = EINVAL;
 		return -1;
 	}
@@ -1552,6 +1574,9 @@ static int set_address(const char *mac_text, const char *addr_text, const char *
 	step = "SIOCADDRT default";
 	if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
 		goto failed;
+	/* Not a failure of the identity: without the entry, the kernel asks (ARP) as usual. */
+	if (gw_mac_text != NULL && set_gateway_neighbour(s, gw, gw_mac) < 0)
+		fprintf(stderr, "hatch-agent: SIOCSARP gateway: %s\n", strerror(errno));
 	close(s);
 	return 0;
 failed:
@@ -1654,14 +1679,15 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 	char *addr = get_text(p, len, TAG_ADDR, &bad);
 	char *mac = get_text(p, len, TAG_MAC, &bad);
 	char *gw = get_text(p, len, TAG_GATEWAY, &bad);
+	char *gw_mac = get_text(p, len, TAG_GATEWAY_MAC, &bad);
 	int64_t window = 0;
 	int early = get_int(p, len, TAG_WINDOW, &window) == 1 && window >= 1;
 	char why[160] = "";
 	if (bad || name == NULL || machine == NULL || strlen(name) > 63 || strlen(machine) > 64 ||
 	    strchr(name, '\n') || strchr(machine, '\n') ||
-	    (addr != NULL && (mac == NULL || gw == NULL))) {
+	    (addr != NULL && (mac == NULL || gw == NULL)) || (gw_mac != NULL && addr == NULL)) {
 		fail(id, E_BAD_FIELD, 0, "identity needs NAME and MACHINE_ID, and MAC and GATEWAY "
-					 "with ADDR");
+					 "with ADDR (and GATEWAY_MAC only with ADDR)");
 		goto done;
 	}
 	int err = 0;
@@ -1669,7 +1695,7 @@ static void identity(uint32_t id, const unsigned char *p, uint32_t len)
 		err = errno;
 		snprintf(why, sizeof(why), "sethostname: %s", strerror(err));
 	}
-	if (!err && addr != NULL && set_address(mac, addr, gw, why, sizeof(why)) < 0)
+	if (!err && addr != NULL && set_address(mac, addr, gw, gw_mac, why, sizeof(why)) < 0)
 		err = errno;
 	if (err) {
 		fail(id, E_FAILED, err, "%s", why);
@@ -1693,6 +1719,7 @@ done:
 	free(addr);
 	free(mac);
 	free(gw);
+	free(gw_mac);
 }
 
 static void credit(uint32_t id, const unsigned char *p, uint32_t len)
