@@ -70,11 +70,11 @@ class Core:
         return vm
 
 
-def _fake_image(image_dir: Path) -> None:
-    """An image version whose files are placeholders (the fake driver reads none of them)."""
+def placeholder_build(out: Path, **fields: object) -> dict[str, object]:
+    """A complete image build in out whose files are placeholders (the fake driver reads none
+    of them); its manifest, with fields added."""
     files = {}
-    staging = image_dir / "staging"
-    staging.mkdir(parents=True)
+    out.mkdir(parents=True)
     for role, name in (
         ("kernel", "vmlinuz"),
         ("vmlinux", "vmlinux"),
@@ -82,15 +82,23 @@ def _fake_image(image_dir: Path) -> None:
         ("rootfs", "rootfs.ext4"),
     ):
         data = f"placeholder {role}".encode()
-        (staging / name).write_bytes(data)
+        (out / name).write_bytes(data)
         files[role] = {"file": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {
         "files": files,
         "boot_args": "console=ttyS0",
         "kernel_version": "6.1.0-fake",
         "builder_version": BUILDER_VERSION,
+        **fields,
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _fake_image(image_dir: Path) -> None:
+    """An image version of placeholder files."""
+    staging = image_dir / "staging"
+    manifest = placeholder_build(staging)
     staging.rename(image_dir / content_version(manifest))
 
 

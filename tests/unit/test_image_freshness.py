@@ -4,13 +4,13 @@ its old form (images/builder.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from importlib import resources
 from pathlib import Path
 
 from hatchvm.images.builder import BUILDER_VERSION, guest_sources_hash, load_artifacts
+from tests.unit.core_on_fake import placeholder_build
 
 
 def copy_of_guest_sources(tmp_path: Path) -> Path:
@@ -42,25 +42,7 @@ def test_the_hash_follows_every_guest_file_and_nothing_else(tmp_path: Path) -> N
 
 def built_image(tmp_path: Path, **fields: object) -> Path:
     out = tmp_path / "image"
-    out.mkdir()
-    files = {}
-    for role, name in (
-        ("kernel", "vmlinuz"),
-        ("vmlinux", "vmlinux"),
-        ("initrd", "initrd.img"),
-        ("rootfs", "rootfs.ext4"),
-    ):
-        data = f"placeholder {role}".encode()
-        (out / name).write_bytes(data)
-        files[role] = {"file": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = {
-        "files": files,
-        "boot_args": "console=ttyS0",
-        "kernel_version": "6.1.0-fake",
-        "builder_version": BUILDER_VERSION,
-        **fields,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    placeholder_build(out, **fields)
     return out
 
 

@@ -1,7 +1,7 @@
 """A fork's child made its own by its agent (capability "identity"), in one request: hostname,
 machine id, and for a networked VM its MAC, address, default route and (agent 6) the gateway's
-neighbour entry; the agent also removes
-the SSH host keys and restarts dropbear, which makes new ones at its next connection.
+neighbour entry; the agent also removes the SSH host keys and restarts dropbear, which makes
+new ones at its next connection.
 
 The answer comes in two parts from agent 5 on (the request carries WINDOW 1 to say hatchd takes
 them): a first frame once the hostname, the network and SSH are the child's own, so its NIC
