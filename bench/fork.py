@@ -180,6 +180,11 @@ def main() -> None:
                 f"{one_s * 1000:.0f} ms",
                 flush=True,
             )
+            # A median hides a round that stalls (a child's first answer that waited a second
+            # for TCP to send it again was found only in the rounds themselves).
+            for name, values in (("hot restore", hot), ("child of the running parent", running)):
+                ms = ", ".join(f"{v * 1000:.0f}" for v in values)
+                print(f"  {name}: slowest {max(values) * 1000:.0f} ms; every round: {ms}")
 
             per_child: dict[str, float] = {}
             for n in counts:
