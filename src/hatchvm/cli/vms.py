@@ -117,7 +117,7 @@ def stop(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
 @app.command("start")
 @reports_errors
 def start(ctx: typer.Context, vm_id: VmId, as_json: JsonOption = False) -> None:
-    """Boot a stopped VM again."""
+    """Boot a stopped VM again (or one in error that still has its disk)."""
     with connection(ctx).client() as api:
         show(api.start_vm(vm_id), as_json)
 
@@ -148,7 +148,7 @@ def restore(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Resume a snapshotted VM exactly where it was."""
+    """Resume a snapshotted VM exactly where it was (or one in error, from a snapshot)."""
     with connection(ctx).client() as api:
         show(api.restore_vm(vm_id, snapshot), as_json)
 
