@@ -4,7 +4,6 @@ against the real kernel (inside the suite's namespace)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from hatchvm.config import Settings
 from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.net import firewall, links, nftlib
 from hatchvm.net.errors import NetworkError
-from tests.support.host import link_exists, pinned_addresses
+from tests.support.host import link_exists, link_info, pinned_addresses
 
 pytestmark = pytest.mark.vm
 
@@ -58,10 +57,7 @@ def net(tmp_path: Path) -> Iterator[HostNetwork]:
 
 
 def bridge_mac() -> str:
-    out = subprocess.run(
-        ["ip", "-br", "link", "show", "dev", BRIDGE], capture_output=True, text=True
-    )
-    return out.stdout.split()[2]
+    return str(link_info(BRIDGE)["address"])
 
 
 def test_attach_detach_and_settle(net: HostNetwork) -> None:
@@ -124,14 +120,6 @@ def test_nft_scripts_run_in_process_and_fail_with_nfts_message(net: HostNetwork)
         TABLE
         not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     )
-
-
-def link_info(name: str) -> dict:
-    """`ip -j link show`: this namespace's view (/sys/class/net is the initial one's)."""
-    out = subprocess.run(
-        ["ip", "-j", "link", "show", "dev", name], capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout)[0]
 
 
 def admin_up(name: str) -> bool:

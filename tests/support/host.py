@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 
@@ -15,6 +16,14 @@ def qemu_pids(vm_id: str) -> list[int]:
 def link_exists(name: str) -> bool:
     # Not /sys/class/net: sysfs still shows the namespace it was mounted in, not ours.
     return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+
+
+def link_info(name: str) -> dict:
+    """`ip -j link show` of one link, as seen from our namespace."""
+    out = subprocess.run(
+        ["ip", "-j", "link", "show", "dev", name], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)[0]
 
 
 def pinned_addresses(bridge: str) -> set[str]:
