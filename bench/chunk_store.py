@@ -149,7 +149,7 @@ def s3_streaming(workload: str, mem_mib: int, rounds: int = 3) -> tuple[float, f
             first_answer(url, timeout=900)
             snap_url = f"/vms/{vm['id']}/snapshot"
             first = stored(api, api.post(snap_url).raise_for_status().json())
-            for _ in range(rounds):
+            for i in range(rounds):
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm['id']}/restore").raise_for_status()
                 hot.append(first_answer(url, timeout=300) - t0)
@@ -159,6 +159,12 @@ def s3_streaming(workload: str, mem_mib: int, rounds: int = 3) -> tuple[float, f
                 api.post(f"/vms/{vm['id']}/restore", json=body).raise_for_status()
                 cold.append(first_answer(url, timeout=300) - t0)
                 stored(api, api.post(snap_url).raise_for_status().json())
+                # Every round, not only the medians: the first is often the slow one.
+                print(
+                    f"  S3 round {i + 1}: hot {hot[-1]:.3f} s, streamed {cold[-1]:.3f} s"
+                    f" ({cold[-1] / hot[-1]:.2f}x)",
+                    flush=True,
+                )
     finally:
         daemon.cleanup()
         s3.stop()

@@ -66,7 +66,12 @@ CASES: list[tuple[str, str | None, Callable[[HatchClient, HatchDaemon, dict], ob
     ("restore.vmm-started", "snapshotted", lambda api, h, vm: api.restore_vm(vm["id"])),
     ("restore.running", "snapshotted", lambda api, h, vm: api.restore_vm(vm["id"])),
     (
-        "restore.files-ready",  # from the store: the VM's files are put aside and swapped
+        "restore.laid-out",  # from the store: the VM's files put aside, the new ones empty
+        "twice-snapshotted",
+        lambda api, h, vm: api.restore_vm(vm["id"], older_snapshot(api, vm)),
+    ),
+    (
+        "restore.files-ready",  # ... filled, and the VMM started ahead, waiting for its state
         "twice-snapshotted",
         lambda api, h, vm: api.restore_vm(vm["id"], older_snapshot(api, vm)),
     ),

@@ -8,6 +8,8 @@ are settled by the snapshot service; a snapshotted VM never keeps a process.
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from hatchvm.core.network import GuestLink
@@ -31,6 +33,7 @@ async def reconcile(service: VMService, snapshots: SnapshotService) -> None:
     alive: list[RunningVM] = []  # their cgroups are kept, all others' removed
     for vm in vms:
         vm_dir = service.vm_dir(vm.id)
+        await asyncio.to_thread(snapshots.sweep_retired, vm.id)
         if vm.state in (State.SNAPSHOTTING, State.RESTORING):
             await snapshots.reconcile(vm)
             settled = await service.get(vm.user_id, vm.id)

@@ -10,8 +10,10 @@ no committed snapshot names are collected (snapshots/gc.py) after deletes and at
 
 After a snapshot the VM's files still equal it (the "hot copy", marked by resume/LATEST):
 restoring that snapshot maps them directly, without reading the store. Any other restore
-fetches, verifies and writes the chunks into fresh sparse files first (old-format snapshots:
-decodes their artifacts), and touches the VM's files only once all are good.
+first checks the snapshot's listing and pack indexes, then puts the VM's files aside
+(journalled: a failure, or a daemon killed meanwhile, puts them back) and writes the chunks,
+each block verified, into fresh sparse files in their place while the VMM starts and waits for
+its state. An old-format snapshot is decoded whole before the VM's files are touched.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -53,7 +57,7 @@ from hatchvm.snapshots.manifest import (
 )
 from hatchvm.snapshots.store import ArtifactStore
 from hatchvm.sparse import copy_sparse
-from hatchvm.vmm.base import Feature
+from hatchvm.vmm.base import BootSpec, Feature
 
 log = structlog.get_logger("hatchvm.core")
 
@@ -63,6 +67,7 @@ PENDING = "pending"  # resume/PENDING: the snapshot being stored (for crash reco
 WORK_DIR = "snapshot-work"
 PREVIOUS_DIR = "restore-previous"  # the VM's files, put aside while a restore replaces them
 JOURNAL = "journal.json"  # in PREVIOUS_DIR: the VM's state before, and which files it had
+RETIRED = "restore-retired-"  # PREVIOUS_DIR once a restore succeeded, until it is deleted
 
 
 def _read(path: Path) -> str | None:
@@ -97,6 +102,8 @@ def latest_restorable(snaps: list[Snapshot]) -> Snapshot | None:
     return next((s for s in snaps if s.status != FAILED), None)
 
 
+Fill = Callable[[], Awaitable[None]]  # writes a restore's files, laid out empty beforehand
+
 Use = Literal["restore", "fork"]
 _USED: dict[Use, str] = {"restore": "restored", "fork": "forked"}
 
@@ -122,6 +129,7 @@ class SnapshotService:
         self.chunks = ChunkStore(store, settings.snapshot_zstd_level, io_workers)
         self.collector = Collector(store)
         self.storing = StoreTasks()
+        self._discarding: set[asyncio.Task[None]] = set()  # retired files being deleted
         vms.teardown_hooks.append(self._call_off_stores)
         vms.delete_hooks.append(self._forget_vm)
         self.metrics = metrics or Metrics()
@@ -582,38 +590,43 @@ class SnapshotService:
             await self.vms.admission.admit(vm.id, vm.mem_mib, space)
             await self.vms.update(vm.id, state=State.RESTORING)
         crashpoint("restore.begun")
-        if not hot:
-            try:
-                await self._unpack(vm, snap, prior)
-            except ArtifactError as exc:
-                self.metrics.snapshot_failed("restore")
-                await self.vms.update(vm.id, state=prior)
-                log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
-                raise InternalError(f"snapshot {snap.id} cannot be restored: {exc}") from exc
-        crashpoint("restore.files-ready")
-        # From here on the guest changes its RAM file: it no longer equals any snapshot.
-        await asyncio.to_thread((resume / LATEST).unlink, True)
         try:
+            fill = None if hot else await self._lay_out(vm, snap, prior)
+            # From here on the guest changes its RAM file: it no longer equals any snapshot.
+            await asyncio.to_thread((resume / LATEST).unlink, True)
             await self._unshare(vm.id)
             image = await self.vms.image_files(vm)
             await self.vms.attach_network(vm)
-            pid = await self.vms.vmm.restore(self.vms.boot_spec(vm, image), resume / STATE_NAME)
+            spec = self.vms.boot_spec(vm, image)
+            if fill is not None:
+                await self._fill_while_starting(spec, fill)
+            crashpoint("restore.files-ready")
+            pid = await self.vms.vmm.restore(spec, resume / STATE_NAME)
             crashpoint("restore.vmm-started")
             warning = await self.vms.run(vm, restored=True)  # the guest's clock and RNG resynced
         except Exception as exc:
-            reason = reason_of(exc)
-            self.metrics.snapshot_failed("restore")
-            log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.vmm.kill(vm.id, self.vms.vm_dir(vm.id))
             await self.vms.detach_network(vm)
             await asyncio.to_thread(self._put_back, vm.id)
+            if isinstance(exc, ArtifactError):
+                await self.vms.update(vm.id, state=prior)
+                raise self._unusable(vm, snap, exc) from exc
+            reason = reason_of(exc)
+            self.metrics.snapshot_failed("restore")
+            log.error("restore failed", vm_id=vm.id, snapshot_id=snap.id, reason=reason)
             await self.vms.update(vm.id, state=prior, state_reason=f"restore failed: {reason}")
             raise InternalError(f"restoring {vm.id} from {snap.id} failed: {reason}") from exc
         crashpoint("restore.running")
-        await asyncio.to_thread(self._forget_previous, vm.id)
+        self._discard(await asyncio.to_thread(self._retire_previous, vm.id))
         self.metrics.restored(hot, time.monotonic() - began)
         log.info("vm restored", vm_id=vm.id, snapshot_id=snap.id, pid=pid, hot=hot)
         return await self.vms.update(vm.id, state=State.RUNNING, state_reason=warning, touch=True)
+
+    def _unusable(self, vm: VM, snap: Snapshot, exc: ArtifactError) -> InternalError:
+        """A snapshot whose stored artifacts are missing or damaged (the VM is as it was)."""
+        self.metrics.snapshot_failed("restore")
+        log.error("snapshot unusable", vm_id=vm.id, snapshot_id=snap.id, reason=str(exc))
+        return InternalError(f"snapshot {snap.id} cannot be restored: {exc}")
 
     async def _usable(self, vm: VM, snap: Snapshot, hot: bool, use: Use) -> Snapshot:
         """snap as it may be used (restored, forked): a snapshot still being stored waits for
@@ -644,10 +657,38 @@ class SnapshotService:
             names = [path.name for path in copied]
             log.info("resuming on copies of linked files", vm_id=vm_id, files=names, s=seconds)
 
-    async def _unpack(self, vm: VM, snap: Snapshot, prior: str) -> None:
-        """Fetch, verify and write out every artifact; only then put the VM's files aside and
-        move the snapshot's in."""
+    async def _lay_out(self, vm: VM, snap: Snapshot, prior: str) -> Fill | None:
+        """Put the VM's files aside and lay out the snapshot's in their place. A chunked
+        snapshot is checked (its listing and pack indexes) and its files made empty at their
+        sizes: the Fill returned writes them, so the VMM can start meanwhile. An old-format
+        one is decoded whole first (None). Raises ArtifactError before it touches the VM's files."""
         manifest = SnapshotManifest.parse(snap.manifest)
+        chunks = manifest.chunks
+        if chunks is None:
+            await self._unpack_v1(vm, manifest, prior)
+            return None
+        listing = StoredListing(chunks.listing_key, chunks.listing_size, chunks.listing_sha256)
+        names = set(ARTIFACT_NAMES)
+        plan = await asyncio.to_thread(
+            self.chunks.plan_restore, chunks.namespace, listing, chunks.index_hashes(), names
+        )
+        dests = await asyncio.to_thread(self._swap_in_empty, vm.id, plan.sizes, prior)
+        crashpoint("restore.laid-out")
+        return lambda: asyncio.to_thread(self.chunks.fill, plan, dests)
+
+    async def _fill_while_starting(self, spec: BootSpec, fill: Fill) -> None:
+        """Fill the snapshot's files while the VMM starts, waiting for its state: its start-up
+        is then off a restore's critical path. Both have ended when this returns."""
+        results = await asyncio.gather(
+            fill(), self.vms.vmm.start_incoming(spec), return_exceptions=True
+        )
+        for result in results:  # the fill's error first: it says what is wrong
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _unpack_v1(self, vm: VM, manifest: SnapshotManifest, prior: str) -> None:
+        """An old-format snapshot: fetch, verify and decode every artifact; only then put the
+        VM's files aside and move the snapshot's in."""
         vm_dir = self.vms.vm_dir(vm.id)
         work = vm_dir / WORK_DIR
         await asyncio.to_thread(_reset_dir, work)
@@ -706,9 +747,9 @@ class SnapshotService:
         vm_dir = self.vms.vm_dir(vm_id)
         return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "resume": vm_dir / RESUME_DIR}
 
-    def _swap_in(self, vm_id: str, work: Path, prior: str) -> None:
-        vm_dir = self.vms.vm_dir(vm_id)
-        previous = vm_dir / PREVIOUS_DIR
+    def _set_aside(self, vm_id: str, prior: str) -> Path:
+        """Move the VM's files into PREVIOUS_DIR, journal first; its new, empty resume dir."""
+        previous = self.vms.vm_dir(vm_id) / PREVIOUS_DIR
         _reset_dir(previous)
         kept = self._kept_files(vm_id)
         had = [name for name, path in kept.items() if path.exists()]
@@ -718,9 +759,25 @@ class SnapshotService:
             os.replace(kept[name], previous / name)
         resume = self._resume_dir(vm_id)
         resume.mkdir()
+        return resume
+
+    def _swap_in(self, vm_id: str, work: Path, prior: str) -> None:
+        vm_dir = self.vms.vm_dir(vm_id)
+        resume = self._set_aside(vm_id, prior)
         os.replace(work / "mem", vm_dir / MEM_NAME)
         os.replace(work / "disk", vm_dir / DISK_NAME)
         os.replace(work / "state", resume / STATE_NAME)
+
+    def _swap_in_empty(self, vm_id: str, sizes: dict[str, int], prior: str) -> dict[str, Path]:
+        """_swap_in with files of the given sizes that hold nothing yet (holes): their paths
+        by artifact name."""
+        vm_dir = self.vms.vm_dir(vm_id)
+        resume = self._set_aside(vm_id, prior)
+        dests = {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "state": resume / STATE_NAME}
+        for name, path in dests.items():
+            with path.open("xb") as f:
+                os.ftruncate(f.fileno(), sizes[name])
+        return dests
 
     def _put_back(self, vm_id: str) -> str | None:
         """Undo _swap_in (after a failed restore, or at start-up after a crash during one);
@@ -742,8 +799,35 @@ class SnapshotService:
         return str(record["state"])
 
     def _forget_previous(self, vm_id: str) -> None:
-        shutil.rmtree(self.vms.vm_dir(vm_id) / PREVIOUS_DIR, ignore_errors=True)
+        retired = self._retire_previous(vm_id)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+
+    def _retire_previous(self, vm_id: str) -> Path | None:
+        """After a restore the VM's old files are not needed again: PREVIOUS_DIR is renamed
+        at once, so start-up never puts them back, and its new name returned for deleting
+        later (a large memory file and its cached pages take tens of milliseconds)."""
+        vm_dir = self.vms.vm_dir(vm_id)
         shutil.rmtree(self._resume_dir(vm_id), ignore_errors=True)
+        retired = vm_dir / f"{RETIRED}{secrets.token_hex(4)}"
+        try:
+            os.rename(vm_dir / PREVIOUS_DIR, retired)
+        except FileNotFoundError:
+            return None
+        return retired
+
+    def _discard(self, retired: Path | None) -> None:
+        """Delete retired files in the background (a VM deleted meanwhile takes them too)."""
+        if retired is None:
+            return
+        task = asyncio.create_task(asyncio.to_thread(shutil.rmtree, retired, True))
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
+
+    def sweep_retired(self, vm_id: str) -> None:
+        """At start-up: retired files whose deletion a stopped daemon did not finish."""
+        for retired in self.vms.vm_dir(vm_id).glob(f"{RETIRED}*"):
+            shutil.rmtree(retired, ignore_errors=True)
 
     # ---- delete ------------------------------------------------------------------------
 

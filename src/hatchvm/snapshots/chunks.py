@@ -248,7 +248,19 @@ class _PackWriter:
                 self.block_sizes[(pack, number)] = length
 
 
-_Want = tuple[int, int, int, int]  # raw start, raw end, file descriptor, file offset
+_Want = tuple[int, int, str, int]  # raw start, raw end, artifact, offset in its file
+_Read = tuple[str, int, int, list[tuple[int, Block]]]  # pack, start, end, its blocks
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A checked snapshot's restore, ready to run: each artifact's size, and the ranged reads
+    that fill it (ChunkStore.plan_restore, ChunkStore.fill)."""
+
+    ns: str
+    sizes: dict[str, int]  # artifact -> bytes
+    reads: list[_Read]
+    wants: dict[tuple[str, int], list[_Want]]  # (pack, block) -> where its bytes go
 
 
 class ChunkStore:
@@ -402,28 +414,48 @@ class ChunkStore:
     ) -> None:
         """Rebuild each artifact as the sparse file dests[name]: every block verified before
         a byte of it is written. packs: id -> index sha256, as the snapshot's row has them."""
+        plan = self.plan_restore(ns, listing, packs, set(dests))
+        for name, path in dests.items():
+            with path.open("wb") as f:
+                os.ftruncate(f.fileno(), plan.sizes[name])
+        self.fill(plan, dests)
+
+    def plan_restore(
+        self, ns: str, listing: StoredListing, packs: dict[str, str], names: set[str]
+    ) -> RestorePlan:
+        """What restoring the snapshot takes: its listing and the indexes of its packs,
+        fetched and checked, so a snapshot that cannot be restored fails here, before any
+        file is touched. names: the artifacts the caller expects."""
         order, listings = self.read_listing(listing)
-        if set(listings) != set(dests) or not set(order) <= set(packs):
+        if set(listings) != names or not set(order) <= set(packs):
             raise ArtifactCorrupt("its listing does not match its manifest")
         indexes = self._indexes_of(ns, {p: packs[p] for p in order})
-        files = {name: dests[name].open("wb") for name in listings}
+        wants: dict[tuple[str, int], list[_Want]] = {}
+        for artifact, items in listings.items():
+            for page, count, pack_no, number, slot in items.runs:
+                pack = order[pack_no]
+                blocks = indexes[pack].blocks
+                if number >= len(blocks) or slot + count >= len(blocks[number].slots):
+                    raise ArtifactCorrupt(f"its listing points outside pack {pack}")
+                slots = blocks[number].slots
+                want = (slots[slot], slots[slot + count], artifact, page * PAGE)
+                if want[3] + want[1] - want[0] > items.raw_size:
+                    raise ArtifactCorrupt(f"its listing runs past the end of {artifact}")
+                wants.setdefault((pack, number), []).append(want)
+        sizes = {artifact: items.raw_size for artifact, items in listings.items()}
+        return RestorePlan(ns, sizes, _plan_reads(indexes, wants), wants)
+
+    def fill(self, plan: RestorePlan, dests: dict[str, Path]) -> None:
+        """Write the plan's pages into dests[name], existing files of plan.sizes[name] bytes
+        that hold nothing else (holes): every block verified before a byte of it is written.
+        The ranged reads run in parallel."""
+        files = {name: dests[name].open("r+b") for name in plan.sizes}
         try:
-            wants: dict[tuple[str, int], list[_Want]] = {}
-            for artifact, items in listings.items():
-                fd = files[artifact].fileno()
-                os.ftruncate(fd, items.raw_size)  # sparse: untouched pages stay holes
-                for page, count, pack_no, number, slot in items.runs:
-                    pack = order[pack_no]
-                    blocks = indexes[pack].blocks
-                    if number >= len(blocks) or slot + count >= len(blocks[number].slots):
-                        raise ArtifactCorrupt(f"its listing points outside pack {pack}")
-                    slots = blocks[number].slots
-                    want = (slots[slot], slots[slot + count], fd, page * PAGE)
-                    if want[3] + want[1] - want[0] > items.raw_size:
-                        raise ArtifactCorrupt(f"its listing runs past the end of {artifact}")
-                    wants.setdefault((pack, number), []).append(want)
-            reads = _plan_reads(indexes, wants)
-            futures = [self.io.submit(self._read_span, ns, *read, wants) for read in reads]
+            fds = {name: f.fileno() for name, f in files.items()}
+            futures = [
+                self.io.submit(self._read_span, plan.ns, *read, plan.wants, fds)
+                for read in plan.reads
+            ]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
@@ -442,6 +474,7 @@ class ChunkStore:
         end: int,
         blocks: list[tuple[int, Block]],
         wants: dict[tuple[str, int], list[_Want]],
+        fds: dict[str, int],
     ) -> None:
         try:
             data = self.blobs.read_blob(pack_key(ns, pack), start, end - start)
@@ -462,18 +495,18 @@ class ChunkStore:
             if len(raw) != block.slots[-1]:
                 raise ArtifactCorrupt(f"block {number} of pack {pack} has the wrong size")
             out = memoryview(raw)
-            for first, last, fd, offset in wants[(pack, number)]:
-                os.pwrite(fd, out[first:last], offset)
+            for first, last, artifact, offset in wants[(pack, number)]:
+                os.pwrite(fds[artifact], out[first:last], offset)
 
 
 def _plan_reads(
     indexes: dict[str, PackIndex], wants: dict[tuple[str, int], list[_Want]]
-) -> list[tuple[str, int, int, list[tuple[int, Block]]]]:
+) -> list[_Read]:
     """Ranged reads covering every wanted block: neighbours share a read up to READ_SPAN."""
     by_pack: dict[str, list[int]] = {}
     for pack, number in wants:
         by_pack.setdefault(pack, []).append(number)
-    reads: list[tuple[str, int, int, list[tuple[int, Block]]]] = []
+    reads: list[_Read] = []
     for pack, numbers in by_pack.items():
         blocks = indexes[pack].blocks
         current: list[tuple[int, Block]] = []
@@ -492,9 +525,7 @@ def _plan_reads(
     return sorted(reads, key=lambda r: r[2] - r[1], reverse=True)
 
 
-def _span(
-    pack: str, blocks: list[tuple[int, Block]]
-) -> tuple[str, int, int, list[tuple[int, Block]]]:
+def _span(pack: str, blocks: list[tuple[int, Block]]) -> _Read:
     start = blocks[0][1].offset
     end = blocks[-1][1].offset + blocks[-1][1].length
     return pack, start, end, blocks
@@ -505,6 +536,7 @@ __all__ = [
     "ChunkStore",
     "Known",
     "PackInfo",
+    "RestorePlan",
     "StoredListing",
     "Written",
     "namespace",
