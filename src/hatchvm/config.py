@@ -97,6 +97,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HATCH_", env_file=".env", extra="ignore")
 
     http_addr: str = Field(default=":8080", description="API listen address (HOST:PORT or :PORT)")
+    api_max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="client connections the API holds open at once (503 beyond; lowered to "
+        "what the open-file limit allows)",
+    )
+    api_max_connections_per_address: int = Field(
+        default=256,
+        ge=1,
+        description="API connections from one address (an IPv6 /64) at once (429 beyond)",
+    )
+    api_head_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds an API client has to send a whole request head, counted from the "
+        "connection or the end of its previous response (408)",
+    )
     metrics_addr: str = Field(
         default="",
         description="where GET /metrics (Prometheus, no API key) is served: empty on the API's "

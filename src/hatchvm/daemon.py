@@ -17,6 +17,7 @@ import uvloop
 from hatchvm import __version__
 from hatchvm.agent.agents import Agents
 from hatchvm.api.app import create_app
+from hatchvm.api.connections import guarded_protocol
 from hatchvm.api.deps import Services
 from hatchvm.api.metrics import metrics_app
 from hatchvm.auth.base import build_verifier
@@ -46,6 +47,7 @@ from hatchvm.metrics.listener import MetricsListener
 from hatchvm.metrics.scrape import Scrape
 from hatchvm.net.errors import NetworkError
 from hatchvm.private import PRIVATE_UMASK, make_private_dir, tighten_tree
+from hatchvm.proxy.limits import Admission, fd_budget
 from hatchvm.proxy.server import Proxy
 from hatchvm.reaper import IdleReaper
 from hatchvm.snapshots.errors import ArtifactError
@@ -270,7 +272,16 @@ async def serve(settings: Settings) -> None:
     )
     host, port = settings.http_host_port
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            http=guarded_protocol(_api_admission(settings), settings.api_head_timeout),
+            ws="none",  # the API has no WebSocket route: an upgrade request is plain HTTP
+        )
     )
     log.info(
         "hatchd listening",
@@ -308,6 +319,18 @@ async def serve(settings: Settings) -> None:
         await snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
+
+
+def _api_admission(settings: Settings) -> Admission:
+    total = settings.api_max_connections
+    if total > fd_budget():
+        log.warning(
+            "api connection limit lowered to what the open-file limit allows",
+            configured=total,
+            now=fd_budget(),
+        )
+        total = fd_budget()
+    return Admission(total, settings.api_max_connections_per_address, "the API")
 
 
 async def _start_metrics_listener(settings: Settings, scrape: Scrape) -> MetricsListener | None:

@@ -23,16 +23,17 @@ def fd_budget() -> int:
 
 
 class Admission:
-    def __init__(self, total: int, per_address: int) -> None:
+    def __init__(self, total: int, per_address: int, name: str = "the proxy") -> None:
         self.total = total
         self.per_address = per_address
+        self.name = name  # who refuses, in the refusal's message
         self.open = 0
         self._by_key: Counter[str] = Counter()
 
     def admit(self, key: str | None) -> tuple[int, str] | None:
         """Count a new connection (key None: a trusted proxy's); the refusal if over a limit."""
         if self.open >= self.total:
-            return 503, f"the proxy is at its limit of {self.total} connections"
+            return 503, f"{self.name} is at its limit of {self.total} connections"
         if key is not None:
             if self._by_key[key] >= self.per_address:
                 return 429, f"too many connections from {key} (limit {self.per_address})"

@@ -1,0 +1,104 @@
+"""A guard on the API's listener against clients that hold connections.
+
+uvicorn bounds neither how many connections it holds nor how long a request head may take: a
+client that opens connections and sends nothing, or a byte now and then, holds each one (and
+a file descriptor) for good, until hatchd can open nothing more: no VM, disk or database file.
+Here every connection counts against a total and a per-client limit (the proxy's rules and
+answers: 503 and 429 beyond them), and each request head must arrive within a deadline counted
+from the connection's start or from the end of the previous response (408 after it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import structlog
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from hatchvm.clients import address_key, parse_address
+from hatchvm.logsummary import RepeatLog
+from hatchvm.proxy.limits import Admission
+
+log = structlog.get_logger("hatchvm.api")
+
+_REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 503: b"Service Unavailable"}
+
+
+def _answer(transport: asyncio.Transport, status: int, message: str) -> None:
+    """A JSON error, as the API's own, then the connection's end."""
+    body = json.dumps({"error": message}).encode()
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+    )
+    transport.write(head + body)
+    transport.close()
+
+
+def guarded_protocol(admission: Admission, head_timeout: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol with the guard, for uvicorn.Config(http=...)."""
+    refusals = RepeatLog(log, "api refused connections", interval=60.0)
+    timeouts = RepeatLog(log, "api timed out request heads", interval=60.0)
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _counted = False
+        _key: str | None = None
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            address = parse_address(self.client[0]) if self.client else None
+            self._key = None if address is None else address_key(address)
+            refusal = admission.admit(self._key)
+            if refusal is not None:
+                refusals.note(str(refusal[0]), self._key or "", reason=refusal[1])
+                _answer(transport, *refusal)
+                return
+            self._counted = True
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()  # the head is in: from here on the request's own handling rules
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request head has the same deadline
+
+        def handle_websocket_upgrade(self) -> None:
+            # The connection goes to another protocol object, which never calls ours back:
+            # its slot is given back now. (hatchd's API serves no WebSocket: ws="none".)
+            self._release()
+            super().handle_websocket_upgrade()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._release()
+            super().connection_lost(exc)
+
+        def _release(self) -> None:
+            self._disarm()
+            if self._counted:
+                self._counted = False
+                admission.release(self._key)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered (its head came in): not ours to cut
+            timeouts.note("408", self._key or "")
+            _answer(
+                self.transport, 408, f"no complete request head within {head_timeout:g} seconds"
+            )
+
+    return GuardedProtocol
