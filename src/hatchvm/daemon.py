@@ -321,16 +321,17 @@ async def serve(settings: Settings) -> None:
     # VMs keep running: the next hatchd reattaches them.
 
 
-def _api_admission(settings: Settings) -> Admission:
+def _api_admission(settings: Settings, name: str = "the API") -> Admission:
+    """The connection limits of the API's listener (and of the metrics one, each its own)."""
     total = settings.api_max_connections
     if total > fd_budget():
         log.warning(
-            "api connection limit lowered to what the open-file limit allows",
+            f"{name}'s connection limit lowered to what the open-file limit allows",
             configured=total,
             now=fd_budget(),
         )
         total = fd_budget()
-    return Admission(total, settings.api_max_connections_per_address, "the API")
+    return Admission(total, settings.api_max_connections_per_address, name)
 
 
 async def _start_metrics_listener(settings: Settings, scrape: Scrape) -> MetricsListener | None:
@@ -338,7 +339,10 @@ async def _start_metrics_listener(settings: Settings, scrape: Scrape) -> Metrics
     if settings.metrics_host_port is None:
         return None
     host, port = settings.metrics_host_port
-    listener = MetricsListener(metrics_app(scrape), host, port)
+    guard = guarded_protocol(
+        _api_admission(settings, "the metrics listener"), settings.api_head_timeout
+    )
+    listener = MetricsListener(metrics_app(scrape), host, port, guard)
     try:
         await listener.start()
     except OSError as exc:

@@ -20,9 +20,14 @@ class _Server(uvicorn.Server):
 
 
 class MetricsListener:
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, http: type[asyncio.Protocol] | str = "auto"
+    ) -> None:
+        """http: uvicorn's HTTP protocol (hatchd's: the API's connection guard)."""
         self._host, self._port = host, port
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="off", http=http, ws="none"
+        )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
