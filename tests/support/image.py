@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ from hatchvm.images.registry import register
 
 # One cache per builder version and guest sources: branches (worktrees) with different
 # builders or agents on one machine would otherwise rebuild the same cache over each other.
+CACHE_ROOT = Path.home() / ".cache/hatchvm"
 TEST_IMAGE_DIR = Path(
     os.environ.get(
         "HATCH_TEST_IMAGE_DIR",
-        str(Path.home() / f".cache/hatchvm/test-image-v{BUILDER_VERSION}-{guest_sources_hash()}"),
+        str(CACHE_ROOT / f"test-image-v{BUILDER_VERSION}-{guest_sources_hash()}"),
     )
 )
-DEB_CACHE = Path.home() / ".cache/hatchvm/debs"
+DEB_CACHE = CACHE_ROOT / "debs"
+STALE_CACHE_DAYS = 7  # another cache (another agent's) unused this long is deleted
 
 
 def ensure_test_image() -> ImageArtifacts:
@@ -43,7 +46,24 @@ def ensure_test_image() -> ImageArtifacts:
     if artifacts is None or not artifacts.up_to_date:
         artifacts = build_default_image(TEST_IMAGE_DIR, DEB_CACHE, print)
         prune_versions(TEST_IMAGE_DIR, set())  # only the current version is kept here
+        if TEST_IMAGE_DIR.parent == CACHE_ROOT:  # not beside a directory named by hand
+            prune_stale_caches(TEST_IMAGE_DIR, STALE_CACHE_DAYS * 86400)
+    os.utime(TEST_IMAGE_DIR)  # in use: what prune_stale_caches goes by
     return artifacts
+
+
+def prune_stale_caches(current: Path, max_age_s: float) -> list[Path]:
+    """The other test-image caches beside current unused for max_age_s, deleted: each agent
+    change leaves one (~76 MiB) behind. A cache in use elsewhere has its time refreshed."""
+    now = time.time()
+    stale = [
+        path
+        for path in current.parent.glob("test-image*")
+        if path != current and path.is_dir() and now - path.stat().st_mtime > max_age_s
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def install_image(data_dir: Path) -> None:

@@ -5,11 +5,14 @@ its old form (images/builder.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from importlib import resources
 from pathlib import Path
 
 from hatchvm.images.builder import BUILDER_VERSION, guest_sources_hash, load_artifacts
+from tests.support.image import prune_stale_caches
 from tests.unit.core_on_fake import placeholder_build
 
 
@@ -68,3 +71,18 @@ def test_an_image_of_another_builder_is_rebuilt(tmp_path: Path) -> None:
     (made / "manifest.json").write_text(json.dumps(manifest))
     artifacts = load_artifacts(made)
     assert artifacts is not None and not artifacts.up_to_date
+
+
+def test_only_stale_test_image_caches_are_pruned(tmp_path: Path) -> None:
+    current = tmp_path / "test-image-v9-new"
+    kept = [current, tmp_path / "test-image-v9-recent", tmp_path / "debs"]
+    stale = [tmp_path / "test-image-v8", tmp_path / "test-image-v9-old"]
+    old = time.time() - 8 * 86400
+    for path in [*kept, *stale]:
+        (path / "version").mkdir(parents=True)
+    for path in [*stale, tmp_path / "debs", current]:
+        os.utime(path, (old, old))  # the current one and the deb cache however old
+
+    assert sorted(prune_stale_caches(current, 7 * 86400)) == sorted(stale)
+    assert [p for p in kept if p.exists()] == kept
+    assert not any(p.exists() for p in stale)
