@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +65,7 @@ async def serving(total: int = 100, per_address: int = 100) -> AsyncIterator[Lis
         access_log=False,
         lifespan="off",
         http=guarded_protocol(admission, HEAD_TIMEOUT),
+        ws="none",  # as hatchd's
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -173,6 +175,29 @@ def test_connections_beyond_the_total_get_503(run: Run) -> None:
                 assert await _ask(after) == PONG
 
     run(body)
+
+
+def test_bad_requests_are_answered_without_a_log_line_each(
+    run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    upgrade = REQUEST.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+
+    async def body() -> None:
+        async with serving() as listener:
+            for _ in range(5):
+                with listener.connect() as sock:  # no WebSocket here: a plain request
+                    sock.sendall(upgrade)
+                    assert await asyncio.to_thread(_read_answer, sock) == PONG
+                with listener.connect() as sock:
+                    sock.sendall(b"NONSENSE\r\n\r\n")
+                    answer = await asyncio.to_thread(_read_until_closed, sock)
+                    assert answer.startswith(b"HTTP/1.1 400 ")
+
+    with caplog.at_level(logging.INFO, logger="uvicorn.error"):
+        run(body)
+    uvicorn_lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert any("Started server process" in line for line in uvicorn_lines)  # it is captured
+    assert not [line for line in uvicorn_lines if "request" in line.lower()], uvicorn_lines
 
 
 async def _ask(sock: socket.socket) -> bytes:

@@ -5,13 +5,15 @@ client that opens connections and sends nothing, or a byte now and then, holds e
 a file descriptor) for good, until hatchd can open nothing more: no VM, disk or database file.
 Here every connection counts against a total and a per-client limit (the proxy's rules and
 answers: 503 and 429 beyond them), and each request head must arrive within a deadline counted
-from the connection's start or from the end of the previous response (408 after it).
+from the connection's start or from the end of the previous response (408 after it). What
+uvicorn would log a line for each time a client sends a bad request is counted instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -23,6 +25,31 @@ from hatchvm.proxy.limits import Admission
 log = structlog.get_logger("hatchvm.api")
 
 _REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 503: b"Service Unavailable"}
+
+# What uvicorn logs, a line each time, about a client's bad request: any client could fill
+# the log with them. They are counted and logged once a minute instead.
+_CLIENT_FAULTS = {
+    "Invalid HTTP request received.": "invalid request",
+    "Unsupported upgrade request.": "upgrade request",
+}
+_NO_WEBSOCKET_LIBRARY = "No supported WebSocket library detected"  # advice for no one here
+
+
+class _ClientFaults(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats = RepeatLog(log, "api clients sent bad requests", interval=60.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        kind = _CLIENT_FAULTS.get(message)
+        if kind is not None:
+            self.repeats.note(kind)
+            return False
+        return not message.startswith(_NO_WEBSOCKET_LIBRARY)
+
+
+_client_faults = _ClientFaults()
 
 
 def _answer(transport: asyncio.Transport, status: int, message: str) -> None:
@@ -38,6 +65,9 @@ def _answer(transport: asyncio.Transport, status: int, message: str) -> None:
 
 def guarded_protocol(admission: Admission, head_timeout: float) -> type[HttpToolsProtocol]:
     """uvicorn's HTTP protocol with the guard, for uvicorn.Config(http=...)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if _client_faults not in uvicorn_log.filters:
+        uvicorn_log.addFilter(_client_faults)
     refusals = RepeatLog(log, "api refused connections", interval=60.0)
     timeouts = RepeatLog(log, "api timed out request heads", interval=60.0)
 
