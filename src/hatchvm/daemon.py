@@ -47,7 +47,7 @@ from hatchvm.metrics.listener import MetricsListener
 from hatchvm.metrics.scrape import Scrape
 from hatchvm.net.errors import NetworkError
 from hatchvm.private import PRIVATE_UMASK, make_private_dir, tighten_tree
-from hatchvm.proxy.limits import Admission, fd_budget
+from hatchvm.proxy.limits import Admission, capped_by_fd_budget
 from hatchvm.proxy.server import Proxy
 from hatchvm.reaper import IdleReaper
 from hatchvm.snapshots.errors import ArtifactError
@@ -323,14 +323,7 @@ async def serve(settings: Settings) -> None:
 
 def _api_admission(settings: Settings, name: str = "the API") -> Admission:
     """The connection limits of the API's listener (and of the metrics one, each its own)."""
-    total = settings.api_max_connections
-    if total > fd_budget():
-        log.warning(
-            f"{name}'s connection limit lowered to what the open-file limit allows",
-            configured=total,
-            now=fd_budget(),
-        )
-        total = fd_budget()
+    total = capped_by_fd_budget(settings.api_max_connections, name)
     return Admission(total, settings.api_max_connections_per_address, name)
 
 

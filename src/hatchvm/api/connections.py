@@ -12,7 +12,6 @@ uvicorn would log a line for each time a client sends a bad request is counted i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 import structlog
@@ -20,11 +19,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hatchvm.clients import address_key, parse_address
 from hatchvm.logsummary import RepeatLog
+from hatchvm.proxy.headers import error_response
 from hatchvm.proxy.limits import Admission
 
 log = structlog.get_logger("hatchvm.api")
-
-_REASONS = {408: b"Request Timeout", 429: b"Too Many Requests", 503: b"Service Unavailable"}
 
 # What uvicorn logs, a line each time, about a client's bad request: any client could fill
 # the log with them. They are counted and logged once a minute instead.
@@ -53,13 +51,8 @@ _client_faults = _ClientFaults()
 
 
 def _answer(transport: asyncio.Transport, status: int, message: str) -> None:
-    """A JSON error, as the API's own, then the connection's end."""
-    body = json.dumps({"error": message}).encode()
-    head = (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
-    )
-    transport.write(head + body)
+    """A JSON error, as the API's own (and the proxy's), then the connection's end."""
+    transport.write(error_response(status, message, close=True))
     transport.close()
 
 

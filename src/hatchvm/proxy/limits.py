@@ -11,7 +11,24 @@ from __future__ import annotations
 import resource
 from collections import Counter
 
+import structlog
+
+log = structlog.get_logger("hatchvm.limits")
+
 FD_RESERVE = 512  # descriptors kept for everything else hatchd opens (database, VMs, SSH)
+
+
+def capped_by_fd_budget(total: int, who: str) -> int:
+    """total connections, lowered (with a warning) to what the open-file limit allows."""
+    budget = fd_budget()
+    if total <= budget:
+        return total
+    log.warning(
+        f"{who} connection limit lowered to what the open-file limit allows",
+        configured=total,
+        allowed=budget,
+    )
+    return budget
 
 
 def fd_budget() -> int:

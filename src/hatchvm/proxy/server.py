@@ -35,7 +35,7 @@ from hatchvm.metrics.figures import How
 from hatchvm.proxy.client import ClientConnection
 from hatchvm.proxy.exchange import Exchange
 from hatchvm.proxy.headers import Headers, forwarded_for
-from hatchvm.proxy.limits import Admission, fd_budget
+from hatchvm.proxy.limits import Admission, capped_by_fd_budget
 from hatchvm.proxy.phases import CONNECTING, Phase, Timeouts
 from hatchvm.proxy.upstream import PoolKey, Upstream, UpstreamPool
 
@@ -93,14 +93,7 @@ class Proxy:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        budget = fd_budget()
-        if self.admission.total > budget:
-            log.warning(
-                "proxy connection limit lowered to what the open-file limit allows",
-                configured=self.admission.total,
-                allowed=budget,
-            )
-            self.admission.total = budget
+        self.admission.total = capped_by_fd_budget(self.admission.total, "proxy")
         host, port = self._s.proxy_host_port
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
