@@ -747,8 +747,8 @@ class SnapshotService:
         vm_dir = self.vms.vm_dir(vm_id)
         return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "resume": vm_dir / RESUME_DIR}
 
-    def _set_aside(self, vm_id: str, prior: str) -> Path:
-        """Move the VM's files into PREVIOUS_DIR, journal first; its new, empty resume dir."""
+    def _set_aside(self, vm_id: str, prior: str) -> None:
+        """Move the VM's files into PREVIOUS_DIR, journal first; make its resume dir anew."""
         previous = self.vms.vm_dir(vm_id) / PREVIOUS_DIR
         _reset_dir(previous)
         kept = self._kept_files(vm_id)
@@ -757,23 +757,24 @@ class SnapshotService:
         (previous / JOURNAL).write_text(json.dumps({"state": prior, "had": had}))
         for name in had:
             os.replace(kept[name], previous / name)
-        resume = self._resume_dir(vm_id)
-        resume.mkdir()
-        return resume
+        self._resume_dir(vm_id).mkdir()
+
+    def _artifact_paths(self, vm_id: str) -> dict[str, Path]:
+        """Where a restore puts each artifact of the snapshot (by its name)."""
+        vm_dir = self.vms.vm_dir(vm_id)
+        state = self._resume_dir(vm_id) / STATE_NAME
+        return {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "state": state}
 
     def _swap_in(self, vm_id: str, work: Path, prior: str) -> None:
-        vm_dir = self.vms.vm_dir(vm_id)
-        resume = self._set_aside(vm_id, prior)
-        os.replace(work / "mem", vm_dir / MEM_NAME)
-        os.replace(work / "disk", vm_dir / DISK_NAME)
-        os.replace(work / "state", resume / STATE_NAME)
+        self._set_aside(vm_id, prior)
+        for name, path in self._artifact_paths(vm_id).items():
+            os.replace(work / name, path)
 
     def _swap_in_empty(self, vm_id: str, sizes: dict[str, int], prior: str) -> dict[str, Path]:
         """_swap_in with files of the given sizes that hold nothing yet (holes): their paths
         by artifact name."""
-        vm_dir = self.vms.vm_dir(vm_id)
-        resume = self._set_aside(vm_id, prior)
-        dests = {"mem": vm_dir / MEM_NAME, "disk": vm_dir / DISK_NAME, "state": resume / STATE_NAME}
+        self._set_aside(vm_id, prior)
+        dests = self._artifact_paths(vm_id)
         for name, path in dests.items():
             with path.open("xb") as f:
                 os.ftruncate(f.fileno(), sizes[name])
