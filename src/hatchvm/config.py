@@ -380,6 +380,13 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds before a failed wake may be tried again (doubling each time)",
     )
+    wake_standbys: int = Field(
+        default=8,
+        ge=0,
+        description="sleeping VMs (the most recently put to sleep) whose VMM is kept started, "
+        "waiting for their state, so a wake skips starting it; each holds about 64 MiB. "
+        "0: none",
+    )
     idle_check_interval: float = Field(
         default=300.0, gt=0, description="seconds between two looks for idle VMs"
     )

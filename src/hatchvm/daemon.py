@@ -240,6 +240,7 @@ async def serve(settings: Settings) -> None:
     await reconcile(vms, snapshots)
     await snapshots.resume_stores()  # snapshots a crash left `storing`
     await snapshots.collect_all()  # what a crash left in the chunk store
+    await snapshots.offer_standbys()  # reconciliation ended the last hatchd's
     await prune_images(settings, sessions)
 
     activity = Activity(vms)

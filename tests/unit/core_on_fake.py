@@ -103,7 +103,10 @@ def _fake_image(image_dir: Path) -> None:
 
 
 async def make_core(
-    tmp: Path, features: Feature = Feature.SNAPSHOTS, metrics: Metrics | None = None
+    tmp: Path,
+    features: Feature = Feature.SNAPSHOTS,
+    metrics: Metrics | None = None,
+    **settings_overrides: object,
 ) -> AsyncIterator[Core]:
     settings = load_settings(
         data_dir=tmp / "data",
@@ -112,6 +115,7 @@ async def make_core(
         vm_disk_mib=64,
         host_mem_reserve_mib=0,
         host_disk_reserve_mib=0,
+        **settings_overrides,
     )
     settings.vms_dir.mkdir(parents=True)
     engine = make_engine(settings.sqlalchemy_url)

@@ -30,3 +30,14 @@ async def test_same_key_serialises_other_keys_do_not() -> None:
     assert order.index("1-") < order.index("2+")  # same key: strictly one after the other
     assert order.index("3+") < order.index("1-")  # other key: not held up
     assert not locks.busy("a") and locks._locks == {}
+
+
+async def test_held_if_free_never_waits() -> None:
+    locks = KeyedLocks()
+    async with locks.hold("a"):
+        async with locks.held_if_free("a") as got:  # held: no deadlock, no wait
+            assert got is False
+    async with locks.held_if_free("a") as got:  # the positive control: free, so held now
+        assert got is True
+        assert locks.busy("a")
+    assert not locks.busy("a")

@@ -55,6 +55,7 @@ def test_every_figure_is_exposed_with_its_type() -> None:
         "hatch_restore_duration_seconds": "histogram",
         "hatch_snapshot_failures": "counter",
         "hatch_vms": "gauge",
+        "hatch_wake_standbys": "gauge",
         "hatch_create_duration_seconds": "histogram",
         "hatch_proxy_request_duration_seconds": "histogram",
         "hatch_proxy_refusals": "counter",

@@ -71,9 +71,10 @@ async def test_the_vmm_starts_while_the_files_are_filled(
     seen_during_fill: list[bool] = []
     vmm_start, fill = core.vms.vmm.start_incoming, core.snapshots.chunks.fill
 
-    async def start_incoming(spec: BootSpec) -> None:
-        await vmm_start(spec)
+    async def start_incoming(spec: BootSpec) -> bool:
+        ahead = await vmm_start(spec)
         started.set()
+        return ahead
 
     def filling(plan: RestorePlan, dests: dict[str, Path]) -> None:
         # The fill runs in a thread: had the VMM waited for it, this would wait in vain.

@@ -10,6 +10,9 @@ take (both are sparse) and keep HATCH_HOST_DISK_RESERVE_MIB free.
 
 Callers hold `lock` from the check until the VM's transitional state (starting, restoring) is
 persisted, so two boots at once each count the other.
+
+Wake standbys (core/standbys.py) count too, a fixed amount each; when memory is short they are
+ended first (those of VMs nobody is busy with), and the check is made again.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 from sqlalchemy import select
@@ -86,6 +90,16 @@ def check(
         )
 
 
+class Spare(Protocol):
+    """Memory held that may be given back on demand (wake standbys)."""
+
+    def held_mib(self) -> int: ...
+
+    async def reclaim(self) -> int:
+        """Give back what can be now, without waiting for any lock; MiB freed."""
+        ...
+
+
 class HostAdmission:
     def __init__(
         self,
@@ -97,18 +111,42 @@ class HostAdmission:
         self._sessions = sessions
         self._footprint = footprint_mib  # the VMM's: memory + overhead of a VM of mem_mib
         self.lock = asyncio.Lock()
+        self.spare: Spare | None = None
 
     async def check(
         self, session: AsyncSession, vm_id: str | None, mem_mib: int, disk_mib: int
     ) -> None:
         """Refuse (503) booting the VM vm_id (None: a new one) of mem_mib, which needs
         disk_mib of new space. The caller holds `lock`."""
+        committed = await self._committed(session, vm_id)
+        try:
+            await self._check(committed, self._footprint(mem_mib), disk_mib)
+        except BackendUnavailable:
+            if self.spare is None or not await self.spare.reclaim():
+                raise
+            await self._check(committed, self._footprint(mem_mib), disk_mib)
+
+    async def has_room(self, mem_mib: int) -> bool:
+        """Whether mem_mib more fits now, nothing given back for it (a wake standby's)."""
+        async with self.lock, self._sessions() as session:
+            committed = await self._committed(session, None)
+            try:
+                await self._check(committed, mem_mib, 0)
+            except BackendUnavailable:
+                return False
+        return True
+
+    async def _committed(self, session: AsyncSession, vm_id: str | None) -> int:
+        """What the VMs holding memory (vm_id's aside) may use, overheads included."""
         query = select(VM.mem_mib).where(VM.state.in_([s.value for s in _HOLDING]))
         if vm_id is not None:
             query = query.where(VM.id != vm_id)
-        committed = sum(self._footprint(m) for m in (await session.scalars(query)).all())
+        return sum(self._footprint(m) for m in (await session.scalars(query)).all())
+
+    async def _check(self, committed_mib: int, mem_mib: int, disk_mib: int) -> None:
+        held = self.spare.held_mib() if self.spare is not None else 0
         host = await asyncio.to_thread(read_host, self._s.data_dir)
-        check(self._s, host, committed, self._footprint(mem_mib), disk_mib)
+        check(self._s, host, committed_mib + held, mem_mib, disk_mib)
 
     async def admit(self, vm_id: str, mem_mib: int, disk_mib: int) -> None:
         """check() for an existing VM, in a session of its own."""

@@ -27,5 +27,16 @@ class KeyedLocks:
                 del self._users[key]
                 del self._locks[key]
 
+    @asynccontextmanager
+    async def held_if_free(self, key: str) -> AsyncIterator[bool]:
+        """Hold the key's lock if nobody holds or waits for it (True), else do nothing
+        (False). Never waits, so a holder of other locks may call it without risking a
+        deadlock: a lock nobody uses is a new one, taken at once."""
+        if key in self._locks:
+            yield False
+            return
+        async with self.hold(key):
+            yield True
+
     def busy(self, key: str) -> bool:
         return key in self._locks and self._locks[key].locked()

@@ -35,6 +35,7 @@ import structlog
 
 from hatchvm.config import Settings
 from hatchvm.core import quotas
+from hatchvm.core.standbys import Standbys
 from hatchvm.core.states import Op, State, guard
 from hatchvm.core.storing import StoreTasks, Then
 from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR, VMService, reason_of
@@ -133,8 +134,10 @@ class SnapshotService:
         vms.teardown_hooks.append(self._call_off_stores)
         vms.delete_hooks.append(self._forget_vm)
         self.metrics = metrics or Metrics()
+        self.standbys = Standbys(vms, settings.wake_standbys, self.metrics)
 
     async def close(self) -> None:
+        await self.standbys.close()
         await self.storing.close()
         self.chunks.close()
 
@@ -381,6 +384,7 @@ class SnapshotService:
                 return  # deleted meanwhile
             if failure is None:
                 await self._make_room(vm)
+                await self._offer_standby(vm, snap_id)
                 return
             if vm.state != State.SNAPSHOTTED:
                 return  # woken meanwhile: it runs on its own copy
@@ -395,6 +399,34 @@ class SnapshotService:
                 await self.vms.update(
                     vm.id, state=State.STOPPED, state_reason=f"{why}; the guest's memory is lost"
                 )
+
+    async def _offer_standby(self, vm: VM, snap_id: str) -> None:
+        """A wake standby for vm (its lock held) if it sleeps on its own files and snap_id,
+        the snapshot they equal, is stored: nothing reads them through another link then."""
+        if (
+            vm.state == State.SNAPSHOTTED
+            and await asyncio.to_thread(self._latest, vm.id) == snap_id
+        ):
+            await self.standbys.offer(vm)
+
+    async def offer_standbys(self) -> None:
+        """At start-up: the VMs that sleep on their own stored snapshots get wake standbys
+        again, the most recently put to sleep first, up to the limit."""
+        if self.standbys.limit == 0:
+            return
+        async with self.vms.sessions() as session:
+            sleeping = [vm for vm in await repo.list_vms(session) if vm.state == State.SNAPSHOTTED]
+        sleeping.sort(key=lambda vm: vm.updated_at, reverse=True)
+        for candidate in sleeping[: self.standbys.limit]:
+            async with self.vms.locks.hold(candidate.id):
+                vm = await self.vms.load(candidate.id)
+                latest = await asyncio.to_thread(self._latest, candidate.id)
+                if vm is None or latest is None:
+                    continue
+                async with self.vms.sessions() as session:
+                    snap = await repo.get_snapshot(session, latest)
+                if snap is not None and snap.status == STORED:
+                    await self._offer_standby(vm, latest)
 
     def _latest(self, vm_id: str) -> str | None:
         """The snapshot the VM's own files equal, if they can be trusted (same host boot)."""
@@ -591,6 +623,7 @@ class SnapshotService:
             await self.vms.update(vm.id, state=State.RESTORING)
         crashpoint("restore.begun")
         try:
+            await self.standbys.take(vm, usable=hot)  # its VMM started ahead, if it has one
             fill = None if hot else await self._lay_out(vm, snap, prior)
             # From here on the guest changes its RAM file: it no longer equals any snapshot.
             await asyncio.to_thread((resume / LATEST).unlink, True)

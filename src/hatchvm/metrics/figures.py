@@ -113,6 +113,12 @@ class Metrics:
             buckets=SNAPSHOT_BUCKETS,
             registry=r,
         )
+        self._standbys = Gauge(
+            "hatch_wake_standbys",
+            "Sleeping VMs whose VMM is started ahead, waiting for their state, so that a wake "
+            "only loads it (at most HATCH_WAKE_STANDBYS)",
+            registry=r,
+        )
         self._snapshot_failures = Counter(
             "hatch_snapshot_failures",
             "Snapshot captures, stores and restores that failed",
@@ -223,6 +229,9 @@ class Metrics:
 
     def restored(self, hot: bool, seconds: float) -> None:
         self._restore.labels("hot" if hot else "store").observe(seconds)
+
+    def standbys(self, count: int) -> None:
+        self._standbys.set(count)
 
     def snapshot_failed(self, step: Step) -> None:
         self._snapshot_failures.labels(step).inc()

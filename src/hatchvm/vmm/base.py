@@ -227,17 +227,24 @@ class VMM(Protocol):
         writes it); its disks are consistent with it. Called only with SNAPSHOTS."""
         ...
 
-    async def start_incoming(self, spec: BootSpec) -> None:
-        """A head start for a restore whose files are still being written (a fork's child,
-        started while its parent is captured): the VMM is started and waits for its state;
-        restore() then only loads it. spec's mem_file and disk exist at their full sizes,
-        and are only written into until restore(), never replaced. A driver that cannot
-        start before its files are complete does nothing here."""
+    async def start_incoming(self, spec: BootSpec) -> bool:
+        """A head start for a restore: the VMM is started and waits for its state; restore()
+        then only loads it. Used for a restore whose files are still being written (a fork's
+        child, started while its parent is captured) and for a sleeping VM's wake standby.
+        spec's mem_file and disk exist at their full sizes, and are only written into until
+        restore(), never replaced. A driver that cannot start before its files are complete
+        does nothing here and answers False."""
+        ...
+
+    async def discard_incoming(self, vm_id: str, vm_dir: Path) -> bool:
+        """End the VMM start_incoming() started for this VM if no restore() has taken it
+        (a wake standby given up); True if one was ended. Idempotent."""
         ...
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
-        """Start the VM from spec.mem_file and state_file (or load the state into the VMM
-        start_incoming() started), paused where it was; its pid."""
+        """Start the VM from spec.mem_file and state_file, paused where it was; its pid. The
+        VMM start_incoming() started is used when it was started for this spec and the files
+        at its paths are still the ones it opened; otherwise it is ended and a new one started."""
         ...
 
     async def capture(

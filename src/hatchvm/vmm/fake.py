@@ -41,7 +41,9 @@ class FakeProcess:
     vm_dir: Path
     mem_mib: int
     mem_file: Path | None
-    state: str = "not started"  # "running", "paused"
+    state: str = "not started"  # "running", "paused", "incoming" (start_incoming)
+    # incoming: the spec it was started for and (device, inode) of its files, as QEMU's
+    ahead: tuple[BootSpec, tuple[tuple[int, int], ...]] | None = None
     exit: ExitInfo | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -197,13 +199,28 @@ class FakeVMM:
         if meanwhile is not None:
             await meanwhile()
 
-    async def start_incoming(self, spec: BootSpec) -> None:
-        """Nothing to start ahead: restore() does it all."""
+    async def start_incoming(self, spec: BootSpec) -> bool:
+        """A process waiting for its state, which restore() takes when it fits (as QEMU's)."""
+        self._check("start_incoming", spec.vm_id)
+        for path in (spec.mem_file, spec.disk):
+            if path is None or not path.exists():
+                raise VMMFilesMissing(f"{path} does not exist", vm_id=spec.vm_id, op="restore")
+        self._start(spec, "incoming")
+        self.host.processes[spec.vm_id].ahead = (spec, _identities(spec))
+        return True
+
+    async def discard_incoming(self, vm_id: str, vm_dir: Path) -> bool:
+        proc = self.host.processes.get(vm_id)
+        if proc is None or proc.state != "incoming":
+            return False
+        await self.kill(vm_id, vm_dir)
+        return True
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         self._check("restore", spec.vm_id)
         for what, path in (("memory file", spec.mem_file), ("state file", state_file)):
             if path is None or not path.exists():
+                await self.discard_incoming(spec.vm_id, spec.vm_dir)
                 raise VMMFilesMissing(
                     f"{what} {path} does not exist", vm_id=spec.vm_id, op="restore"
                 )
@@ -213,9 +230,16 @@ class FakeVMM:
         except (ValueError, KeyError, TypeError):
             good = False
         if not good:
+            await self.discard_incoming(spec.vm_id, spec.vm_dir)
             raise VMMRequestFailed(
                 f"state file {state_file} is not this vm's", vm_id=spec.vm_id, op="restore"
             )
+        proc = self.host.processes.get(spec.vm_id)
+        ahead = (spec, _identities(spec))
+        if proc is not None and proc.state == "incoming" and proc.ahead == ahead:
+            proc.state, proc.ahead = "paused", None
+            self.host.calls.append(("restore-ahead", spec.vm_id))
+            return proc.pid
         return self._start(spec, "paused")
 
     async def wait_exit(self, vm_id: str, vm_dir: Path) -> ExitInfo:
@@ -225,3 +249,8 @@ class FakeVMM:
         await proc.ended.wait()
         assert proc.exit is not None
         return proc.exit
+
+
+def _identities(spec: BootSpec) -> tuple[tuple[int, int], ...]:
+    paths = [p for p in (spec.mem_file, spec.disk) if p is not None]
+    return tuple((st.st_dev, st.st_ino) for st in (p.stat() for p in paths))

@@ -598,9 +598,13 @@ class FirecrackerVMM:
                 state_file.unlink(missing_ok=True)
                 raise VMMFilesMissing(str(exc), vm_id=vm_id, op="snapshot") from None
 
-    async def start_incoming(self, spec: BootSpec) -> None:
+    async def start_incoming(self, spec: BootSpec) -> bool:
         """Nothing ahead: Firecracker loads its files as it starts (the jail gets them
         then), so restore() does it all once they are complete."""
+        return False
+
+    async def discard_incoming(self, vm_id: str, vm_dir: Path) -> bool:
+        return False  # start_incoming() starts nothing
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         """A fresh Firecracker loads the snapshot (its memory file mapped privately, so it

@@ -15,6 +15,9 @@ memory could meet the OOM killer.
 
 from __future__ import annotations
 
+# A QEMU started ahead, waiting for its state (a wake standby, core/standbys.py): measured
+# 50 MiB PSS here (TCG), 30 of it its own heap; no guest RAM is touched before the state loads.
+STANDBY_MIB = 64
 BASE_MIB = 96  # QEMU's own memory + boot-time page cache, with some room for disk caching
 RAM_FRACTION = 32  # kernel memory that grows with the guest: mem_mib / RAM_FRACTION
 

@@ -119,8 +119,8 @@ class QemuVMM:
         self.cgroups = cgroups
         # The QMP connection of a restore, from loading the state until resume lets it run.
         self._restoring: dict[str, QMPSession] = {}
-        # QEMUs start_incoming() started, waiting for their state: pid by VM id.
-        self._incoming: dict[str, int] = {}
+        # QEMUs start_incoming() started, waiting for their state, by VM id.
+        self._incoming: dict[str, _Ahead] = {}
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -280,6 +280,8 @@ class QemuVMM:
         QEMU's start-up is done, and reset if QEMU gives up, so nothing polls for either.
         QEMU's output goes into qemu.log until then; afterwards it leads nowhere (as with
         -daemonize), so a guest that makes QEMU complain cannot fill the host's disk."""
+        if await self.alive(spec.vm_id, spec.vm_dir) is not None:
+            await self.kill(spec.vm_id, spec.vm_dir)  # one QEMU per VM: never leave one behind
         await self._forget(spec.vm_id, spec.vm_dir)
         sock = self.sockets(spec.vm_dir)
         sock.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -453,14 +455,24 @@ class QemuVMM:
             if copying is not None:
                 await copying
 
-    async def start_incoming(self, spec: BootSpec) -> None:
+    async def start_incoming(self, spec: BootSpec) -> bool:
         """QEMU -incoming touches no guest RAM before the state is loaded (its ROMs are not
         copied in while it waits), so the memory file may be filled after it mapped it."""
         if spec.mem_file is None or not spec.mem_file.exists() or not spec.disk.exists():
             raise VMMFilesMissing("memory file or disk is missing", vm_id=spec.vm_id, op="restore")
         pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
         self._restoring[spec.vm_id] = qmp
-        self._incoming[spec.vm_id] = pid
+        self._incoming[spec.vm_id] = _Ahead(
+            pid, dataclasses.replace(spec, incoming=False), _identities(spec)
+        )
+        return True
+
+    async def discard_incoming(self, vm_id: str, vm_dir: Path) -> bool:
+        ahead = self._incoming.pop(vm_id, None)  # claimed here: restore() can no longer use it
+        if ahead is None:
+            return False
+        await self.kill(vm_id, vm_dir)
+        return True
 
     async def restore(self, spec: BootSpec, state_file: Path) -> int:
         if spec.mem_file is None or not spec.mem_file.exists() or not state_file.exists():
@@ -471,8 +483,9 @@ class QemuVMM:
             )
         # One QMP connection from here until resume: the state is loaded as soon as QEMU is up
         # (migrate-incoming refuses a QEMU not waiting for one), and `cont` needs no new one.
-        pid = self._incoming.pop(spec.vm_id, None)
+        ahead = self._incoming.pop(spec.vm_id, None)
         qmp = self._restoring.get(spec.vm_id)
+        pid = await self._usable_ahead(spec, ahead) if qmp is not None else None
         if pid is None or qmp is None:
             pid, qmp = await self._start(dataclasses.replace(spec, incoming=True))
             self._restoring[spec.vm_id] = qmp
@@ -484,6 +497,26 @@ class QemuVMM:
             await self.kill(spec.vm_id, spec.vm_dir)
             raise
         return pid
+
+    async def _usable_ahead(self, spec: BootSpec, ahead: _Ahead | None) -> int | None:
+        """The pid of the QEMU start_incoming() started for this restore, if it may load
+        the state: still alive, started for this very spec, and mapping the files that are
+        at its paths now. A file replaced since (a copy made for a store or a fork still
+        reading the old one) must never be written by the old mapping. Else it is ended."""
+        if ahead is None:
+            return None
+        if ahead.spec == dataclasses.replace(spec, incoming=False) and _is_ours(
+            ahead.pid, spec.vm_id
+        ):
+            try:
+                same = _identities(spec) == ahead.files
+            except FileNotFoundError:
+                same = False
+            if same:
+                return ahead.pid
+        log.info("vmm started ahead does not fit the restore, starting afresh", vm_id=spec.vm_id)
+        await self.kill(spec.vm_id, spec.vm_dir)
+        return None
 
     async def resume_if_paused(self, vm_id: str, vm_dir: Path) -> bool:
         """After an interrupted operation: let a guest left paused run on (a snapshot that did
@@ -515,6 +548,21 @@ class QemuVMM:
         if pid is None:
             return ExitInfo(at=datetime.now(UTC), reason=None)
         return await watch_process(pid, vm_id, self.sockets(vm_dir) / EVENTS_SOCKET)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ahead:
+    """A QEMU started by start_incoming(), waiting for its state."""
+
+    pid: int
+    spec: BootSpec  # the restore's, as start_incoming() was given it
+    files: tuple[tuple[int, int], ...]  # (device, inode) of its memory file and disk
+
+
+def _identities(spec: BootSpec) -> tuple[tuple[int, int], ...]:
+    """Which files the spec's paths name now."""
+    paths = [spec.disk] if spec.mem_file is None else [spec.mem_file, spec.disk]
+    return tuple((st.st_dev, st.st_ino) for st in (p.stat() for p in paths))
 
 
 def _reap(pid: int) -> None:

@@ -1,0 +1,124 @@
+"""Wake standbys on real guests: once a sleeping VM's snapshot is stored, its QEMU is started
+again and waits for its state, its TAP on the bridge but down; the wake through the proxy
+loads the state into that very QEMU; and a standby whose memory file was replaced meanwhile
+(a fork of the sleeping VM still maps the old one) is never resumed: the fork's child would
+see its parent's writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hatchvm.client import HatchClient
+from hatchvm.net.alloc import tap_name
+from tests.integration.test_fork import WHO, who
+from tests.support.daemon import HatchDaemon
+from tests.support.wait import wait_for, wait_http
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def hatch() -> Iterator[HatchDaemon]:
+    daemon = HatchDaemon(HATCH_STOP_TIMEOUT="5")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+def _qemu(hatch: HatchDaemon, vm_id: str) -> tuple[int, list[str]] | None:
+    """The VM's QEMU (pid, command line), if one runs."""
+    try:
+        pid = int((hatch.data_dir / "vms" / vm_id / "qemu.pid").read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid, [a.decode() for a in args]
+
+
+def _standby(hatch: HatchDaemon, vm_id: str) -> int | None:
+    """The pid of the VM's QEMU while it waits for an incoming state."""
+    found = _qemu(hatch, vm_id)
+    return found[0] if found is not None and "-incoming" in found[1] else None
+
+
+def _tap_up(hatch: HatchDaemon, vm_id: str) -> bool:
+    tap = tap_name(hatch.tap_prefix, vm_id)
+    shown = subprocess.run(["ip", "-j", "link", "show", "dev", tap], capture_output=True)
+    (link,) = json.loads(shown.stdout)  # the TAP exists (else this raises)
+    return "UP" in link["flags"]
+
+
+def _standbys_metric(hatch: HatchDaemon) -> float:
+    text = httpx.get(f"{hatch.url}/metrics", timeout=10).text
+    line = next(li for li in text.splitlines() if li.startswith("hatch_wake_standbys "))
+    return float(line.split()[1])
+
+
+def _asleep(api: HatchClient, hatch: HatchDaemon, vm_id: str) -> int:
+    """Snapshot the VM, wait until it is stored and its standby waits; the standby's pid."""
+    snap = api.snapshot_vm(vm_id, wait_stored=True)
+    assert snap["status"] == "stored"
+    return wait_for(lambda: _standby(hatch, vm_id), 30, "the wake standby")
+
+
+def test_the_wake_loads_the_state_into_the_standby(hatch: HatchDaemon) -> None:
+    api = hatch.client(hatch.create_key("alice"))
+    vm = api.create_vm(mem_mib=256, user_data=WHO)
+    wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who")
+    api.exec(vm["id"], "echo slept > /tmp/in-memory")
+    route = api.create_route(vm["id"], 8080)
+    running = _qemu(hatch, vm["id"])
+    assert running is not None and "-incoming" not in running[1]  # the probe tells them apart
+
+    standby = _asleep(api, hatch, vm["id"])
+    assert standby != running[0]
+    assert api.get_vm(vm["id"])["state"] == "snapshotted"
+    assert not _tap_up(hatch, vm["id"])  # on the bridge, but nothing passes it
+    assert _standbys_metric(hatch) == 1
+
+    response = httpx.get(
+        f"http://127.0.0.1:{hatch.proxy_port}/cgi-bin/who",
+        headers={"Host": f"{route['subdomain']}.hatch.local"},
+        timeout=60,
+    )
+    assert response.status_code == 200 and "memory=slept" in response.text
+    woken = _qemu(hatch, vm["id"])
+    assert woken is not None and woken[0] == standby  # the same QEMU, now running the guest
+    assert _tap_up(hatch, vm["id"])
+    assert _standbys_metric(hatch) == 0
+    api.delete_vm(vm["id"])
+    assert _qemu(hatch, vm["id"]) is None
+
+
+def test_a_standby_is_not_resumed_on_a_memory_file_a_fork_still_maps(
+    hatch: HatchDaemon,
+) -> None:
+    api = hatch.client(hatch.create_key("bob"))
+    parent = api.create_vm(mem_mib=256, user_data=WHO)
+    wait_http(f"http://{parent['guest_ip']}:8080/cgi-bin/who")
+    api.exec(parent["id"], "echo before > /tmp/in-memory")
+    standby = _asleep(api, hatch, parent["id"])
+
+    # The child maps its parent's memory file (a link to it) privately: it shares every page
+    # it has not written, and would see any write made to that file.
+    (child,) = api.fork_vm(parent["id"])
+    assert who(child["guest_ip"])["memory"] == "before"
+    assert _standby(hatch, parent["id"]) == standby  # the parent sleeps on, standby and all
+
+    api.exec(parent["id"], "echo after > /tmp/in-memory; sync")
+    woken = _qemu(hatch, parent["id"])
+    assert woken is not None and woken[0] != standby  # started afresh, on a copy of its own
+    assert "does not fit the restore" in hatch.log_path.read_text(errors="replace")
+    assert api.exec(parent["id"], ["cat", "/tmp/in-memory"])["stdout"] == "after\n"
+    assert who(child["guest_ip"])["memory"] == "before"
+    assert api.exec(child["id"], ["cat", "/tmp/in-memory"])["stdout"] == "before\n"
+    for vm in (child, parent):
+        api.delete_vm(vm["id"])
