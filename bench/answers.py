@@ -40,3 +40,18 @@ def stored(api: httpx.Client, snapshot: dict, timeout: float = 900) -> dict:
             raise RuntimeError(f"snapshot {snap['id']} failed: {snap['status_reason']}")
         time.sleep(0.05)
     raise TimeoutError(f"snapshot {snapshot['id']} still storing after {timeout}s")
+
+
+def standby_ready(api: httpx.Client, timeout: float = 60) -> None:
+    """Until hatchd reports a wake standby (core/standbys.py) waiting, if it keeps any: one
+    starts right after a snapshot is stored, and a restore timed before it is ready would be
+    neither kind of hot restore (nor should its start weigh on a baseline timed meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = api.get("/metrics").raise_for_status().text
+        line = next(li for li in text.splitlines() if li.startswith("hatch_wake_standbys "))
+        if float(line.split()[1]) >= 1:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("no wake standby started")
+        time.sleep(0.01)

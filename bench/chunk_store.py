@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from bench.answers import first_answer, stored
+from bench.answers import first_answer, standby_ready, stored
 from hatchvm.snapshots import codec
 from hatchvm.snapshots.chunks import ChunkStore, StoredListing, listing_key
 from hatchvm.snapshots.local import LocalStore
@@ -149,16 +149,19 @@ def s3_streaming(workload: str, mem_mib: int, rounds: int = 3) -> tuple[float, f
             first_answer(url, timeout=900)
             snap_url = f"/vms/{vm['id']}/snapshot"
             first = stored(api, api.post(snap_url).raise_for_status().json())
+            standby_ready(api)
             for i in range(rounds):
                 t0 = time.monotonic()
                 api.post(f"/vms/{vm['id']}/restore").raise_for_status()
                 hot.append(first_answer(url, timeout=300) - t0)
                 stored(api, api.post(snap_url).raise_for_status().json())
+                standby_ready(api)  # ended by this restore, as in use
                 t0 = time.monotonic()
                 body = {"snapshot_id": first["id"]}
                 api.post(f"/vms/{vm['id']}/restore", json=body).raise_for_status()
                 cold.append(first_answer(url, timeout=300) - t0)
                 stored(api, api.post(snap_url).raise_for_status().json())
+                standby_ready(api)
                 # Every round, not only the medians: the first is often the slow one.
                 print(
                     f"  S3 round {i + 1}: hot {hot[-1]:.3f} s, streamed {cold[-1]:.3f} s"

@@ -34,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.answers import first_answer, stored
+from bench.answers import first_answer, standby_ready, stored
 from hatchvm.core.vms import MEM_NAME
 from hatchvm.vmm.process import processes_with_arg
 from tests.support.daemon import HatchDaemon
@@ -157,11 +157,13 @@ def main() -> None:
                 # Stored first: a restore while a snapshot is still being stored resumes on a
                 # copy of its files, which is not the case measured here.
                 stored(api, api.post(f"/vms/{pid}/snapshot").raise_for_status().json())
+                standby_ready(api)
                 t0 = time.monotonic()
                 api.post(f"/vms/{pid}/restore").raise_for_status()
                 hot.append(all_answer([parent_vm]) - t0)
 
                 stored(api, api.post(f"/vms/{pid}/snapshot").raise_for_status().json())
+                standby_ready(api)
                 t0 = time.monotonic()
                 child = api.post(f"/vms/{pid}/fork").raise_for_status().json()[0]
                 asleep.append(all_answer([child]) - t0)

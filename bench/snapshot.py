@@ -35,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.answers import first_answer, stored
+from bench.answers import first_answer, standby_ready, stored
 from bench.chunk_store import cold_restores, decode_against_restore, s3_streaming, ten_vms
 from hatchvm.core.vms import DISK_NAME, MEM_NAME
 from hatchvm.net import firewall, links
@@ -247,6 +247,7 @@ def main() -> None:
             snap_times.append(time.monotonic() - t0)
             first = stored(api, first)
             store_times.append(time.monotonic() - t0)
+            standby_ready(api)
             mem, disk, state = vm_dir / MEM_NAME, vm_dir / DISK_NAME, vm_dir / "resume" / "state"
             touched = int(subprocess.check_output(["du", "-B1", str(mem)]).split()[0])
             gzip_s, gzip_bytes = gzip_baseline([mem, disk, state], work)
@@ -268,7 +269,11 @@ def main() -> None:
             plain = plain_command(hatch_cmd, memory, raw_dir / "disk", raw_dir)
             disk_copy = work / "disk.at-snapshot"
             subprocess.run(["cp", "--sparse=always", str(disk), str(disk_copy)], check=True)
-            tap = tap_name(daemon.tap_prefix, vm_id)
+            # The raw QEMU gets a TAP of its own: hatchd's sleeping VM keeps its TAP for its
+            # wake standby.
+            tap = tap_name(daemon.tap_prefix, "raw")
+            hatchd_tap = tap_name(daemon.tap_prefix, vm_id)
+            plain = [a.replace(f"ifname={hatchd_tap},", f"ifname={tap},") for a in plain]
 
             for i in range(args.rounds):  # interleaved, so drift hits both alike
                 attach(daemon, tap, vm)
@@ -284,6 +289,7 @@ def main() -> None:
                 snap_times.append(time.monotonic() - t0)
                 later = stored(api, later)
                 store_times.append(time.monotonic() - t0)
+                standby_ready(api)
                 later_sizes.append(later["size_bytes"])
                 print(
                     f"round {i + 1}: raw qemu restore {raw_restores[-1]:.2f}s"

@@ -4,6 +4,10 @@ same flags and on the same TAP, timed to the guest's first HTTP answer. Interlea
 (the order alternates each round), so drift on a loaded host hits both alike.
 Goal: hatchd answers within raw + 20 ms at the median and raw + 50 ms at p90.
 
+hatchd runs on its defaults, so the sleeping VM has its wake standby (its QEMU started ahead,
+waiting for its state: core/standbys.py) when each wake comes; `--standbys 0` measures wakes
+that start QEMU, as raw QEMU does.
+
 Then 20 concurrent requests to one sleeping VM: exactly one restore, all answered, and the
 slowest answer's time.
 
@@ -28,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.answers import first_answer, stored
+from bench.answers import first_answer, standby_ready, stored
 from hatchvm.core.network import GuestLink, HostNetwork
 from hatchvm.core.vms import DISK_NAME, MEM_NAME
 from hatchvm.net.alloc import tap_name
@@ -126,13 +130,19 @@ class RawQmp:
 
 
 def raw_command(
-    hatch_cmd: list[str], vm_id: str, vm_dir: Path, sock_dir: Path, raw_dir: Path
+    hatch_cmd: list[str],
+    vm_id: str,
+    vm_dir: Path,
+    sock_dir: Path,
+    raw_dir: Path,
+    taps: tuple[str, str],
 ) -> list[str]:
     """hatchd's QEMU command line for the VM, every path in the VM's directory and its sockets
     directory moved into raw_dir, with no -pidfile, its QMP monitor on a socket QEMU makes
     itself (not on a descriptor hatchd hands it), waiting for an incoming migration with its
-    events on; flags otherwise untouched. Its process name is not hatchd's, so hatchd never
-    takes it for its own."""
+    events on, on a TAP of its own (taps: hatchd's, its own; hatchd's sleeping VM keeps its
+    TAP for its wake standby); flags otherwise untouched. Its process name is not hatchd's, so
+    hatchd never takes it for its own."""
     out: list[str] = []
     skip = False
     for arg in hatch_cmd:
@@ -147,6 +157,7 @@ def raw_command(
         if arg.startswith("socket,id=qmp,fd="):
             arg = f"socket,id=qmp,path={raw_dir / 'qmp.sock'},server=on,wait=off"
         arg = arg.replace(str(sock_dir), str(raw_dir)).replace(str(vm_dir), str(raw_dir))
+        arg = arg.replace(f"ifname={taps[0]},", f"ifname={taps[1]},")
         out.append(arg.replace(f"process=hatch-{vm_id}", f"process=raw-{vm_id}"))
     if "-incoming" not in out:
         out += ["-incoming", "defer"]
@@ -226,9 +237,12 @@ def hatchd_command(vm_id: str) -> list[str]:
     raise RuntimeError(f"no qemu for {vm_id}")
 
 
-def snapshot(api: httpx.Client, vm_id: str) -> None:
-    """Snapshots the VM and waits until the snapshot is stored."""
+def snapshot(api: httpx.Client, vm_id: str, standbys: bool) -> None:
+    """Snapshots the VM and waits until the snapshot is stored and, with standbys, until the
+    VM's wake standby is ready."""
     stored(api, api.post(f"/vms/{vm_id}/snapshot").raise_for_status().json())
+    if standbys:
+        standby_ready(api)
 
 
 def settled_state(api: httpx.Client, vm_id: str, timeout: float = 60) -> str:
@@ -260,11 +274,20 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument(
+        "--standbys",
+        type=int,
+        default=None,
+        help="HATCH_WAKE_STANDBYS for hatchd (default: its own); 0 measures wakes that start "
+        "the VMM",
+    )
     args = parser.parse_args()
     ensure_test_image()
     if in_initial_netns():
         enter_fresh_netns()
-    daemon = HatchDaemon(HATCH_MAX_SNAPSHOTS_PER_VM="1000", HATCH_LOG_FORMAT="json")
+    env = {} if args.standbys is None else {"HATCH_WAKE_STANDBYS": str(args.standbys)}
+    daemon = HatchDaemon(HATCH_MAX_SNAPSHOTS_PER_VM="1000", HATCH_LOG_FORMAT="json", **env)
+    standbys = args.standbys != 0
     daemon.start()
     key = daemon.create_key("bench")
     network = HostNetwork(daemon.settings())
@@ -284,10 +307,11 @@ def main() -> None:
             hatch_cmd = hatchd_command(vm_id)
             agent = next(a for a in hatch_cmd if a.startswith("socket,id=agent,"))
             sock_dir = Path(agent.split("path=", 1)[1].split(",")[0]).parent
-            cmd = raw_command(hatch_cmd, vm_id, vm_dir, sock_dir, raw_dir)
-            mac = next(a for a in hatch_cmd if ",mac=" in a).rsplit("mac=", 1)[1].split(",")[0]
             tap = tap_name(daemon.tap_prefix, vm_id)
-            link = GuestLink(tap, mac, guest_ip, internet=False)
+            raw_tap = tap_name(daemon.tap_prefix, "raw")
+            cmd = raw_command(hatch_cmd, vm_id, vm_dir, sock_dir, raw_dir, (tap, raw_tap))
+            mac = next(a for a in hatch_cmd if ",mac=" in a).rsplit("mac=", 1)[1].split(",")[0]
+            link = GuestLink(raw_tap, mac, guest_ip, internet=False)
 
             def raw_wakes() -> None:
                 raw.append(asyncio.run(raw_round(network, link, cmd, raw_dir)))
@@ -297,18 +321,19 @@ def main() -> None:
 
             for i in range(args.rounds):
                 # Both wake from the same snapshot; which goes first alternates. The raw QEMU
-                # needs the TAP, so hatchd's VM sleeps again before it runs. Stored first: a
-                # wake while a snapshot is still being stored resumes on a copy of its files,
-                # which is not the case measured here.
+                # runs the same guest (its MAC and address), so hatchd's VM sleeps again before
+                # it runs. Stored first, its wake standby ready: a wake while a snapshot is still
+                # being stored resumes on a copy of its files, which is not the case measured
+                # here, and the standby's start must not slow the raw round down.
                 if settled_state(api, vm_id) == "running":
-                    snapshot(api, vm_id)
+                    snapshot(api, vm_id, standbys)
                 copy_snapshot(vm_dir, raw_dir)
                 if i % 2 == 0:
                     raw_wakes()
                     hatchd_wakes()
                 else:
                     hatchd_wakes()
-                    snapshot(api, vm_id)
+                    snapshot(api, vm_id, standbys)
                     raw_wakes()
                 print(
                     f"round {i + 1}: raw qemu {raw[-1] * 1000:7.1f} ms"
@@ -317,7 +342,7 @@ def main() -> None:
                 )
 
             if settled_state(api, vm_id) == "running":
-                snapshot(api, vm_id)
+                snapshot(api, vm_id, standbys)
             before = restores_logged(daemon, vm_id)
 
             async def burst() -> list[float | BaseException]:
