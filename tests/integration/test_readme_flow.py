@@ -19,9 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hatchvm.config import Settings
+from hatchvm.net.alloc import tap_name
 from tests.support.cgroups import host_cgroups, remove_parent
 from tests.support.daemon import LOG_DIR
-from tests.support.host import qemu_pids
+from tests.support.host import asleep, qemu_pids
 from tests.support.ssh import ssh, ssh_key
 from tests.support.wait import wait_for
 
@@ -144,7 +146,7 @@ def test_readme_flow_on_the_default_settings(newcomer: Newcomer, tmp_path: Path)
 
     snap = newcomer.json("hatchvm", "vm", "snapshot", vm["id"])
     assert newcomer.json("hatchvm", "vm", "get", vm["id"])["state"] == "snapshotted"
-    assert qemu_pids(vm["id"]) == []
+    assert asleep(vm["id"], tap_name(Settings.model_fields["tap_prefix"].default, vm["id"]))
     restored = newcomer.json("hatchvm", "vm", "restore", vm["id"])
     assert restored["state"] == "running"
     assert snap["id"] in newcomer.run("hatchvm", "snapshot", "list", vm["id"]).stdout

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from hatchvm.client import HatchAPIError
+from hatchvm.net.alloc import tap_name
 from hatchvm.snapshots.chunks import namespace, pack_key
-from tests.support.host import qemu_pids
+from tests.support.host import asleep, qemu_pids
 from tests.support.snapshots import manifest_of, rebuild_files
 from tests.support.wait import http_text, wait_for, wait_http
 
@@ -138,7 +139,7 @@ def test_snapshot_and_restore_resume_exactly(api, hatch, tmp_path) -> None:
     assert frozen["state"] == "snapshotted"
     for field in ("guest_ip", "guest_mac", "ssh_port"):
         assert frozen[field] == vm[field]
-    assert qemu_pids(vm["id"]) == []  # no CPU, no memory
+    assert asleep(vm["id"], tap_name(hatch.tap_prefix, vm["id"]))  # no CPU, no guest memory
     with pytest.raises(HatchAPIError) as err:
         api.snapshot_vm(vm["id"], wait_stored=True)
     assert (err.value.status, err.value.message) == (409, "vm is snapshotted, must be running")

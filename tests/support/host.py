@@ -34,3 +34,12 @@ def pinned_addresses(bridge: str) -> set[str]:
         text=True,
     ).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def asleep(vm_id: str, tap: str) -> bool:
+    """Nothing of a snapshotted VM runs: no VMM process, or only its wake standby (one QEMU
+    waiting for its state, core/standbys.py) whose TAP is down, so that nothing passes."""
+    pids = qemu_pids(vm_id)
+    if not pids:
+        return True
+    return len(pids) == 1 and link_exists(tap) and "UP" not in link_info(tap)["flags"]
