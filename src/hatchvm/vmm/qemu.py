@@ -83,11 +83,15 @@ def _is_ours(pid: int, vm_id: str) -> bool:
 
 
 async def _wait_gone(pid: int, vm_id: str, timeout: float) -> bool:
+    # A killed QEMU is gone within milliseconds: look again soon, then less often (a wake that
+    # ends a standby, a snapshot that ends the VMM, wait on this).
     deadline = time.monotonic() + timeout
+    delay = 0.002
     while _is_ours(pid, vm_id):
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
     return True
 
 
