@@ -210,3 +210,16 @@ async def test_a_driver_that_starts_nothing_ahead_keeps_no_standby(
     assert core.snapshots.standbys.held() == [] and core.host.running(vm.id) is None
     await core.wake.ensure_running(vm)
     assert (await core.state(vm.id)).state == State.RUNNING
+
+
+async def test_shutdown_leaves_no_standby_even_one_being_offered(core: Core) -> None:
+    asleep = await _asleep(core)
+    assert _standby(core, asleep.id) is not None
+    vm = await core.create()
+    await core.snapshots.snapshot(USER, vm.id)  # its store and its standby still to come
+
+    await core.snapshots.close()
+    assert core.host.running(asleep.id) is None and core.host.running(vm.id) is None
+    assert core.snapshots.standbys.held() == []
+    await core.snapshots.standbys.offer(await core.state(asleep.id))  # after shutdown: none
+    assert core.host.running(asleep.id) is None

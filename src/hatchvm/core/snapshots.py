@@ -137,8 +137,8 @@ class SnapshotService:
         self.standbys = Standbys(vms, settings.wake_standbys, self.metrics)
 
     async def close(self) -> None:
+        await self.storing.close()  # with what follows each store (it may offer a standby)
         await self.standbys.close()
-        await self.storing.close()
         self.chunks.close()
 
     # ---- reads -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Standbys:
         self.metrics = metrics or Metrics()
         self._held: OrderedDict[str, None] = OrderedDict()  # VM ids, the oldest first
         self._evictions: set[asyncio.Task[None]] = set()
+        self._closed = False
         vms.admission.spare = self
         vms.delete_hooks.append(self._deleted)
 
@@ -56,7 +57,7 @@ class Standbys:
         caller holds its lock. Nothing happens when standbys are off, the host has no room for
         one, or it has one; a standby that cannot start is only logged (its wake starts the
         VMM as usual)."""
-        if self.limit == 0 or vm.id in self._held:
+        if self.limit == 0 or self._closed or vm.id in self._held:
             return
         if not await self.vms.admission.has_room(STANDBY_MIB):
             log.info("no wake standby: host memory is short", vm_id=vm.id)
@@ -71,6 +72,9 @@ class Standbys:
             return
         if not started:  # a driver that starts nothing ahead (Firecracker)
             await self.vms.detach_network(vm)
+            return
+        if self._closed:  # the daemon shut down meanwhile: none is left behind
+            await self._end(vm.id, vm)
             return
         self._held[vm.id] = None
         self._count()
@@ -104,11 +108,14 @@ class Standbys:
         return freed
 
     async def close(self) -> None:
-        """At shutdown: every standby ends (start-up offers new ones)."""
+        """At shutdown: every standby ends (start-up offers new ones), and one being
+        offered meanwhile ends as soon as it has started."""
+        self._closed = True
         for task in list(self._evictions):
             task.cancel()
         await asyncio.gather(*self._evictions, return_exceptions=True)
-        for vm_id in list(self._held):
+        while self._held:
+            vm_id = next(iter(self._held))
             async with self.vms.locks.hold(vm_id):
                 if vm_id in self._held:
                     await self._end(vm_id, await self.vms.load(vm_id))

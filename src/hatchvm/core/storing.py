@@ -78,10 +78,12 @@ class StoreTasks:
             await self.call_off(snapshot_id)
 
     async def close(self) -> None:
-        """At shutdown: stores are called off; the next hatchd resumes them from the files."""
+        """At shutdown: stores are called off (the next hatchd resumes them from the files),
+        and what follows those that ended meanwhile is done."""
         self.closing = True
         stores = list(self._stores.values())
         for store in stores:
             store.stop.set()
         for store in stores:
             await store.ended.wait()
+        await asyncio.gather(*(s.task for s in stores if s.task), return_exceptions=True)
