@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -304,6 +305,9 @@ async def serve(settings: Settings) -> None:
         ) from None
     await gateway.start()
     reaper.start()
+    # uvicorn re-raises the SIGTERM it caught once it has stopped serving: by default that
+    # would end hatchd there, before the shutdown below (stores called off, standbys ended).
+    signal.signal(signal.SIGTERM, _shut_down)
     try:
         await server.serve()
     finally:
@@ -320,6 +324,10 @@ async def serve(settings: Settings) -> None:
         await snapshots.close()
         await engine.dispose()
     # VMs keep running: the next hatchd reattaches them.
+
+
+def _shut_down(signum: int, frame: object) -> None:
+    log.info("hatchd shutting down", signal=signal.Signals(signum).name)
 
 
 def _api_admission(settings: Settings, name: str = "the API") -> Admission:

@@ -122,3 +122,35 @@ def test_a_standby_is_not_resumed_on_a_memory_file_a_fork_still_maps(
     assert api.exec(child["id"], ["cat", "/tmp/in-memory"])["stdout"] == "before\n"
     for vm in (child, parent):
         api.delete_vm(vm["id"])
+
+
+def test_a_stopped_daemon_leaves_no_standby_and_a_started_one_offers_it_again() -> None:
+    """SIGTERM (a service stop) ends hatchd in order: its standbys end with it; the next
+    hatchd starts them again for the VMs that still sleep on their stored snapshots."""
+    hatch = HatchDaemon(HATCH_STOP_TIMEOUT="5")
+    try:
+        hatch.start()
+        key = hatch.create_key("carol")
+        api = hatch.client(key)
+        vm = api.create_vm(mem_mib=256, user_data=WHO)
+        wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who")
+        api.exec(vm["id"], "echo slept > /tmp/in-memory")
+        first = _asleep(api, hatch, vm["id"])
+
+        hatch.stop()
+        assert hatch.proc is not None and hatch.proc.returncode == 0  # not killed by it
+        assert _qemu(hatch, vm["id"]) is None
+        assert "hatchd shutting down" in hatch.log_path.read_text(errors="replace")
+
+        hatch.start()
+        api = hatch.client(key)
+        again = wait_for(lambda: _standby(hatch, vm["id"]), 30, "the standby offered again")
+        assert again != first
+        assert api.get_vm(vm["id"])["state"] == "snapshotted"
+        woken = api.restore_vm(vm["id"])
+        assert woken["state"] == "running"
+        assert api.exec(vm["id"], ["cat", "/tmp/in-memory"])["stdout"] == "slept\n"
+        running = _qemu(hatch, vm["id"])
+        assert running is not None and running[0] == again
+    finally:
+        hatch.cleanup()
