@@ -421,12 +421,12 @@ class SnapshotService:
             async with self.vms.locks.hold(candidate.id):
                 vm = await self.vms.load(candidate.id)
                 latest = await asyncio.to_thread(self._latest, candidate.id)
-                if vm is None or latest is None:
+                if vm is None or vm.state != State.SNAPSHOTTED or latest is None:
                     continue
                 async with self.vms.sessions() as session:
                     snap = await repo.get_snapshot(session, latest)
                 if snap is not None and snap.status == STORED:
-                    await self._offer_standby(vm, latest)
+                    await self.standbys.offer(vm)
 
     def _latest(self, vm_id: str) -> str | None:
         """The snapshot the VM's own files equal, if they can be trusted (same host boot)."""

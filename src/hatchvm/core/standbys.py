@@ -88,8 +88,9 @@ class Standbys:
         """A restore of vm begins (the caller holds its lock): its standby is the restore's to
         use (the driver checks that it fits), or, when it cannot be (another snapshot's files
         are laid out), ended now."""
-        if self._held.pop(vm.id, "none") == "none":
+        if vm.id not in self._held:
             return
+        del self._held[vm.id]
         self._count()
         if not usable:
             await self.vms.vmm.discard_incoming(vm.id, self.vms.vm_dir(vm.id))
