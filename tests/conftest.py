@@ -1,17 +1,18 @@
 """Test session set-up: build the guest image (network needed), then leave the machine's own
-network namespace for a fresh one, so every bridge, TAP and VM of the suite stays inside it."""
+network namespace for a fresh one, so every bridge, TAP and VM of the suite stays inside it
+(under pytest-xdist, one namespace per worker)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.daemon import LOG_DIR, WORKER_PREFIX
 from tests.support.netns import enter_fresh_netns, in_initial_netns
 
 if TYPE_CHECKING:
@@ -60,7 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
             ensure_test_image()
         except Exception as exc:  # a build failure must show, but unit tests can still run
             _VM_SKIP_REASON = f"default image could not be built: {exc}"
-    if os.geteuid() == 0 and in_initial_netns():
+    # Each xdist worker takes a namespace of its own: bridges, TAPs, tables and loopback ports
+    # named alike by two workers never meet.
+    if os.geteuid() == 0 and (in_initial_netns() or os.environ.get("PYTEST_XDIST_WORKER")):
         enter_fresh_netns()
 
 
@@ -89,7 +92,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         pytest.skip(reason)
     server = start_postgres()
     yield server
-    server.stop(keep_log=Path(tempfile.gettempdir()) / "hatchvm-test-logs" / "postgres.log")
+    server.stop(keep_log=LOG_DIR / f"{WORKER_PREFIX}postgres.log")
 
 
 @pytest.fixture

@@ -28,6 +28,9 @@ from tests.support.image import install_image
 
 _counter = itertools.count(1)
 LOG_DIR = Path(tempfile.gettempdir()) / "hatchvm-test-logs"
+# Under pytest-xdist each worker counts its daemons from 1: its logs go apart ("gw0-d3").
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+WORKER_PREFIX = f"{_WORKER}-" if _WORKER else ""
 
 
 @functools.cache
@@ -160,7 +163,7 @@ class HatchDaemon:
 
     def keep_logs(self) -> None:
         """Copy hatchd's log and the guests' consoles where a person can read them later."""
-        dest = LOG_DIR / f"d{self.n}"
+        dest = LOG_DIR / f"{WORKER_PREFIX}d{self.n}"
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         for log in [self.log_path, *self.data_dir.glob("vms/*/console.log")]:
