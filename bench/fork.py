@@ -99,16 +99,23 @@ def qemu_pids(daemon: HatchDaemon) -> dict[str, int]:
     }
 
 
-def steps(log: Path, event: str) -> dict[str, float]:
-    """The median of each step (its *_ms fields) over hatchd's log lines for event."""
-    laps: dict[str, list[float]] = {}
+def records(log: Path, event: str) -> list[dict[str, Any]]:
+    """hatchd's log lines for event, in order."""
+    found = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("event") != event:
-            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found
+
+
+def steps(log: Path, event: str) -> dict[str, float]:
+    """The median of each step (its *_ms fields) over hatchd's log lines for event."""
+    laps: dict[str, list[float]] = {}
+    for record in records(log, event):
         for name, value in record.items():
             if name.endswith("_ms") and isinstance(value, int | float):
                 laps.setdefault(name[:-3], []).append(float(value))
@@ -222,6 +229,11 @@ def main() -> None:
                     flush=True,
                 )
         captured = steps(daemon.log_path, "vm captured for a fork")
+        # The running parent's captures, one per round (the N forks come after them).
+        copies = [
+            float(r.get("memory_ms", 0))
+            for r in records(daemon.log_path, "vm captured for a fork")[: args.rounds]
+        ]
         child_steps = steps(daemon.log_path, "fork child running")
     finally:
         daemon.cleanup()
@@ -233,6 +245,10 @@ def main() -> None:
     for n, fork_s, cold_s in rows:
         print(f"{n:>3} {fork_s:>7.2f}s {cold_s:>10.2f}s {fork_s / cold_s:>6.2f}")
     print(f"one child of the running parent / hot restore: {one_s / hot_s:.2f} (goal <= 1.5)")
+    # The child waits for the copy of its parent's memory, whose time on a host that must
+    # first back fresh pages (a VM whose hypervisor took back freed memory) swings round by round.
+    pairs = ", ".join(f"{c * 1000:.0f} ({m:.0f})" for c, m in zip(running, copies, strict=False))
+    print(f"  every round, child ms (the parent's memory copy ms): {pairs}")
     print(f"one child of the snapshotted parent / hot restore: {asleep_s / hot_s:.2f}")
     ram, private = per_child["ram_pss"], per_child["ram_private"]
     print(f"memory per child (N={most}), the parent having touched {touched / MiB:.0f} MiB:")
