@@ -84,6 +84,5 @@ class StoreTasks:
         stores = list(self._stores.values())
         for store in stores:
             store.stop.set()
-        for store in stores:
-            await store.ended.wait()
+        # A store's task ends after the store itself (ended) and its follow-up.
         await asyncio.gather(*(s.task for s in stores if s.task), return_exceptions=True)
