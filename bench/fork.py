@@ -112,10 +112,10 @@ def records(log: Path, event: str) -> list[dict[str, Any]]:
     return found
 
 
-def steps(log: Path, event: str) -> dict[str, float]:
-    """The median of each step (its *_ms fields) over hatchd's log lines for event."""
+def steps(found: list[dict[str, Any]]) -> dict[str, float]:
+    """The median of each step (its *_ms fields) over hatchd's log records of one event."""
     laps: dict[str, list[float]] = {}
-    for record in records(log, event):
+    for record in found:
         for name, value in record.items():
             if name.endswith("_ms") and isinstance(value, int | float):
                 laps.setdefault(name[:-3], []).append(float(value))
@@ -228,13 +228,11 @@ def main() -> None:
                     f"N={n}: forks answer in {fork_s:.2f} s, cold boots in {cold_s:.2f} s",
                     flush=True,
                 )
-        captured = steps(daemon.log_path, "vm captured for a fork")
+        captures = records(daemon.log_path, "vm captured for a fork")
+        captured = steps(captures)
         # The running parent's captures, one per round (the N forks come after them).
-        copies = [
-            float(r.get("memory_ms", 0))
-            for r in records(daemon.log_path, "vm captured for a fork")[: args.rounds]
-        ]
-        child_steps = steps(daemon.log_path, "fork child running")
+        copies = [float(r.get("memory_ms", 0)) for r in captures[: args.rounds]]
+        child_steps = steps(records(daemon.log_path, "fork child running"))
     finally:
         daemon.cleanup()
     print()
