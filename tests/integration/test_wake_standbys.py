@@ -1,12 +1,15 @@
 """Wake standbys on real guests: once a sleeping VM's snapshot is stored, its QEMU is started
 again and waits for its state, its TAP on the bridge but down; the wake through the proxy
-loads the state into that very QEMU; and a standby whose memory file was replaced meanwhile
-(a fork of the sleeping VM still maps the old one) is never resumed: the fork's child would
-see its parent's writes."""
+loads the state into that very QEMU; a fork of the sleeping VM gives it a copy of its memory
+file and a new standby on it (its children map the old file); and a standby whose memory file
+was replaced is never resumed: a fork's child would see its parent's writes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,30 +101,60 @@ def test_the_wake_loads_the_state_into_the_standby(hatch: HatchDaemon) -> None:
     assert _qemu(hatch, vm["id"]) is None
 
 
-def test_a_standby_is_not_resumed_on_a_memory_file_a_fork_still_maps(
-    hatch: HatchDaemon,
-) -> None:
+def test_a_forked_sleeping_vm_wakes_from_a_standby_on_its_own_copy(hatch: HatchDaemon) -> None:
     api = hatch.client(hatch.create_key("bob"))
     parent = api.create_vm(mem_mib=256, user_data=WHO)
     wait_http(f"http://{parent['guest_ip']}:8080/cgi-bin/who")
     api.exec(parent["id"], "echo before > /tmp/in-memory")
     standby = _asleep(api, hatch, parent["id"])
+    mem = hatch.data_dir / "vms" / parent["id"] / "mem"
 
     # The child maps its parent's memory file (a link to it) privately: it shares every page
-    # it has not written, and would see any write made to that file.
+    # it has not written, and would see any write made to that file. The standby maps that
+    # file too, so hatchd gives the parent a copy of its own and a new standby on it.
     (child,) = api.fork_vm(parent["id"])
     assert who(child["guest_ip"])["memory"] == "before"
-    assert _standby(hatch, parent["id"]) == standby  # the parent sleeps on, standby and all
+    renewed = wait_for(
+        lambda: (pid := _standby(hatch, parent["id"])) != standby and pid, 60, "a new standby"
+    )
+    assert mem.stat().st_nlink == 1  # its own copy; the child holds the old file alone
+    assert api.get_vm(parent["id"])["state"] == "snapshotted"
 
     api.exec(parent["id"], "echo after > /tmp/in-memory; sync")
     woken = _qemu(hatch, parent["id"])
-    assert woken is not None and woken[0] != standby  # started afresh, on a copy of its own
-    assert "does not fit the restore" in hatch.log_path.read_text(errors="replace")
+    assert woken is not None and woken[0] == renewed  # the wake took the new standby
     assert api.exec(parent["id"], ["cat", "/tmp/in-memory"])["stdout"] == "after\n"
     assert who(child["guest_ip"])["memory"] == "before"
     assert api.exec(child["id"], ["cat", "/tmp/in-memory"])["stdout"] == "before\n"
     for vm in (child, parent):
         api.delete_vm(vm["id"])
+
+
+def test_a_standby_is_not_resumed_on_a_memory_file_replaced_since(
+    hatch: HatchDaemon, tmp_path: Path
+) -> None:
+    """The driver's own guard, for a wake that comes before the parent's copy is made (a
+    fork's children link the old file, frozen.unshare gave the VM a copy): here the test
+    replaces the file itself, keeping a link to the old one as a child would."""
+    api = hatch.client(hatch.create_key("dave"))
+    vm = api.create_vm(mem_mib=256, user_data=WHO)
+    wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who")
+    api.exec(vm["id"], "echo before > /tmp/in-memory")
+    standby = _asleep(api, hatch, vm["id"])
+    mem = hatch.data_dir / "vms" / vm["id"] / "mem"
+    old = tmp_path / "old-mem"
+    os.link(mem, old)
+    shutil.copyfile(mem, mem.with_name("mem.copy"))
+    os.replace(mem.with_name("mem.copy"), mem)
+    before = hashlib.sha256(old.read_bytes()).hexdigest()
+
+    api.exec(vm["id"], "echo after > /tmp/in-memory; sync")
+    woken = _qemu(hatch, vm["id"])
+    assert woken is not None and woken[0] != standby  # started afresh, on the file's copy
+    assert "does not fit the restore" in hatch.log_path.read_text(errors="replace")
+    assert api.exec(vm["id"], ["cat", "/tmp/in-memory"])["stdout"] == "after\n"
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == before  # nothing wrote the old one
+    api.delete_vm(vm["id"])
 
 
 def test_a_stopped_daemon_leaves_no_standby_and_a_started_one_offers_it_again() -> None:

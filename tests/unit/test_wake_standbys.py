@@ -2,10 +2,12 @@
 rules: a VM put to sleep on its own files, once its snapshot is stored, gets its VMM started
 ahead; a wake takes it; it is never used for other files; the newest HATCH_WAKE_STANDBYS are
 kept; a delete, a restore of another snapshot, host memory running short and a restart each
-end it."""
+end it; a VM whose memory file a fork's children link gets a copy of its own in the background,
+and a standby on that copy."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -16,10 +18,10 @@ import pytest
 from hatchvm.core import admission
 from hatchvm.core.admission import HostState
 from hatchvm.core.reconcile import reconcile
-from hatchvm.core.snapshots import SnapshotService
+from hatchvm.core.snapshots import SnapshotService, latest_restorable
 from hatchvm.core.states import State
 from hatchvm.core.vms import MEM_NAME
-from hatchvm.db.models import VM
+from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import BackendUnavailable
 from hatchvm.snapshots.local import LocalStore
 from hatchvm.vmm.fake import FakeProcess, FakeVMM
@@ -223,3 +225,80 @@ async def test_shutdown_leaves_no_standby_even_one_being_offered(core: Core) -> 
     assert core.snapshots.standbys.held() == []
     await core.snapshots.standbys.offer(await core.state(asleep.id))  # after shutdown: none
     assert core.host.running(asleep.id) is None
+
+
+def _link_like_a_fork(core: Core, vm_id: str) -> Path:
+    """What a fork of the sleeping VM leaves: its children link its memory file."""
+    mem = core.vms.vm_dir(vm_id) / MEM_NAME
+    child = core.settings.data_dir / f"child-of-{vm_id}"
+    os.link(mem, child)
+    return child
+
+
+async def _latest(core: Core, vm_id: str) -> Snapshot:
+    snap = latest_restorable(await core.snapshots.list(USER, vm_id))
+    assert snap is not None
+    return snap
+
+
+async def _copied(core: Core) -> None:
+    await asyncio.gather(*core.snapshots._copying)
+
+
+async def test_a_forked_sleeping_vm_gets_its_own_copy_and_a_standby_on_it(core: Core) -> None:
+    vm = await _asleep(core)
+    old = _standby(core, vm.id)
+    assert old is not None
+    child = _link_like_a_fork(core, vm.id)
+    mem = core.vms.vm_dir(vm.id) / MEM_NAME
+    captured = mem.read_bytes()
+
+    core.snapshots.own_copy_later(vm.id)
+    await _copied(core)
+    assert old.exit is not None  # it mapped the file the children share
+    new = _standby(core, vm.id)
+    assert new is not None and new.pid != old.pid
+    assert mem.stat().st_nlink == 1 and mem.stat().st_ino != child.stat().st_ino
+    assert mem.read_bytes() == captured == child.read_bytes()
+
+    await core.wake.ensure_running(await core.state(vm.id))
+    proc = core.host.running(vm.id)
+    assert proc is not None and proc.pid == new.pid  # the wake took the new one
+    assert child.stat().st_nlink == 1  # the child's file is its alone
+
+
+async def test_a_vm_woken_before_its_copy_is_left_alone(core: Core) -> None:
+    vm = await _asleep(core)
+    child = _link_like_a_fork(core, vm.id)
+    async with core.vms.locks.hold(vm.id):  # a wake that came first holds the lock
+        core.snapshots.own_copy_later(vm.id)
+        woken = await core.snapshots.restore_locked(vm, await _latest(core, vm.id))
+    assert woken.state == State.RUNNING
+    running = core.host.running(vm.id)
+    await _copied(core)
+    assert core.host.running(vm.id) is running and running is not None
+    assert running.state == "running" and core.snapshots.standbys.held() == []
+    assert child.stat().st_nlink == 1  # the wake made its copy (frozen.unshare)
+
+
+async def test_a_restarted_daemon_copies_a_forked_vm_before_its_standby(core: Core) -> None:
+    vm = await _asleep(core)
+    child = _link_like_a_fork(core, vm.id)
+    core.vms.vmm = FakeVMM(core.host, core.vms.vmm.features)  # type: ignore[attr-defined]
+    snapshots = SnapshotService(core.settings, core.vms, LocalStore(core.settings.snapshots_dir))
+    await reconcile(core.vms, snapshots)
+    await snapshots.offer_standbys()
+    await asyncio.gather(*snapshots._copying)
+    mem = core.vms.vm_dir(vm.id) / MEM_NAME
+    assert mem.stat().st_ino != child.stat().st_ino
+    assert _standby(core, vm.id) is not None and snapshots.standbys.held() == [vm.id]
+    await snapshots.close()
+
+
+async def test_shutdown_waits_for_a_copy_under_way(core: Core) -> None:
+    vm = await _asleep(core)
+    _link_like_a_fork(core, vm.id)
+    core.snapshots.own_copy_later(vm.id)
+    await core.snapshots.close()  # the copy ends, its standby with the others
+    assert (core.vms.vm_dir(vm.id) / MEM_NAME).stat().st_nlink == 1
+    assert core.host.running(vm.id) is None and core.snapshots.standbys.held() == []

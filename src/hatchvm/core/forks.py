@@ -124,7 +124,10 @@ class ForkService:
                 if snap is None:
                     raise Conflict(f"vm {vm_id} has no snapshot to fork from")
                 await self.snapshots.materialize(parent, snap, work)
-            return await self._children(user_id, parent, work, count)
+            try:
+                return await self._children(user_id, parent, work, count)
+            finally:  # the children may link the parent's memory file: it gets its own
+                self.snapshots.own_copy_later(parent.id)
 
     async def _fork_running(self, user_id: str, parent: VM, work: Path, count: int) -> list[VM]:
         """The parent (its lock held) is captured while its children start."""
@@ -154,7 +157,10 @@ class ForkService:
                 parent = await self.vms.get(user_id, parent.id)
                 snap = await self.snapshots.get(user_id, snapshot_id)
                 await self.snapshots.materialize(parent, snap, work)
-            return await self._children(user_id, parent, work, count)
+            try:
+                return await self._children(user_id, parent, work, count)
+            finally:  # the children may link the parent's memory file: it gets its own
+                self.snapshots.own_copy_later(parent.id)
 
     async def _check(self, user_id: str, vm_id: str, count: int) -> VM:
         vm = await self.vms.get(user_id, vm_id)

@@ -131,6 +131,7 @@ class SnapshotService:
         self.collector = Collector(store)
         self.storing = StoreTasks()
         self._discarding: set[asyncio.Task[None]] = set()  # retired files being deleted
+        self._copying: set[asyncio.Task[None]] = set()  # see own_copy_later
         vms.teardown_hooks.append(self._call_off_stores)
         vms.delete_hooks.append(self._forget_vm)
         self.metrics = metrics or Metrics()
@@ -138,6 +139,7 @@ class SnapshotService:
 
     async def close(self) -> None:
         await self.storing.close()  # with what follows each store (it may offer a standby)
+        await asyncio.gather(*self._copying)  # each ends with the standby it may offer
         await self.standbys.close()
         self.chunks.close()
 
@@ -402,12 +404,51 @@ class SnapshotService:
 
     async def _offer_standby(self, vm: VM, snap_id: str) -> None:
         """A wake standby for vm (its lock held) if it sleeps on its own files and snap_id,
-        the snapshot they equal, is stored: nothing reads them through another link then."""
+        the snapshot they equal, is stored: no store reads them through another link then,
+        but a fork's children may still link its memory file: the VM gets a copy of its own
+        first (see own_copy_later)."""
         if (
             vm.state == State.SNAPSHOTTED
             and await asyncio.to_thread(self._latest, vm.id) == snap_id
         ):
+            await self._own_copy(vm)
             await self.standbys.offer(vm)
+
+    def own_copy_later(self, vm_id: str) -> None:
+        """A fork of a VM asleep on its own files links its memory file into the children
+        (they map it privately), so its wake would first copy that file (frozen.unshare) and
+        could not use its standby, which maps the linked one. In the background, under its
+        lock, the VM gets that copy now, and a standby on it once its snapshot is stored:
+        its next wake does neither. Shutdown waits for it."""
+        task = asyncio.create_task(self._own_copy_of(vm_id), name=f"own-copy-{vm_id}")
+        self._copying.add(task)
+        task.add_done_callback(self._copying.discard)
+
+    async def _own_copy_of(self, vm_id: str) -> None:
+        try:
+            async with self.vms.locks.hold(vm_id):
+                vm = await self.vms.load(vm_id)
+                latest = await asyncio.to_thread(self._latest, vm_id)
+                if vm is None or vm.state != State.SNAPSHOTTED or latest is None:
+                    return  # woken (on a copy of its own), deleted, or not on its files
+                if not await self._own_copy(vm):
+                    return
+                async with self.vms.sessions() as session:
+                    snap = await repo.get_snapshot(session, latest)
+                if snap is not None and snap.status == STORED:  # else its store's end offers
+                    await self.standbys.offer(vm)
+        except Exception as exc:  # its wake makes the copy as before
+            log.warning("no copy of its own for a forked vm", vm_id=vm_id, reason=reason_of(exc))
+
+    async def _own_copy(self, vm: VM) -> bool:
+        """vm (asleep on its own files, its lock held) on files nobody else links: those
+        that are linked are replaced by copies, its standby, which maps them, ended first.
+        Whether anything was copied."""
+        if not await asyncio.to_thread(frozen.linked, self.vms.written_files(vm.id)):
+            return False
+        await self.standbys.end(vm)
+        await self._unshare(vm.id)
+        return True
 
     async def offer_standbys(self) -> None:
         """At start-up: the VMs that sleep on their own stored snapshots get wake standbys
@@ -425,7 +466,11 @@ class SnapshotService:
                     continue
                 async with self.vms.sessions() as session:
                     snap = await repo.get_snapshot(session, latest)
-                if snap is not None and snap.status == STORED:
+                if snap is None or snap.status != STORED:
+                    continue
+                if await asyncio.to_thread(frozen.linked, self.vms.written_files(vm.id)):
+                    self.own_copy_later(vm.id)  # a fork's children link them: copy, then offer
+                else:
                     await self.standbys.offer(vm)
 
     def _latest(self, vm_id: str) -> str | None:

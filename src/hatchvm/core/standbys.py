@@ -13,9 +13,10 @@ admission counts each at STANDBY_MIB and, when it is short of memory, ends the s
 nobody is busy with before it refuses anything.
 
 A standby is held under its VM's lock: offered once a snapshot is stored, taken by the restore
-that uses it (or gives it up), ended when the VM is deleted, evicted by a newer one, or at
-shutdown. A daemon that dies leaves its standbys to start-up, which ends them (a snapshotted VM
-keeps no process) and offers new ones.
+that uses it (or gives it up), ended when the VM is deleted, evicted by a newer one, when a
+fork's children link its memory file (the VM gets a copy of its own and a new standby on it:
+SnapshotService.own_copy_later), or at shutdown. A daemon that dies leaves its standbys to
+start-up, which ends them (a snapshotted VM keeps no process) and offers new ones.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ class Standbys:
         self._count()
         if not usable:
             await self.vms.vmm.discard_incoming(vm.id, self.vms.vm_dir(vm.id))
+
+    async def end(self, vm: VM) -> None:
+        """End vm's standby, if it has one (the caller holds its lock): its files are about
+        to be replaced by copies of themselves, which that VMM does not map."""
+        if vm.id in self._held:
+            await self._end(vm.id, vm)
 
     async def reclaim(self) -> int:
         """End the standbys of VMs nobody is busy with, for host admission; MiB freed. Never

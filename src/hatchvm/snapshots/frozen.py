@@ -54,6 +54,17 @@ def frozen_files(dest: Path, names: tuple[str, ...], boot_id: str) -> dict[str, 
     return files if all(path.is_file() for path in files.values()) else None
 
 
+def linked(paths: list[Path]) -> bool:
+    """Whether any of the files has another link (a store or a fork's children read it)."""
+    for path in paths:
+        try:
+            if path.stat().st_nlink > 1:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def unshare(paths: list[Path]) -> list[Path]:
     """Replace each file that has another link (a store is reading it) by a copy of itself;
     returns the files copied."""
