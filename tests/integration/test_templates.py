@@ -142,6 +142,9 @@ def test_creates_after_the_first_come_from_its_template(
     second = alice.create_vm(**SHAPE, user_data=user_data)
     assert created_from_template(hatch, first["id"])
     assert created_from_template(hatch, second["id"])
+    for vm in (first, second):  # one took the spare copy (if made yet), the other copied
+        vm_dir = hatch.data_dir / "vms" / vm["id"]
+        assert (vm_dir / "mem").stat().st_nlink == 1 and not (vm_dir / "mem-private").exists()
     exposed = httpx.get(hatch.url + "/metrics", timeout=30).text
     assert 'hatch_create_duration_seconds_count{how="template"} 2.0' in exposed
     assert 'hatch_create_duration_seconds_count{how="cold_boot"} 1.0' in exposed
@@ -183,6 +186,56 @@ def test_creates_after_the_first_come_from_its_template(
     assert again["name"] == second["id"].replace("_", "-")
     for vm in (cold, first, second):
         alice.delete_vm(vm["id"])
+
+
+def _template_dir(hatch: HatchDaemon, **shape: Any) -> Path | None:
+    for name in templates(hatch):
+        path = hatch.data_dir / "templates" / name
+        try:
+            found = json.loads((path / "shape.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if all(found.get(k) == v for k, v in shape.items()):
+            return path
+    return None
+
+
+def test_a_vm_from_its_template_has_memory_of_its_own(
+    hatch: HatchDaemon, alice: HatchClient
+) -> None:
+    """Not the template's memory mapped privately: that would put the guest's whole RAM into
+    every snapshot's state (its capture a RAM migration, each of its snapshots as big as the
+    first, its wakes loading all of it). It takes the copy made ahead, the spare."""
+    shape = {"mem_mib": SHAPE["mem_mib"], "enable_network": True}
+    if _template_dir(hatch, **shape) is None:  # run alone: the first create builds it
+        alice.delete_vm(alice.create_vm(**SHAPE)["id"])
+        wait_template_ready(hatch)
+    template = _template_dir(hatch, **shape)
+    assert template is not None
+    spare = wait_for(lambda: (template / "spare-mem").exists(), 60, "the spare copy")
+    assert spare
+    spare_ino = (template / "spare-mem").stat().st_ino
+
+    vm = alice.create_vm(**SHAPE, user_data=WHO)
+    assert created_from_template(hatch, vm["id"])
+    vm_dir = hatch.data_dir / "vms" / vm["id"]
+    mem = vm_dir / "mem"
+    assert mem.stat().st_ino == spare_ino and mem.stat().st_nlink == 1  # taken, not copied
+    assert not (vm_dir / "mem-private").exists()
+    assert mem.stat().st_ino != (template / "mem").stat().st_ino
+    renewed = wait_for(lambda: (template / "spare-mem").exists(), 60, "the next spare")
+    assert renewed and (template / "spare-mem").stat().st_ino != spare_ino
+    assert who(vm)["name"] == vm["id"].replace("_", "-")
+
+    # Its snapshots hold only what changed: the second, the guest idle in between, stores
+    # a fraction of the first, as a booted VM's does.
+    first = alice.snapshot_vm(vm["id"], wait_stored=True)
+    alice.restore_vm(vm["id"])
+    second = alice.snapshot_vm(vm["id"], wait_stored=True)
+    assert second["size_bytes"] <= first["size_bytes"] // 10, (first, second)
+    alice.restore_vm(vm["id"])
+    assert who(vm)["name"] == vm["id"].replace("_", "-")
+    alice.delete_vm(vm["id"])
 
 
 def test_a_vm_without_network_from_its_template(hatch: HatchDaemon, alice: HatchClient) -> None:

@@ -294,16 +294,18 @@ class ForkService:
         frozen: asyncio.Future[None] | None = None,
         before_link: ChildStep | None = None,
         after_link: ChildStep | None = None,
+        own_mem: Path | None = None,
     ) -> VM:
         """Make child (its row reserved, its lock held) run from the frozen moment in work
         (mem, disk, state), re-made as itself. If frozen is given, work's files are being
         written until it is done (mem and disk already at their sizes): the child's VMM is
         started meanwhile. before_link runs once it is re-made, its NIC still unplugged;
         after_link once the NIC is plugged in (a warm template's create seeds the guest and
-        starts its user_data there)."""
+        starts its user_data there). own_mem: a copy of work's memory file that becomes the
+        child's own (see _prepare_child)."""
         vm_dir = self.vms.vm_dir(child.id)
         took = _Stopwatch()
-        await asyncio.to_thread(_prepare_child, vm_dir, work)
+        await asyncio.to_thread(_prepare_child, vm_dir, work, own_mem)
         took.lap("files")
         await self.vms.attach_network(child, plugged=False)  # its parent's identity stays in
         took.lap("network")
@@ -457,13 +459,18 @@ def _make_frozen_files(parent_dir: Path, work: Path) -> None:
         make_holes(work / frozen, (parent_dir / name).stat().st_size)
 
 
-def _prepare_child(vm_dir: Path, work: Path) -> None:
+def _prepare_child(vm_dir: Path, work: Path, own_mem: Path | None) -> None:
     """What the child's VMM opens as it starts: the frozen memory (shared by the siblings,
-    never written: mapped privately) and its disk at its size (filled by _fill_child)."""
+    never written: mapped privately), or own_mem, a copy of it that is the child's alone
+    (mapped shared, as a booted VM's: its snapshots then hold device state only), and its
+    disk at its size (filled by _fill_child)."""
     vm_dir.mkdir(parents=True, exist_ok=True)
     (vm_dir / FORK_PENDING).touch()
-    (vm_dir / MEM_PRIVATE).touch()
-    os.link(work / "mem", vm_dir / MEM_NAME)
+    if own_mem is None:
+        (vm_dir / MEM_PRIVATE).touch()
+        os.link(work / "mem", vm_dir / MEM_NAME)
+    else:
+        os.replace(own_mem, vm_dir / MEM_NAME)
     make_holes(vm_dir / DISK_NAME, (work / "disk").stat().st_size)
     (vm_dir / RESUME_DIR).mkdir(exist_ok=True)
 

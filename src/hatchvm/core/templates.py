@@ -10,15 +10,22 @@ state; memory and disk moved, not copied) into templates/<key>/ and discarded. I
 nothing of any user's.
 
 A later create of that shape runs the fork path from that frozen moment (core/forks.py): the
-memory file is mapped privately (copy-on-write, shared with the template), the disk copied,
-the clock set and the RNG reseeded, and the agent gives the guest the VM's own hostname (the one
-a cold boot gives), address, MAC, machine id and SSH host keys before its NIC is plugged in;
-then it writes the VM's user_data and SSH keys where a cold boot's disk has them and, with
-the NIC up, runs the user_data once as init does at a boot. Any failure on the way leaves
-nothing behind and the VM boots cold; the template is dropped (rebuilt after the next cold
-create). The key holds the image version, so a rebuilt image makes new creates boot cold and
-build the new version's template, which then retires the old one; a template whose version
-is not the image's current one (or whose files are gone) is removed at start-up.
+VM gets a copy of the template's memory file of its own, mapped shared as a booted VM's is (so
+its snapshots capture device state only, and its wakes load only that: a memory mapped
+privately would put the guest's RAM into every snapshot's state), the disk copied, the clock
+set and the RNG reseeded, and the agent gives the guest the VM's own hostname (the one a cold
+boot gives), address, MAC, machine id and SSH host keys before its NIC is plugged in; then it
+writes the VM's user_data and SSH keys where a cold boot's disk has them and, with the NIC up,
+runs the user_data once as init does at a boot. Any failure on the way leaves nothing behind
+and the VM boots cold; the template is dropped (rebuilt after the next cold create). The key
+holds the image version, so a rebuilt image makes new creates boot cold and build the new
+version's template, which then retires the old one; a template whose version is not the
+image's current one (or whose files are gone) is removed at start-up.
+
+That memory copy is made ahead: each template keeps one spare copy (SPARE), made in the
+background after the build and after each create takes it; a create that finds none (another
+took it a moment ago) copies the template's memory then. Start-up removes spares (never
+trusted from before a restart): the first create after it copies, and makes the next spare.
 
 What a guest can tell: /proc/cmdline and the kernel log are the template's boot's (its
 hostname and address there), and uptime counts from the template's boot.
@@ -52,6 +59,7 @@ from hatchvm.images import registry
 from hatchvm.images.builder import ImageArtifacts
 from hatchvm.images.disk import GuestSeed, parse_user_data
 from hatchvm.net.egress import Egress
+from hatchvm.sparse import copy_sparse
 from hatchvm.vmm.base import Feature
 
 log = structlog.get_logger("hatchvm.core")
@@ -59,6 +67,8 @@ log = structlog.get_logger("hatchvm.core")
 TEMPLATE_OWNER = ""  # the user_id of a template's VM: no user has it (ids are 1-128 characters)
 TEMPLATES_DIR = "templates"  # under the data directory
 SHAPE_FILE = "shape.json"  # written last: a template directory without it is not one
+SPARE = "spare-mem"  # in a template's directory: a copy of its memory, the next create's
+TAKEN = "taken-"  # + a VM id: a memory copy on its way into that VM's directory
 NEEDED = {"identity", "files", "exec"}  # what the agent must do for a template to be used
 
 # Run in a template's guest once its agent is up: until sshd listens and acpid runs (what
@@ -131,6 +141,7 @@ class TemplateService:
         self._failed: set[str] = set()  # shapes whose build failed: not tried again until restart
         self._gate = asyncio.Lock()  # one build at a time
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sparing: set[str] = set()  # templates (keys) whose spare copy is being made
 
     async def enable(self, forks: ForkService) -> bool:
         """Take over VMService's creates (if the driver can fork guests with an agent)."""
@@ -178,6 +189,10 @@ class TemplateService:
                 _remove(path)  # half-built, half-removed, of an old image version or DNS
             elif registry.pinned_artifacts(self._s, shape.image_id, shape.image_version) is None:
                 _remove(path)
+            else:  # copies of its memory: maybe from before a host reboot, made again
+                for copy in path.iterdir():
+                    if copy.name.startswith((SPARE, TAKEN)):
+                        copy.unlink(missing_ok=True)
 
     # ---- creates -----------------------------------------------------------------------
 
@@ -200,9 +215,16 @@ class TemplateService:
             if seed.script:
                 await self._exec(child, RUN_USER_DATA, "running its user_data")
 
+        own_mem = source / f"{TAKEN}{vm.id}"
         try:
+            await asyncio.to_thread(_take_memory_copy, source, own_mem)
             await forks.start_child(
-                vm, image, source, before_link=write_seed, after_link=run_user_data
+                vm,
+                image,
+                source,
+                before_link=write_seed,
+                after_link=run_user_data,
+                own_mem=own_mem,
             )
         except Exception as exc:
             log.warning(
@@ -213,8 +235,27 @@ class TemplateService:
             await asyncio.to_thread(_remove, source)  # built again after a cold create
             return False
         await asyncio.to_thread(_touch, source)  # recently used: the last to be evicted
+        self._make_spare_later(source)  # for the next create
         log.info("vm started from a template", vm_id=vm.id, template=shape.key)
         return True
+
+    def _make_spare_later(self, template: Path) -> None:
+        """In the background, unless under way or there: the template's spare memory copy."""
+        if template.name in self._sparing:
+            return
+        self._sparing.add(template.name)
+
+        async def make() -> None:
+            try:
+                await asyncio.to_thread(_make_spare, template)
+            except OSError as exc:  # the template removed meanwhile: a create copies then
+                log.info("no spare memory copy", template=template.name, reason=str(exc))
+            finally:
+                self._sparing.discard(template.name)
+
+        task = asyncio.create_task(make(), name=f"template-spare-{template.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _write_seed(self, vm: VM, seed: GuestSeed) -> None:
         """What a cold boot's disk holds of the VM's user_data (images/disk.py)."""
@@ -317,6 +358,7 @@ class TemplateService:
                 await asyncio.to_thread(_remove, build)
         await asyncio.to_thread(self._retire_others, shape)
         await asyncio.to_thread(self._evict)
+        self._make_spare_later(final)
         log.info("template ready", template=shape.key)
 
     async def _settle(self, vm: VM) -> None:
@@ -368,6 +410,23 @@ def _touch(path: Path) -> None:
         os.utime(path / SHAPE_FILE)
     except OSError:
         pass  # removed meanwhile: the VM runs from its own links
+
+
+def _take_memory_copy(template: Path, dest: Path) -> None:
+    """dest: a copy of the template's memory nobody else links; its spare if one is there
+    (a rename: only one create can take it), else copied now."""
+    try:
+        os.rename(template / SPARE, dest)
+    except FileNotFoundError:
+        copy_sparse(template / "mem", dest)
+
+
+def _make_spare(template: Path) -> None:
+    if (template / SPARE).exists():
+        return
+    making = template / f"{SPARE}.making"
+    copy_sparse(template / "mem", making)
+    os.replace(making, template / SPARE)
 
 
 def _remove(path: Path) -> None:
