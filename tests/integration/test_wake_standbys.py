@@ -72,6 +72,15 @@ def _asleep(api: HatchClient, hatch: HatchDaemon, vm_id: str) -> int:
     return wait_for(lambda: _standby(hatch, vm_id), 30, "the wake standby")
 
 
+def _asleep_remembering(api: HatchClient, hatch: HatchDaemon, word: str) -> tuple[dict, int]:
+    """A new VM whose guest holds word in memory (/tmp, a tmpfs), put to sleep: the VM and
+    its standby's pid."""
+    vm = api.create_vm(mem_mib=256, user_data=WHO)
+    wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who")
+    api.exec(vm["id"], f"echo {word} > /tmp/in-memory")
+    return vm, _asleep(api, hatch, vm["id"])
+
+
 def test_the_wake_loads_the_state_into_the_standby(hatch: HatchDaemon) -> None:
     api = hatch.client(hatch.create_key("alice"))
     vm = api.create_vm(mem_mib=256, user_data=WHO)
@@ -103,10 +112,7 @@ def test_the_wake_loads_the_state_into_the_standby(hatch: HatchDaemon) -> None:
 
 def test_a_forked_sleeping_vm_wakes_from_a_standby_on_its_own_copy(hatch: HatchDaemon) -> None:
     api = hatch.client(hatch.create_key("bob"))
-    parent = api.create_vm(mem_mib=256, user_data=WHO)
-    wait_http(f"http://{parent['guest_ip']}:8080/cgi-bin/who")
-    api.exec(parent["id"], "echo before > /tmp/in-memory")
-    standby = _asleep(api, hatch, parent["id"])
+    parent, standby = _asleep_remembering(api, hatch, "before")
     mem = hatch.data_dir / "vms" / parent["id"] / "mem"
 
     # The child maps its parent's memory file (a link to it) privately: it shares every page
@@ -137,10 +143,7 @@ def test_a_standby_is_not_resumed_on_a_memory_file_replaced_since(
     fork's children link the old file, frozen.unshare gave the VM a copy): here the test
     replaces the file itself, keeping a link to the old one as a child would."""
     api = hatch.client(hatch.create_key("dave"))
-    vm = api.create_vm(mem_mib=256, user_data=WHO)
-    wait_http(f"http://{vm['guest_ip']}:8080/cgi-bin/who")
-    api.exec(vm["id"], "echo before > /tmp/in-memory")
-    standby = _asleep(api, hatch, vm["id"])
+    vm, standby = _asleep_remembering(api, hatch, "before")
     mem = hatch.data_dir / "vms" / vm["id"] / "mem"
     old = tmp_path / "old-mem"
     os.link(mem, old)

@@ -409,7 +409,7 @@ def _touch(path: Path) -> None:
     try:
         os.utime(path / SHAPE_FILE)
     except OSError:
-        pass  # removed meanwhile: the VM runs from its own links
+        pass  # removed meanwhile: the VM runs from its own files
 
 
 def _take_memory_copy(template: Path, dest: Path) -> None:
