@@ -442,12 +442,11 @@ class SnapshotService:
 
     async def _own_copy(self, vm: VM) -> bool:
         """vm (asleep on its own files, its lock held) on files nobody else links: those
-        that are linked are replaced by copies, its standby, which maps them, ended first.
-        Whether anything was copied."""
-        if not await asyncio.to_thread(frozen.linked, self.vms.written_files(vm.id)):
+        that are linked are replaced by copies, and its standby, which maps the replaced
+        ones, is ended. Whether anything was copied."""
+        if not await self._unshare(vm.id):
             return False
         await self.standbys.end(vm)
-        await self._unshare(vm.id)
         return True
 
     async def offer_standbys(self) -> None:
@@ -725,15 +724,17 @@ class SnapshotService:
             )
         return snap
 
-    async def _unshare(self, vm_id: str) -> None:
+    async def _unshare(self, vm_id: str) -> list[Path]:
         """The guest is about to write into its RAM file and disk: whoever else links them (a
-        store still reading them, forks' frozen memory) keeps the captured bytes (frozen.py)."""
+        store still reading them, forks' frozen memory) keeps the captured bytes (frozen.py).
+        The files copied."""
         started = time.monotonic()
         copied = await asyncio.to_thread(frozen.unshare, self.vms.written_files(vm_id))
         if copied:
             seconds = round(time.monotonic() - started, 3)
             names = [path.name for path in copied]
             log.info("resuming on copies of linked files", vm_id=vm_id, files=names, s=seconds)
+        return copied
 
     async def _lay_out(self, vm: VM, snap: Snapshot, prior: str) -> Fill | None:
         """Put the VM's files aside and lay out the snapshot's in their place. A chunked
