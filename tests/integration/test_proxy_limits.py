@@ -312,18 +312,7 @@ def proxied_text(hatch: HatchDaemon, subdomain: str, path: str) -> str | None:
 
 
 def attempts_of(hatch: HatchDaemon, vm_id: str) -> int:
-    count = 0
-    for line in hatch.log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            entry.get("event") == "waking vm from its latest snapshot"
-            and entry.get("vm_id") == vm_id
-        ):
-            count += 1
-    return count
+    return len(hatch.events("waking vm from its latest snapshot", vm_id))
 
 
 def test_a_wake_that_keeps_failing_backs_off_then_puts_the_vm_in_error(hatch: HatchDaemon) -> None:

@@ -3,7 +3,6 @@ against a real hatchd and real guests."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -24,13 +23,8 @@ def refused(call, *args, **kwargs) -> HatchAPIError:
 
 
 def logged(hatch, event: str, vm_id: str) -> dict[str, Any] | None:
-    """hatchd's first log record of event about vm_id (its log is JSON lines)."""
-    for line in hatch.log_path.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == event and record.get("vm_id") == vm_id:
-                return record
-    return None
+    """hatchd's first log record of event about vm_id."""
+    return next(iter(hatch.events(event, vm_id)), None)
 
 
 def test_per_user_totals_are_refused_naming_the_limit(daemon_factory) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import socket
@@ -35,15 +34,7 @@ def via_proxy(hatch, subdomain: str, path: str = "/", timeout: float = 120) -> h
 
 
 def restores_of(hatch, vm_id: str) -> int:
-    count = 0
-    for line in hatch.log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == "vm restored" and entry.get("vm_id") == vm_id:
-            count += 1
-    return count
+    return len(hatch.events("vm restored", vm_id))
 
 
 def status_and_error(api, method: str, path: str, body: object) -> tuple[int, str]:

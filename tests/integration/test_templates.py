@@ -57,26 +57,13 @@ busybox httpd -p 8080 -h /srv/www
 SHAPE = {"mem_mib": 256}
 
 
-def events(hatch: HatchDaemon, name: str) -> list[dict[str, Any]]:
-    """hatchd's JSON log lines with this event."""
-    found = []
-    for line in hatch.log_path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == name:
-            found.append(record)
-    return found
-
-
 def created_from_template(hatch: HatchDaemon, vm_id: str) -> bool:
-    (record,) = [r for r in events(hatch, "vm created") if r.get("vm_id") == vm_id]
+    (record,) = [r for r in hatch.events("vm created") if r.get("vm_id") == vm_id]
     return bool(record["from_template"])
 
 
 def wait_template_ready(hatch: HatchDaemon, count: int = 1) -> None:
-    wait_for(lambda: len(events(hatch, "template ready")) >= count, 240, "a template")
+    wait_for(lambda: len(hatch.events("template ready")) >= count, 240, "a template")
 
 
 def in_disk(disk: Path, path: str) -> bool:
@@ -122,9 +109,9 @@ def test_creates_after_the_first_come_from_its_template(
     assert not created_from_template(hatch, cold["id"])
 
     # The build's VM runs (positive control), owned by nobody: not listed, not found.
-    building = wait_for(lambda: events(hatch, "template building"), 120, "a template build")
+    building = wait_for(lambda: hatch.events("template building"), 120, "a template build")
     template_vm = building[0]["vm_id"]
-    wait_for(lambda: qemu_pids(template_vm) or events(hatch, "template ready"), 60, "its VM")
+    wait_for(lambda: qemu_pids(template_vm) or hatch.events("template ready"), 60, "its VM")
     assert [vm["id"] for vm in alice.list_vms()] == [cold["id"]]
     with pytest.raises(HatchAPIError) as missing:
         alice.get_vm(template_vm)
@@ -288,7 +275,7 @@ def test_a_broken_template_falls_back_to_a_cold_boot(
     assert not created_from_template(hatch, vm["id"])
     me = who(vm)
     assert me["booted_as"] == vm["id"].replace("_", "-") and me["runs"] == "1"
-    assert [r["vm_id"] for r in events(hatch, "start from a template failed, booting cold")] == [
+    assert [r["vm_id"] for r in hatch.events("start from a template failed, booting cold")] == [
         vm["id"]
     ]
     # Its booted QEMU is watched like any VM's: a death is seen (not only the template's run).
@@ -309,7 +296,7 @@ def test_templates_off_every_create_boots(daemon_factory: Any) -> None:
         for vm in made:
             assert not created_from_template(hatch, vm["id"])
             assert who(vm)["booted_as"] == vm["id"].replace("_", "-")
-    assert events(hatch, "template building") == [] and templates(hatch) == []
+    assert hatch.events("template building") == [] and templates(hatch) == []
 
 
 @pytest.mark.parametrize(
@@ -326,7 +313,7 @@ def test_hatchd_killed_in_a_template_build(daemon_factory: Any, point: str) -> N
         hatch.proc.wait(240)  # it dies at the crash point, in the build after the create
         worker.join(60)
     assert f'"point": "{point}"' in hatch.log_tail(20)
-    (building,) = events(hatch, "template building")
+    (building,) = hatch.events("template building")
     template_vm = building["vm_id"]
     del hatch.env["HATCH_CRASH_AT"]
     hatch.start()
@@ -420,13 +407,13 @@ def test_a_failed_build_leaves_nothing_and_creates_boot(daemon_factory: Any) -> 
     hatch.start()
     with hatch.client(hatch.create_key("alice")) as api:
         first = api.create_vm(**SHAPE)
-        failed = wait_for(lambda: events(hatch, "template build failed"), 120, "the failure")
+        failed = wait_for(lambda: hatch.events("template build failed"), 120, "the failure")
         assert "did not" in failed[0]["reason"] or "timed out" in failed[0]["reason"], failed
-        (building,) = events(hatch, "template building")
+        (building,) = hatch.events("template building")
         assert qemu_pids(building["vm_id"]) == []
         assert not link_exists(tap_name(hatch.tap_prefix, building["vm_id"]))
         assert templates(hatch) == []
         second = api.create_vm(**SHAPE)  # boots, and the shape is not tried again
         assert not created_from_template(hatch, second["id"])
-        assert len(events(hatch, "template building")) == 1
+        assert len(hatch.events("template building")) == 1
         assert {vm["id"] for vm in api.list_vms()} == {first["id"], second["id"]}

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -140,6 +141,18 @@ class HatchDaemon:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"hatchd did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def events(self, name: str, vm_id: str | None = None) -> list[dict[str, Any]]:
+        """hatchd's log records (JSON lines) of this event, about vm_id if given."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == name and vm_id in (None, record.get("vm_id")):
+                found.append(record)
+        return found
 
     def log_tail(self, lines: int = 40) -> str:
         try:
