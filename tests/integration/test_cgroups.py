@@ -3,8 +3,11 @@ the VM's limits on it, gone with the process, and found again by a restarted dae
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -12,7 +15,14 @@ import pytest
 from hatchvm.vmm.cgroups import Limits, VMCgroups
 from hatchvm.vmm.overhead import memory_limit_mib
 from tests.integration.test_routes_proxy import WEB_SERVER
-from tests.support.cgroups import cgroup_of, host_cgroups, limits_of, memory_of, threads_of
+from tests.support.cgroups import (
+    cgroup_of,
+    host_cgroups,
+    limits_of,
+    memory_of,
+    set_cpu_quota,
+    threads_of,
+)
 from tests.support.host import qemu_pids
 from tests.support.wait import wait_for, wait_http
 
@@ -117,6 +127,38 @@ def move_out(cgroups: VMCgroups, pid: int) -> None:
     """Put a process back in each hierarchy's root, as if started by a hatchd without cgroups."""
     for root in cgroups.layout.roots:
         (root / "cgroup.procs").write_text(str(pid))
+
+
+def test_only_qemu_writes_and_reads_a_snapshots_state(hatch, api, cgroups) -> None:
+    """The VM's group is removed, whatever is left in it killed, as soon as its QEMU has been
+    captured: the device state must be whole by then, so nothing but QEMU may write it (a
+    helper in the group, such as QEMU's exec:cat, could still be behind and lose its end).
+    With the group short of CPU time the capture spans many periods: any helper is seen."""
+    vm = api.create_vm(user_data=WEB_SERVER, mem_mib=256)
+    boot = wait_http(f"http://{vm['guest_ip']}:8080/boot_id")
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):  # ENODEV: the group is being removed
+                seen.update(cgroups.pids(vm["id"]))
+            time.sleep(0.001)
+
+    (captured,) = qemu_pids(vm["id"])
+    set_cpu_quota(cgroups, vm["id"], 2_000)  # 2% of a CPU
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        api.snapshot_vm(vm["id"], wait_stored=True)
+        assert api.restore_vm(vm["id"])["state"] == "running"
+        (restored,) = qemu_pids(vm["id"])
+    finally:
+        done.set()
+        watcher.join()
+    assert seen - {captured, restored} == set()
+    assert wait_http(f"http://{vm['guest_ip']}:8080/boot_id") == boot  # resumed
+    assert hatch.events("restore failed", vm["id"]) == []
 
 
 def test_cgroups_follow_vms_across_a_daemon_kill(hatch, cgroups) -> None:

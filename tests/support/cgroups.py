@@ -64,6 +64,16 @@ def limits_of(cgroups: VMCgroups, vm_id: str) -> tuple[int, int, int]:
     )
 
 
+def set_cpu_quota(cgroups: VMCgroups, vm_id: str, quota_us: int) -> None:
+    """The VM's group may use quota_us of CPU time per period from now on."""
+    cpu = _group(cgroups, vm_id, "cpu")
+    if cgroups.layout.version == 2:
+        period = (cpu / "cpu.max").read_text().split()[1]
+        (cpu / "cpu.max").write_text(f"{quota_us} {period}")
+    else:
+        (cpu / "cpu.cfs_quota_us").write_text(str(quota_us))
+
+
 def memory_of(cgroups: VMCgroups, vm_id: str) -> tuple[int, int, int]:
     """The VM's group's memory use now, its peak (bytes), and how often the OOM killer ran."""
     mem = _group(cgroups, vm_id, "memory")

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -63,6 +62,12 @@ SOCKETS = (QMP_SOCKET, EVENTS_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET)
 BOOT_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 60.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# The device state goes to and comes from a file QEMU is handed open (migration URI "fd:"), not
+# through a command (exec:cat > file): QEMU reports a migration to an fd completed once every
+# byte is in the file. A command could still be writing then, in the VM's cgroup, which is
+# removed with whatever is left in it as soon as the VM is captured: under load the state lost
+# its end, and its restores failed (or QEMU spun, waiting for the rest). Nothing is forked.
+STATE_FD = "state"
 
 
 def _read_pid(vm_dir: Path) -> int | None:
@@ -125,6 +130,9 @@ class QemuVMM:
         self._restoring: dict[str, QMPSession] = {}
         # QEMUs start_incoming() started, waiting for their state, by VM id.
         self._incoming: dict[str, _Ahead] = {}
+        # The read end of an incoming QEMU's output, by VM id, kept until its state is loaded:
+        # QEMU 7.2 says only there why a load failed (and then exits).
+        self._output: dict[str, int] = {}
 
     def sockets(self, vm_dir: Path) -> Path:
         """Where the VM's QEMU puts its control and console sockets. Not in vm_dir: a Unix
@@ -283,7 +291,8 @@ class QemuVMM:
         is handed to it as a descriptor: the connection made at once is greeted the moment
         QEMU's start-up is done, and reset if QEMU gives up, so nothing polls for either.
         QEMU's output goes into qemu.log until then; afterwards it leads nowhere (as with
-        -daemonize), so a guest that makes QEMU complain cannot fill the host's disk."""
+        -daemonize), so a guest that makes QEMU complain cannot fill the host's disk. A QEMU
+        waiting for its state keeps its output (a pipe: bounded) until the state is loaded."""
         if await self.alive(spec.vm_id, spec.vm_dir) is not None:
             await self.kill(spec.vm_id, spec.vm_dir)  # one QEMU per VM: never leave one behind
         await self._forget(spec.vm_id, spec.vm_dir)
@@ -323,11 +332,15 @@ class QemuVMM:
         finally:
             with log_path.open("ab") as qlog:
                 qlog.write(drain(out_r))
-            os.close(out_r)
         if qmp is not None and _is_ours(pid, spec.vm_id):
             for name in SOCKETS:
                 (sock / name).chmod(0o600)
+            if spec.incoming:
+                self._output[spec.vm_id] = out_r
+            else:
+                os.close(out_r)
             return pid, qmp
+        os.close(out_r)
         if qmp is not None:
             await qmp.close()
         code = await wait_child(pid, 5.0)  # gone already, or killed now
@@ -389,9 +402,30 @@ class QemuVMM:
         if session is not None:
             await session.close()
 
+    def _close_output(self, vm_id: str) -> None:
+        out = self._output.pop(vm_id, None)
+        if out is not None:
+            os.close(out)
+
+    def _last_words(self, vm_id: str, vm_dir: Path) -> str:
+        """What an incoming QEMU printed since it started (kept in qemu.log too)."""
+        out = self._output.pop(vm_id, None)
+        if out is None:
+            return ""
+        try:
+            said = drain(out)
+        finally:
+            os.close(out)
+        with (vm_dir / QEMU_LOG).open("ab") as qlog:
+            qlog.write(said)
+        prefix = f"{Path(self.qemu_bin).name}: "  # on each of its lines
+        lines = said.decode(errors="replace").strip().splitlines()[-3:]
+        return " | ".join(line.strip().removeprefix(prefix) for line in lines)
+
     async def _forget(self, vm_id: str, vm_dir: Path) -> None:
         await self._end_restore(vm_id)
         self._incoming.pop(vm_id, None)
+        self._close_output(vm_id)
         (vm_dir / PID_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.sockets(vm_dir), ignore_errors=True)
         if self.cgroups is not None:
@@ -449,8 +483,8 @@ class QemuVMM:
             copying = asyncio.create_task(meanwhile()) if meanwhile is not None else None
             try:
                 await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-                target = shlex.quote(str(state_file))
-                await qmp.execute("migrate", {"uri": f"exec:umask 077 && cat > {target}"})
+                await _pass_file(qmp, state_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                await qmp.execute("migrate", {"uri": f"fd:{STATE_FD}"})
                 await qmp.wait_migration(MIGRATION_TIMEOUT)
             except BaseException:
                 if copying is not None:
@@ -495,11 +529,15 @@ class QemuVMM:
             self._restoring[spec.vm_id] = qmp
         try:
             await qmp.execute("migrate-set-capabilities", IGNORE_SHARED)
-            uri = f"exec:cat {shlex.quote(str(state_file))}"
-            await qmp.migrate_incoming(uri, MIGRATION_TIMEOUT)
-        except VMMError:
+            await _pass_file(qmp, state_file, os.O_RDONLY)
+            await qmp.migrate_incoming(f"fd:{STATE_FD}", MIGRATION_TIMEOUT)
+        except VMMError as exc:
+            said = self._last_words(spec.vm_id, spec.vm_dir)
             await self.kill(spec.vm_id, spec.vm_dir)
+            if said:
+                raise type(exc)(f"{exc}: qemu said: {said}") from None
             raise
+        self._close_output(spec.vm_id)
         return pid
 
     async def _usable_ahead(self, spec: BootSpec, ahead: _Ahead | None) -> int | None:
@@ -589,6 +627,18 @@ def _listen(path: Path) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+async def _pass_file(qmp: QMPSession, path: Path, flags: int) -> None:
+    """QEMU gets path open with flags as the migration's file (a new one is private)."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise VMMError(f"cannot open the device state {path}: {exc.strerror}") from None
+    try:
+        await qmp.pass_fd(fd, STATE_FD)
+    finally:
+        os.close(fd)
 
 
 def _make_private_file(path: Path) -> None:

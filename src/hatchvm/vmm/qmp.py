@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from socket import send_fds
+from socket import socket as unix_socket
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
@@ -17,10 +20,21 @@ QMP_TIMEOUT = 10.0
 EVENT_SILENCE = 0.5  # seconds without a migration event before asking QEMU how it goes
 
 
+class _Client(QMPClient):
+    def send_fd(self, fd: int) -> None:
+        """fd to QEMU over the QMP socket (SCM_RIGHTS), for a getfd to name. QMPClient's own
+        send_fd_scm needs asyncio's socket wrapper; this works under uvloop's as well. Sent
+        between commands: nothing else is being written then."""
+        assert self._writer is not None
+        wrapped = self._writer.transport.get_extra_info("socket")
+        with unix_socket(fileno=os.dup(wrapped.fileno())) as sock:
+            send_fds(sock, [b" "], [fd])
+
+
 async def qmp_execute(
     socket: Path, command: str, args: dict[str, Any] | None = None, timeout: float = QMP_TIMEOUT
 ) -> Any:
-    client = QMPClient(socket.parent.name)
+    client = _Client(socket.parent.name)
     try:
         await asyncio.wait_for(client.connect(str(socket)), timeout)
         return await asyncio.wait_for(client.execute(command, args), timeout)
@@ -47,7 +61,7 @@ async def open_session(
     """A connection the caller closes (QMPSession.close), for a conversation that spans
     several steps of an operation (a restore: load the state, then later let it run).
     connect_timeout (default: timeout) bounds the wait for QEMU's greeting."""
-    client = QMPClient(socket.parent.name)
+    client = _Client(socket.parent.name)
     try:
         await asyncio.wait_for(client.connect(str(socket)), connect_timeout or timeout)
     except (QMPError, OSError, TimeoutError) as exc:
@@ -65,7 +79,7 @@ async def _disconnect(client: QMPClient) -> None:
 
 
 class QMPSession:
-    def __init__(self, client: QMPClient, name: str, timeout: float) -> None:
+    def __init__(self, client: _Client, name: str, timeout: float) -> None:
         self._client = client
         self._name = name
         self._timeout = timeout
@@ -79,6 +93,15 @@ class QMPSession:
 
     async def close(self) -> None:
         await _disconnect(self._client)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """QEMU gets its own copy of fd, known as name: a migration to or from "fd:<name>"
+        then uses it (and closes it when done)."""
+        try:
+            self._client.send_fd(fd)
+        except (QMPError, OSError) as exc:
+            raise VMMError(f"passing a file to {self._name} failed: {exc}") from None
+        await self.execute("getfd", {"fdname": name})
 
     async def migrate_incoming(self, uri: str, timeout: float) -> None:
         """Load the state from uri into a QEMU started with `-incoming defer` and migration
