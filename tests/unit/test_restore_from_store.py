@@ -21,7 +21,7 @@ from hatchvm.core.vms import DISK_NAME, MEM_NAME, RESUME_DIR
 from hatchvm.db.models import VM, Snapshot
 from hatchvm.errors import HatchError
 from hatchvm.snapshots.chunks import RestorePlan, namespace
-from hatchvm.vmm.base import BootSpec
+from hatchvm.vmm.base import BootSpec, VMMError
 from tests.support.wait import until
 from tests.unit.core_on_fake import USER, Core, make_core
 
@@ -119,6 +119,51 @@ async def test_a_fill_that_fails_puts_the_vms_files_back(core: Core) -> None:
     assert not (vm_dir / PREVIOUS_DIR).exists()
     resumed = await core.snapshots.restore(USER, vm.id)  # from them, without the store
     assert resumed.state == State.RUNNING
+
+
+async def test_a_failed_restore_from_the_vms_own_files_is_made_from_the_store(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, _, second = await _two_snapshots(core)
+    vm_dir = core.vms.vm_dir(vm.id)
+    files = (vm_dir / MEM_NAME, vm_dir / DISK_NAME)
+    hot = [f.read_bytes() for f in files]  # the second snapshot's, which the VM sleeps on
+    calls: list[bool] = []  # whether each restore ran on a snapshot laid out from the store
+    vmm_restore = core.vms.vmm.restore
+
+    async def restore(spec: BootSpec, state_file: Path) -> int:
+        calls.append((vm_dir / PREVIOUS_DIR).exists())
+        if len(calls) == 1:
+            raise VMMError("migration on it failed: qemu said: a damaged state")
+        return await vmm_restore(spec, state_file)
+
+    monkeypatch.setattr(core.vms.vmm, "restore", restore)
+    resumed = await core.snapshots.restore(USER, vm.id)
+    assert resumed.state == State.RUNNING
+    assert "restore failed" not in (resumed.state_reason or "")  # the failure is history
+    assert calls == [False, True]
+    assert [f.read_bytes() for f in files] == hot  # the same bytes, from the store
+    assert core.host.running(vm.id) is not None
+    assert second.id in [s.id for s in await core.snapshots.list(USER, vm.id)]
+
+
+async def test_a_failed_restore_from_the_store_is_not_made_again(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, first, _ = await _two_snapshots(core)
+    calls = 0
+
+    async def restore(spec: BootSpec, state_file: Path) -> int:
+        nonlocal calls
+        calls += 1
+        raise VMMError("migration on it failed")
+
+    monkeypatch.setattr(core.vms.vmm, "restore", restore)
+    with pytest.raises(HatchError) as err:
+        await core.snapshots.restore(USER, vm.id, first.id)
+    assert err.value.status == 500 and "migration on it failed" in err.value.message
+    assert calls == 1
+    assert (await core.state(vm.id)).state == State.SNAPSHOTTED
 
 
 async def test_replaced_files_are_deleted_in_the_background_and_at_start_up(core: Core) -> None:

@@ -655,11 +655,27 @@ class SnapshotService:
         they were: a restore from the store puts them aside (PREVIOUS_DIR) and back.
 
         A snapshot still being stored resumes at once from the VM's own files when they are
-        it (a wake right after a snapshot); any other waits until it is stored."""
+        it (a wake right after a snapshot); any other waits until it is stored.
+
+        A restore from the VM's own files that fails is made again from the stored snapshot
+        (a fresh copy of every file and a fresh VMM), if it is stored: a wake then still
+        answers, and the failure is logged with its reason."""
+        hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
+        if not hot or snap.status != STORED:
+            return await self._restore(vm, snap, hot)
+        try:
+            return await self._restore(vm, snap, hot=True)
+        except InternalError:
+            log.warning(
+                "restoring from the stored snapshot instead", vm_id=vm.id, snapshot_id=snap.id
+            )
+        return await self._restore(vm, snap, hot=False)
+
+    async def _restore(self, vm: VM, snap: Snapshot, hot: bool) -> VM:
+        """restore_locked, from the VM's own files (hot) or laid out from the store."""
         began = time.monotonic()
         prior = vm.state
         resume = self._resume_dir(vm.id)
-        hot = await asyncio.to_thread(self._latest, vm.id) == snap.id
         snap = await self._usable(vm, snap, hot, "restore")
         async with self.vms.admission.lock:
             space = await asyncio.to_thread(self.vms.space_needed_mib, vm, not hot)
