@@ -17,8 +17,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 _HTTP_URL = TypeAdapter(HttpUrl)
 _MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "unchanged" to chown and setuid
@@ -47,6 +45,10 @@ def _sqlalchemy_database_url(value: str, data_dir: Path) -> str:
     """HATCH_DATABASE_URL as SQLAlchemy's async drivers want it (ValueError: not usable)."""
     if not value:
         return f"sqlite+aiosqlite:///{data_dir / 'hatchvm.db'}"
+    # Imported here: the CLI's commands that never touch a database start without SQLAlchemy.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         url = make_url(value)
     except ArgumentError:
@@ -427,7 +429,7 @@ class Settings(BaseSettings):
     @field_validator("data_dir", "cache_dir", "run_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
-        # Resolved once, here: a relative path handed to QEMU (a migration's exec: command)
+        # Resolved once, here: a relative path handed to QEMU (its memory file, its disks)
         # would depend on the directory hatchd was started in.
         return value.expanduser().resolve()
 

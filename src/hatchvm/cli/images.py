@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from hatchvm import admin
 from hatchvm.cli.context import JsonOption, connection
 from hatchvm.cli.errors import reports_errors
 from hatchvm.cli.output import err, show
@@ -31,6 +30,8 @@ def build(
 
     def progress(line: str) -> None:
         err.print(f"[dim]·[/] {line}", markup=True, soft_wrap=True)
+
+    from hatchvm import admin  # here: the other commands start without its database stack
 
     image = asyncio.run(admin.build_image(settings, progress, force=force))
     show(image, as_json)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from hatchvm import admin
 from hatchvm.cli.context import JsonOption, connection
 from hatchvm.cli.errors import reports_errors
 from hatchvm.cli.output import err, print_json, show
 from hatchvm.client import HatchAPIError, HatchClient
 from hatchvm.config import Settings, load_settings
 from hatchvm.errors import BadRequest
+
+if TYPE_CHECKING:
+    from hatchvm import admin
 
 app = typer.Typer(
     help="Create, list and revoke hatchd's local API keys (not Better Auth's).",
@@ -73,6 +75,8 @@ def create(
     as_json: JsonOption = False,
 ) -> None:
     """Create a key for USER and print it (it is shown only this once)."""
+    from hatchvm import admin  # here: other commands start without it
+
     info, key = asyncio.run(admin.create_key(local_settings(ctx), user))
     if as_json:
         print_json({**_plain(info), "key": key})
@@ -85,6 +89,8 @@ def create(
 @reports_errors
 def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List keys (their prefixes, never the keys themselves)."""
+    from hatchvm import admin  # here: other commands start without it
+
     rows = [_plain(info) for info in asyncio.run(admin.list_keys(local_settings(ctx)))]
     show(rows, as_json, KEY_COLUMNS)
 
@@ -97,6 +103,8 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a key; requests using it are refused from now on."""
+    from hatchvm import admin  # here: other commands start without it
+
     info = asyncio.run(admin.revoke_key(local_settings(ctx), key_id))
     if as_json:
         print_json(_plain(info))
