@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shlex
+import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,18 @@ class RawQmp:
                 if status in ("failed", "cancelled"):
                     raise RuntimeError(f"incoming migration {status}")
 
+    async def pass_file(self, path: Path, name: str) -> None:
+        """QEMU gets path open for reading (SCM_RIGHTS, then getfd), as hatchd hands it a
+        device state: the fastest way to load one (no exec:cat forked from QEMU)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            wrapped = self.writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(wrapped.fileno())) as sock:
+                socket.send_fds(sock, [b" "], [fd])
+        finally:
+            os.close(fd)
+        await self.execute("getfd", {"fdname": name})
+
     def close(self) -> None:
         self.writer.close()
 
@@ -178,8 +191,8 @@ async def raw_wake(cmd: list[str], raw_dir: Path, guest_ip: str) -> float:
         try:
             caps = [{"capability": "x-ignore-shared", "state": True}]
             await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-            state = shlex.quote(str(raw_dir / "resume" / "state"))
-            await qmp.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
+            await qmp.pass_file(raw_dir / "resume" / "state", "state")
+            await qmp.execute("migrate-incoming", {"uri": "fd:state"})
             await asyncio.wait_for(qmp.migration_done(), deadline - time.monotonic())
             await qmp.execute("cont")
         finally:
